@@ -1,0 +1,1 @@
+"""Cache methods behind one protocol (see base.py); one file per method."""

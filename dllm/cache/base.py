@@ -1,0 +1,113 @@
+"""The cache-method protocol.
+
+Before each forward a method says which positions must be recomputed (:meth:`CacheMethod.select`);
+after the decoder has acted it sees what happened (:meth:`CacheMethod.observe`). Everything else
+(the K/V store, ragged batches, Dream's logit shift, which positions may be unmasked) is done by
+the denoising loop, identically for every method.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from dllm.decoding.base import DecodeContext, Decoder, StepPlan
+
+
+@dataclass
+class ActiveRequest:
+    """What to recompute in the next forward; ``full`` overrides the two masks.
+
+    predict: (B, T) bool, positions whose *predictions* must be fresh (the loop turns position j
+        into the computing position j - 1 for Dream).
+    refresh: (B, T) bool, positions whose keys/values must be recomputed.
+    """
+
+    full: bool = False
+    predict: Tensor | None = None
+    refresh: Tensor | None = None
+
+    @classmethod
+    def everything(cls) -> "ActiveRequest":
+        return cls(full=True)
+
+
+@dataclass
+class StepView:
+    """State of the generation seen by a cache method (read-only by convention)."""
+
+    step: int
+    plan: StepPlan
+    x: Tensor  # (B, T) current tokens
+    masked: Tensor  # (B, T) bool, still-masked positions
+
+
+@dataclass
+class StepOutcome:
+    """What one step did; given to :meth:`CacheMethod.observe`."""
+
+    active: Tensor  # (B, T) bool, positions computed in this forward
+    transferred: Tensor  # (B, T) bool, positions unmasked this step
+    confidence: Tensor  # (B, T) float, fresh confidence of recomputed masked positions, NaN elsewhere
+    rows: Tensor  # (B, A) positions of the computed rows (padding rows hold T)
+    rows_valid: Tensor  # (B, A) bool
+    attention: list[Tensor] | None  # per layer (B, A, T) head-averaged attention, if asked
+
+
+class CacheMethod(ABC):
+    name: str = ""
+    #: the loop forms per-layer attention rows only for methods that set this.
+    needs_attention: bool = False
+
+    def check(self, decoder: Decoder) -> None:
+        """Raise ValueError if this method cannot run with ``decoder``."""
+
+    def start(self, ctx: DecodeContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def select(self, view: StepView) -> ActiveRequest:
+        """Positions to recompute in the forward of ``view.step``."""
+
+    def observe(self, view: StepView, outcome: StepOutcome) -> None:
+        """Update the method's state after the step."""
+
+
+def check_interval(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"cache.{name}={value!r} must be an integer >= 1" + (" or null" if allow_none else ""))
+
+
+_METHODS: dict[str, type[CacheMethod]] = {}
+
+
+def register_cache(cls: type[CacheMethod]) -> type[CacheMethod]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def cache_names() -> list[str]:
+    _import_all()
+    return sorted(_METHODS)
+
+
+def build_cache(name: str, **params) -> CacheMethod:
+    _import_all()
+    if name not in _METHODS:
+        raise ValueError(f"unknown cache {name!r} (allowed: {sorted(_METHODS)})")
+    try:
+        return _METHODS[name](**params)
+    except TypeError as err:
+        raise ValueError(f"cache={name}: {err}") from err
+
+
+def _import_all() -> None:
+    from dllm import cache
+
+    for mod in pkgutil.iter_modules(cache.__path__):
+        importlib.import_module(f"dllm.cache.{mod.name}")

@@ -1,0 +1,1 @@
+"""Decoding policies and the denoising loop."""

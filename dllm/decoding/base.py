@@ -1,0 +1,154 @@
+"""Decoding policies: *when* (schedule) and *which* (priority) masked positions get unmasked.
+
+A decoder never runs the model. Each step the denoising loop asks it for a :class:`StepPlan`
+(eligible window, how many tokens per row), hands it the logits of the freshly computed masked
+positions to :meth:`Decoder.propose` tokens and confidences, and ranks eligible positions with
+:meth:`Decoder.priority`. The loop then commits the top ``n_transfer`` per row.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepPlan:
+    window: tuple[int, int]  # absolute positions [lo, hi) that may be unmasked this step
+    n_transfer: Tensor  # (B,) long: how many tokens each row unmasks this step
+    block: int  # index of the current block
+    block_step: int  # step inside the current block (0 = block start)
+    scheduled: Tensor | None = None  # (B, T) bool, the positions to unmask, when fixed up front
+
+
+@dataclass
+class DecodeContext:
+    """Fixed facts of one generation, given to the decoder and the cache method at start."""
+
+    batch: int
+    prompt_length: int  # P, the left-padded prompt width; the response is x[:, P:]
+    gen_length: int  # G
+    mask_token_id: int
+    real: Tensor  # (B, P+G) bool, False on left padding
+    generator: torch.Generator | None
+    device: torch.device
+
+    @property
+    def length(self) -> int:
+        return self.prompt_length + self.gen_length
+
+
+class Decoder(ABC):
+    """Base class; subclasses register themselves with :func:`register_decoder`."""
+
+    name: str = ""
+    #: True when :meth:`plan` can say which positions will be unmasked before the forward.
+    order_known_in_advance: bool = False
+
+    def __init__(self, steps: int, block_length: int | None = None, temperature: float = 0.0) -> None:
+        if steps < 1:
+            raise ValueError(f"decoding.steps={steps} must be >= 1")
+        if block_length is not None and block_length < 1:
+            raise ValueError(f"decoding.block_length={block_length} must be >= 1 (or null = gen_length)")
+        if temperature < 0:
+            raise ValueError(f"decoding.temperature={temperature} must be >= 0")
+        self.steps = steps
+        self.block_length = block_length
+        self.temperature = temperature
+
+    def check(self, gen_length: int) -> None:
+        """Raise ValueError if this schedule cannot decode ``gen_length`` tokens."""
+        if gen_length < 1:
+            raise ValueError(f"gen_length={gen_length} must be >= 1")
+        block = self.block_length or gen_length
+        if gen_length % block:
+            raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
+        n_blocks = gen_length // block
+        if self.steps % n_blocks:
+            raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({n_blocks})")
+        if self.steps // n_blocks > block:
+            raise ValueError(f"steps per block ({self.steps // n_blocks}) exceed block_length={block}")
+
+    def start(self, ctx: DecodeContext) -> None:
+        self.ctx = ctx
+        self.block = self.block_length or ctx.gen_length
+        self.steps_per_block = self.steps // (ctx.gen_length // self.block)
+
+    @abstractmethod
+    def plan(self, step: int, masked: Tensor) -> StepPlan:
+        """The schedule of step ``step``; ``masked`` is (B, T) bool."""
+
+    @abstractmethod
+    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (…,) and confidences (…,) from logits (…, V) of masked positions."""
+
+    def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
+        """Ranking score (B, T) of positions given their fresh confidence (NaN where stale)."""
+        return confidence
+
+
+_DECODERS: dict[str, type[Decoder]] = {}
+
+
+def register_decoder(cls: type[Decoder]) -> type[Decoder]:
+    _DECODERS[cls.name] = cls
+    return cls
+
+
+def decoder_names() -> list[str]:
+    _import_all()
+    return sorted(_DECODERS)
+
+
+def build_decoder(name: str, **params) -> Decoder:
+    _import_all()
+    if name not in _DECODERS:
+        raise ValueError(f"unknown decoding {name!r} (allowed: {sorted(_DECODERS)})")
+    cls = _DECODERS[name]
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ValueError(f"decoding={name}: {err}") from err
+
+
+def _import_all() -> None:
+    from dllm import decoding
+
+    for mod in pkgutil.iter_modules(decoding.__path__):
+        importlib.import_module(f"dllm.decoding.{mod.name}")
+
+
+def llada_transfer_counts(n_masked: Tensor, steps: int) -> Tensor:
+    """LLaDA's per-step token counts: n // steps each, the remainder one extra to the first steps.
+
+    n_masked: (B,) masked tokens in the block. Returns (B, steps) long.
+    """
+    base = n_masked // steps
+    remainder = n_masked % steps
+    extra = torch.arange(steps, device=n_masked.device)[None, :] < remainder[:, None]
+    return base[:, None] + extra.long()
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """argmax of Gumbel-perturbed float64 logits (LLaDA's sampler); plain argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    # argmax(exp(l) / (-log u)^t) computed in log space: same argmax, no overflow of exp(l).
+    logits = logits.double()
+    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits - temperature * torch.log(-torch.log(noise))).argmax(-1)
+
+
+def top_n_mask(score: Tensor, n: Tensor) -> Tensor:
+    """(B, T) bool selecting the ``n[b]`` highest finite scores of each row."""
+    k = int(n.max()) if n.numel() else 0
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    if k == 0:
+        return chosen
+    values, index = score.topk(k, dim=1)
+    keep = (torch.arange(k, device=score.device)[None, :] < n[:, None]) & torch.isfinite(values)
+    return chosen.scatter(1, index, keep)

@@ -1,0 +1,35 @@
+"""Certainty density D(i) of d²Cache: how much decoded context surrounds position i."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DENSITY_VARIANTS = ("sum", "fraction")
+
+
+def gaussian_kernel(length: int, sigma: float, device, dtype=torch.float32) -> Tensor:
+    pos = torch.arange(length, device=device, dtype=dtype)
+    return torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2 * sigma**2))
+
+
+def certainty_density(known: Tensor, real: Tensor, sigma: float, variant: str = "sum") -> Tensor:
+    """D (B, T) for known (B, T) bool (prompt + decoded tokens) and real (B, T) bool (not padding).
+
+    ``sum`` (the paper): D(i) = sum over known j of exp(-(i-j)^2 / (2 sigma^2)).
+    ``fraction`` (the reference code's normalised variant, our reading of it): the
+    Gaussian-weighted fraction of known positions among the real ones, where ceil(3 sigma)
+    virtual positions past the end count as known once the last response token is known.
+    """
+    if variant not in DENSITY_VARIANTS:
+        raise ValueError(f"density={variant!r} (allowed: {list(DENSITY_VARIANTS)})")
+    B, T = known.shape
+    if variant == "sum":
+        return known.float() @ gaussian_kernel(T, sigma, known.device)
+    tail = math.ceil(3 * sigma)
+    end_known = known[:, -1:].expand(B, tail)
+    known_ext = torch.cat([known, end_known], dim=1).float()
+    real_ext = torch.cat([real, torch.ones_like(end_known)], dim=1).float()
+    kernel = gaussian_kernel(T + tail, sigma, known.device)[:, :T]
+    return (known_ext * real_ext) @ kernel / (real_ext @ kernel)

@@ -1,0 +1,68 @@
+"""LLaDA's semi-autoregressive remasking: blocks left to right, a fixed token count per step."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import DecodeContext, Decoder, StepPlan, gumbel_argmax, llada_transfer_counts, register_decoder, top_n_mask
+
+
+class BlockDecoder(Decoder):
+    """Blocks of ``block_length`` decoded left to right with ``steps`` split evenly over blocks."""
+
+    def start(self, ctx: DecodeContext) -> None:
+        super().start(ctx)
+        self.counts: Tensor | None = None
+
+    def plan(self, step: int, masked: Tensor) -> StepPlan:
+        block, block_step = divmod(step, self.steps_per_block)
+        lo = self.ctx.prompt_length + block * self.block
+        hi = lo + self.block
+        if block_step == 0:
+            self.counts = llada_transfer_counts(masked[:, lo:hi].sum(1), self.steps_per_block)
+            self.start_block(lo, hi)
+        return StepPlan((lo, hi), self.counts[:, block_step], block, block_step)
+
+    def start_block(self, lo: int, hi: int) -> None:
+        """Hook for policies that fix something per block (the random order)."""
+
+    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = gumbel_argmax(logits, self.temperature, self.ctx.generator)
+        probs = torch.softmax(logits.double(), dim=-1)
+        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@register_decoder
+class LowConfidence(BlockDecoder):
+    """Unmask the most confident predictions (softmax probability of the chosen token)."""
+
+    name = "low_confidence"
+
+
+@register_decoder
+class RandomRemasking(BlockDecoder):
+    """Unmask uniformly random positions.
+
+    The order inside a block is drawn once at the block start (equal in distribution to a
+    fresh draw per step), so the positions of every step are known before its forward —
+    dKV-Cache-Greedy relies on that.
+    """
+
+    name = "random"
+    order_known_in_advance = True
+
+    def start_block(self, lo: int, hi: int) -> None:
+        ctx = self.ctx
+        self.order_scores = torch.full((ctx.batch, ctx.length), float("-inf"), device=ctx.device, dtype=torch.float64)
+        draw = torch.rand(ctx.batch, hi - lo, generator=ctx.generator, dtype=torch.float64, device=ctx.device)
+        self.order_scores[:, lo:hi] = draw
+
+    def plan(self, step: int, masked: Tensor) -> StepPlan:
+        plan = super().plan(step, masked)
+        score = self.order_scores.masked_fill(~masked, float("-inf"))
+        plan.scheduled = top_n_mask(score, plan.n_transfer)
+        return plan
+
+    def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
+        return self.order_scores
+

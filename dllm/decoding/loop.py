@@ -1,0 +1,153 @@
+"""The denoising loop: cache method -> model on the active rows -> decoder -> cache method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
+from dllm.metrics.timing import measure
+from dllm.models.transformer import KVStore, Transformer
+
+from .base import DecodeContext, Decoder, top_n_mask
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Tensor  # (B, G) response tokens
+    nfe: int  # forwards (each over the active rows only)
+    active_token_layers: int  # sum over forwards of active positions x layers
+    total_token_layers: int  # the same for full forwards: nfe x B x T x layers
+    seconds: float
+    peak_mem_gb: float
+    trace: list[Tensor] = field(default_factory=list)  # per step (B, T) bool active positions, if asked
+
+    @property
+    def recompute_ratio(self) -> float:
+        return self.active_token_layers / self.total_token_layers
+
+    @property
+    def ideal_speedup(self) -> float:
+        return 1.0 / self.recompute_ratio
+
+
+def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices (B, K) of each row's True entries, first ones first, K = the largest count.
+
+    Returns the indices and a validity mask; short rows are padded with arbitrary indices that
+    the caller must ignore (``valid`` False).
+    """
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    width = int(mask.sum(1).max()) if mask.numel() else 0
+    index = order[:, :width]
+    return index, mask.gather(1, index)
+
+
+def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """x (B, P+G) with left-padded prompts and an all-mask response, and real (B, P+G) bool."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), width + gen_length), mask_id, dtype=torch.long)
+    real = torch.ones_like(x, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        pad = width - len(prompt)
+        x[row, :pad] = pad_id
+        x[row, pad:width] = torch.tensor(prompt, dtype=torch.long)
+        real[row, :pad] = False
+    return x.to(device), real.to(device)
+
+
+def shift_to_computing(predict: Tensor, shift: int) -> Tensor:
+    """Positions whose forward yields the predictions of ``predict`` (j -> j - shift)."""
+    if shift == 0:
+        return predict
+    computing = torch.zeros_like(predict)
+    computing[:, :-shift] = predict[:, shift:]
+    return computing
+
+
+@torch.inference_mode()
+def generate(
+    net: Transformer,
+    prompts: list[list[int]],
+    decoder: Decoder,
+    cache: CacheMethod,
+    gen_length: int,
+    generator: torch.Generator | None = None,
+    record_trace: bool = False,
+) -> GenerationOutput:
+    """Decode ``gen_length`` tokens after each prompt (a batch, left-padded here)."""
+    args = net.args
+    device = net.output.weight.device
+    decoder.check(gen_length)
+    cache.check(decoder)
+    x, real = left_pad(prompts, gen_length, args.mask_token_id, args.pad_token_id, device)
+    B, T = x.shape
+    if T > args.max_seq_len:
+        raise ValueError(f"prompt + gen_length = {T} exceeds the model's max_seq_len={args.max_seq_len}")
+    ctx = DecodeContext(B, T - gen_length, gen_length, args.mask_token_id, real, generator, device)
+    decoder.start(ctx)
+    cache.start(ctx)
+
+    # Column T is the trash slot: padded rows of a ragged active set read and write there.
+    x = torch.cat([x, torch.full((B, 1), args.mask_token_id, device=device)], dim=1)
+    positions = torch.cat([(real.long().cumsum(1) - 1).clamp(min=0), torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
+    key_mask = torch.cat([real, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)[:, None, None, :]
+    all_rows = torch.arange(T, device=device).expand(B, T)
+    store = KVStore(args, B, T, device, net.output.weight.dtype)
+    nfe = active_token_layers = 0
+    trace: list[Tensor] = []
+
+    with measure(device) as cost:
+        for step in range(decoder.steps):
+            masked = x[:, :T] == args.mask_token_id
+            plan = decoder.plan(step, masked)
+            view = StepView(step, plan, x[:, :T], masked)
+            request: ActiveRequest = cache.select(view)
+            if request.full:
+                rows, rows_valid, write_index = all_rows, torch.ones_like(all_rows, dtype=torch.bool), None
+                active = torch.ones_like(masked)
+            else:
+                active = torch.zeros_like(masked)
+                if request.refresh is not None:
+                    active |= request.refresh
+                if request.predict is not None:
+                    active |= shift_to_computing(request.predict, args.logit_shift)
+                active &= real
+                rows, rows_valid = pack(active)
+                rows = write_index = rows.masked_fill(~rows_valid, T)
+            hidden, attention = net.hidden(
+                x.gather(1, rows), positions.gather(1, rows), key_mask, store, write_index, cache.needs_attention
+            )
+
+            # Logits only for rows that predict a masked position this step may unmask.
+            lo, hi = plan.window
+            target = (rows + args.logit_shift).clamp(max=T)
+            wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
+            wanted_rows, wanted_valid = pack(wanted)
+            logits = net.output(hidden.gather(1, wanted_rows[..., None].expand(-1, -1, hidden.shape[-1])))
+            tokens, confidence = decoder.propose(logits)
+            target = target.gather(1, wanted_rows).masked_fill(~wanted_valid, T)
+            fresh_conf = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=device)
+            fresh_conf = fresh_conf.scatter(1, target, confidence.double())[:, :T]
+            proposal = x.scatter(1, target, tokens)[:, :T]
+            score = decoder.priority(fresh_conf, masked).masked_fill(fresh_conf.isnan(), float("-inf"))
+            transferred = top_n_mask(score, plan.n_transfer)
+            x[:, :T] = torch.where(transferred, proposal, x[:, :T])
+
+            cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
+            nfe += 1
+            active_token_layers += int(rows_valid.sum()) * args.n_layers
+            if record_trace:
+                trace.append(active.cpu())
+    return GenerationOutput(
+        tokens=x[:, ctx.prompt_length : T].clone(),
+        nfe=nfe,
+        active_token_layers=active_token_layers,
+        total_token_layers=nfe * B * T * args.n_layers,
+        seconds=cost.seconds,
+        peak_mem_gb=cost.peak_mem_gb,
+        trace=trace,
+    )

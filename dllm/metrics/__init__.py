@@ -1,0 +1,1 @@
+"""Timing, token and compute accounting."""

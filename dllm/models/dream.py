@@ -1,0 +1,83 @@
+"""Dream (Dream-org/Dream-v0-*-7B): Qwen2-style config and key names, run non-causally, shifted logits."""
+from __future__ import annotations
+
+from .transformer import ModelArgs
+
+MODEL_TYPE = "Dream"
+
+KEYS = [
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq.weight"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.wq.bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk.weight"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.wk.bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv.weight"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.wv.bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.ffn.w_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.ffn.w_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.ffn.w_down.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+]
+
+
+def args_from_config(cfg: dict) -> ModelArgs:
+    # transformers 5 moved rope_theta into rope_parameters; the published configs have it flat.
+    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    eos = cfg.get("eos_token_id", 151643)
+    return ModelArgs(
+        family="dream",
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        ffn_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        rope_theta=float(rope_theta),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=True,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=cfg.get("max_position_embeddings", 131072),
+        mask_token_id=cfg.get("mask_token_id", 151666),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        pad_token_id=cfg.get("pad_token_id", 151643),
+        logit_shift=1,
+    )
+
+
+def config_from_args(args: ModelArgs) -> dict:
+    """config.json fields as the published Dream checkpoints write them."""
+    return {
+        "architectures": ["DreamModel"],
+        "model_type": MODEL_TYPE,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "hidden_act": "silu",
+        "rope_theta": args.rope_theta,
+        "rms_norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "mask_token_id": args.mask_token_id,
+        "pad_token_id": args.pad_token_id,
+        "eos_token_id": args.eos_token_id,
+        "bos_token_id": args.eos_token_id,
+        "attention_dropout": 0.0,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def key_pairs(args: ModelArgs) -> list[tuple[str, str]]:
+    pairs = [p for p in KEYS if "{i}" not in p[0]]
+    if args.tie_embeddings:
+        pairs = [p for p in pairs if p[0] != "lm_head.weight"]
+    per_block = [p for p in KEYS if "{i}" in p[0]]
+    for i in range(args.n_layers):
+        pairs += [(ck.format(i=i), nk.format(i=i)) for ck, nk in per_block]
+    return pairs

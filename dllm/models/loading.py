@@ -1,0 +1,167 @@
+"""Load original HF checkpoints (config.json + sharded safetensors) into the native Transformer.
+
+Everything that can be wrong with a checkpoint (family, missing/unexpected keys, shapes) is
+checked from config.json and the safetensors *headers* before a single weight is read. Weights
+are then streamed shard by shard, tensor by tensor, straight into the target dtype and device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors import safe_open
+
+from . import dream, llada
+from .transformer import ModelArgs, Transformer
+
+FAMILIES: dict[str, ModuleType] = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
+FAMILY_OF_NAME = {"llada": llada.MODEL_TYPE, "dream": dream.MODEL_TYPE}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_checkpoint(path_or_id: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hub repo id fetched (or found in the HF cache)."""
+    local = Path(os.path.expanduser(path_or_id))
+    if local.is_dir():
+        return local
+    if local.exists() or path_or_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint path {path_or_id!r} is not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            path_or_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as err:  # offline, unknown repo, no access: say which checkpoint and why
+        raise CheckpointError(f"cannot fetch checkpoint {path_or_id!r} from the Hugging Face Hub: {err}") from err
+    return Path(folder)
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    return json.loads(path.read_text())
+
+
+def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
+    cfg = read_config(folder)
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{folder}/config.json: model_type {model_type!r} is not supported (allowed: {sorted(FAMILIES)})"
+        )
+    if expected_family is not None and FAMILY_OF_NAME[expected_family] != model_type:
+        raise CheckpointError(
+            f"{folder} is a {model_type!r} checkpoint but the config says family={expected_family!r}"
+        )
+    try:
+        return FAMILIES[model_type].args_from_config(cfg)
+    except KeyError as err:
+        raise CheckpointError(f"{folder}/config.json lacks the field {err.args[0]!r}") from err
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, str]]]:
+    """Which (checkpoint key, native key) pairs to read from which shard; raises on any mismatch."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    to_native = dict(FAMILIES[FAMILY_OF_NAME[args.family]].key_pairs(args))
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    found: set[str] = set()
+    problems: list[str] = []
+    for shard in shard_files(folder):
+        if not shard.is_file():
+            raise CheckpointError(f"missing shard {shard}")
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                native = to_native.get(key)
+                if native is None:
+                    if not key.endswith("rotary_emb.inv_freq"):  # some exports carry RoPE buffers
+                        problems.append(f"unexpected key {key}")
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[native]:
+                    problems.append(f"{key}: shape {shape}, config.json implies {expected[native]}")
+                plan.setdefault(shard, []).append((key, native))
+                found.add(key)
+    problems += [f"missing key {k}" for k in to_native if k not in found]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {folder} does not match its config: {shown}")
+    return plan
+
+
+def load_model(
+    path_or_id: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expected_family: str | None = None,
+    revision: str | None = None,
+) -> Transformer:
+    folder = resolve_checkpoint(path_or_id, revision)
+    args = model_args(folder, expected_family)
+    plan = plan_loading(folder, args)
+    with torch.device("meta"):
+        net = Transformer(args)
+    net.to_empty(device=device)
+    params = net.state_dict()
+    for shard, pairs in plan.items():
+        with safe_open(shard, framework="pt", device=str(device)) as f:
+            for key, native in pairs:
+                params[native].copy_(f.get_tensor(key).to(dtype))
+    net.to(dtype)
+    if args.tie_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    return net.eval().requires_grad_(False)
+
+
+def save_checkpoint(net: Transformer, folder: str | Path, max_shard_bytes: int = 2**30) -> None:
+    """Write config.json + (sharded) safetensors with the family's real key names."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = net.args
+    family = FAMILIES[FAMILY_OF_NAME[args.family]]
+    (folder / "config.json").write_text(json.dumps(family.config_from_args(args), indent=2) + "\n")
+    state = net.state_dict()
+    tensors = {ck: state[nk].detach().to("cpu").contiguous() for ck, nk in family.key_pairs(args)}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

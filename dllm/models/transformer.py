@@ -1,0 +1,220 @@
+"""One bidirectional transformer for both dLLM families (LLaDA and Dream are LLaMA-shaped).
+
+The network computes any *subset* of positions ("active" rows) while attending over all of
+them: active rows write their keys/values into a :class:`KVStore`, and attention reads every
+stored key. A full forward is the special case "all positions active", so the uncached and the
+cached paths are the same code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str  # "llada" | "dream"
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int  # rows of the embedding / LM head
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+    max_seq_len: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    # Dream predicts token j from hidden state j-1 (autoregressive init); LLaDA from state j.
+    logit_shift: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"inconsistent heads: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
+            )
+
+
+class KVStore:
+    """Per-layer keys (after RoPE) and values of every position of a generation.
+
+    Slot ``T`` is a write-only trash slot: padded entries of a ragged active set write there and
+    it is always masked out of attention, so rows with fewer active positions never mix in data.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, length: int, device, dtype) -> None:
+        shape = (batch, args.n_kv_heads, length + 1, args.head_dim)
+        self.length = length
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    def write(self, layer: int, index: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v (B, Hkv, A, hd) at slots ``index`` (B, A); ``None`` means all T slots."""
+        if index is None:
+            self.k[layer][:, :, : self.length].copy_(k)
+            self.v[layer][:, :, : self.length].copy_(v)
+        else:
+            slots = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (B, 1, A, head_dim) for integer positions (B, A) (rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        hd = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_mask: Tensor,
+        store: KVStore | None,
+        layer: int,
+        index: Tensor | None,
+        want_attention: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        B, A, _ = x.shape
+        a = self.args
+        q = self.wq(x).view(B, A, a.n_heads, a.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, A, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, A, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if store is not None:
+            k, v = store.write(layer, index, k, v)
+        if not want_attention:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=a.n_kv_heads != a.n_heads)
+            head_mean = None
+        else:
+            # Explicit softmax only for methods that asked for attention statistics.
+            groups = a.n_heads // a.n_kv_heads
+            k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = (q @ k_all.transpose(-1, -2)).float() / math.sqrt(a.head_dim)
+            probs = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+            out = probs.to(v_all.dtype) @ v_all
+            head_mean = probs.mean(1)
+        return self.wo(out.transpose(1, 2).reshape(B, A, -1)), head_mean
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w_up = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w_down = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = FeedForward(args)
+
+    def forward(self, h, cos, sin, key_mask, store, layer, index, want_attention):
+        attn_out, head_mean = self.attn(self.attn_norm(h), cos, sin, key_mask, store, layer, index, want_attention)
+        h = h + attn_out
+        return h + self.ffn(self.ffn_norm(h)), head_mean
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        key_mask: Tensor,
+        store: KVStore | None = None,
+        index: Tensor | None = None,
+        want_attention: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """Final-norm hidden states of the given rows.
+
+        tokens, positions: (B, A) ids and RoPE positions of the rows to compute.
+        key_mask: bool, broadcastable to (B, 1, A, K): which keys each row may attend to.
+        store/index: with a store, rows write their K/V at slots ``index`` (None = all T slots)
+        and attend over every stored key (K = T + 1, the trash slot masked by the caller).
+        Returns hidden (B, A, dim) and, if asked, per-layer head-averaged attention (B, A, K).
+        """
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.tok_embeddings.weight.dtype)
+        h = self.tok_embeddings(tokens)
+        attention = [] if want_attention else None
+        for layer, block in enumerate(self.layers):
+            h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
+            if want_attention:
+                attention.append(head_mean)
+        return self.norm(h), attention
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Plain full forward (training, likelihoods, parity tests): logits (B, T, V), unshifted.
+
+        attention_mask: (B, T) 1 for real tokens, 0 for left padding. RoPE positions count real
+        tokens only, so a left-padded row computes the same as the unpadded one.
+        """
+        B, T = tokens.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        attention_mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        key_mask = attention_mask[:, None, None, :]
+        if causal:
+            key_mask = key_mask & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        hidden, _ = self.hidden(tokens, positions, key_mask)
+        return self.output(hidden)

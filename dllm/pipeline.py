@@ -1,0 +1,151 @@
+"""Config -> (validated plan) -> model -> generation or lm-eval -> records.
+
+Everything that can be wrong with a config is checked in :func:`plan_run`, before any weight
+is read, so a typo costs seconds, not a model load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dllm.cache.base import CacheMethod, build_cache
+from dllm.decoding.base import Decoder, build_decoder
+from dllm.models.loading import FAMILY_OF_NAME
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunPlan:
+    decoder: Decoder
+    cache: CacheMethod
+    gen_length: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a torch device (allowed: auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here (use device=auto or cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} (allowed: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def component(node: DictConfig, what: str) -> tuple[str, dict]:
+    params = OmegaConf.to_container(node, resolve=True)
+    if "name" not in params:
+        raise ValueError(f"the {what} config has no 'name'")
+    return params.pop("name"), params
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    if cfg.model.family not in FAMILY_OF_NAME:
+        raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
+    if not cfg.model.tiny and not cfg.model.path:
+        raise ValueError(f"model={cfg.model.name}: model.path is empty (a Hub id or a local folder)")
+    decoder = build_decoder(*component(cfg.decoding, "decoding"))
+    cache = build_cache(*component(cfg.cache, "cache"))
+    gen_length = int(cfg.gen_length)
+    decoder.check(gen_length)
+    cache.check(decoder)
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
+    device = resolve_device(cfg.device)
+    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device))
+
+
+def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
+    from dllm.models.loading import load_model, resolve_checkpoint
+    from dllm.models.tokenization import load_tokenizer
+
+    if cfg.model.tiny:
+        from dllm.models.tiny import ensure_tiny
+
+        folder = ensure_tiny(cfg.model.family)
+    else:
+        folder = resolve_checkpoint(cfg.model.path, cfg.model.revision)
+    net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
+    return net, load_tokenizer(folder, cfg.model.trust_remote_code)
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompt is not None and cfg.prompts_file is not None:
+        raise ValueError("give either prompt=... or prompts_file=..., not both")
+    if cfg.prompt is not None:
+        return [str(cfg.prompt)]
+    if cfg.prompts_file is None:
+        raise ValueError('task=generate needs prompt="..." or prompts_file=path.jsonl')
+    path = Path(cfg.prompts_file)
+    if not path.is_file():
+        raise ValueError(f"prompts_file={str(path)!r} does not exist")
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts_file={str(path)!r} holds no prompts")
+    return prompts
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs/runs/manual")
+
+
+def run_generate(cfg: DictConfig) -> list[dict]:
+    from dllm.decoding.loop import generate
+    from dllm.models.tokenization import decode_responses, encode_prompts, stop_token_ids
+
+    plan = plan_run(cfg)
+    prompts = read_prompts(cfg)
+    torch.manual_seed(cfg.seed)
+    net, tokenizer = load_model_and_tokenizer(cfg, plan)
+    stops = stop_token_ids(tokenizer, net.args)
+    generator = torch.Generator(device=plan.device).manual_seed(cfg.seed)
+    records = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start : start + cfg.batch_size]
+        ids = encode_prompts(tokenizer, batch, chat=cfg.model.instruct)
+        out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator)
+        texts, lengths = decode_responses(tokenizer, out.tokens, stops)
+        for prompt, text, n in zip(batch, texts, lengths):
+            records.append({
+                "prompt": prompt, "generation": text, "useful_tokens": n,
+                "batch_seconds": out.seconds, "nfe": out.nfe, "recompute_ratio": out.recompute_ratio,
+            })
+            print(f"\n>>> {prompt}\n{text}")
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with open(run_dir / "generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    log.info("wrote %s", run_dir)
+    return records
+
+
+def run(cfg: DictConfig):
+    if cfg.task.name == "generate":
+        return run_generate(cfg)
+    from dllm.eval.runner import run_eval
+
+    return run_eval(cfg)

@@ -1,6 +1,22 @@
 """Entry point: compose the Hydra config and hand it to the pipeline."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+FREE_TEXT_KEYS = ("prompt=",)
+
+
+def quote_free_text(argv: list[str]) -> list[str]:
+    """Let `prompt="1+1="` through: Hydra's override grammar rejects '=', ':' etc. unquoted."""
+    quoted = []
+    for arg in argv:
+        key = next((k for k in FREE_TEXT_KEYS if arg.startswith(k)), None)
+        value = arg[len(key):] if key else ""
+        if key and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            arg = key + "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        quoted.append(arg)
+    return quoted
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -11,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_free_text(sys.argv)
     main()

@@ -63,8 +63,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
     if not cfg.model.tiny and not cfg.model.path:
         raise ValueError(f"model={cfg.model.name}: model.path is empty (a Hub id or a local folder)")
-    decoder = build_decoder(*component(cfg.decoding, "decoding"))
-    cache = build_cache(*component(cfg.cache, "cache"))
+    decoding_name, decoding_params = component(cfg.decoding, "decoding")
+    cache_name, cache_params = component(cfg.cache, "cache")
+    decoder = build_decoder(decoding_name, **decoding_params)
+    cache = build_cache(cache_name, **cache_params)
     gen_length = int(cfg.gen_length)
     decoder.check(gen_length)
     cache.check(decoder)
@@ -94,7 +96,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt is not None:
         return [str(cfg.prompt)]
     if cfg.prompts_file is None:
-        raise ValueError('task=generate needs prompt="..." or prompts_file=path.jsonl')
+        return list(cfg.task.prompts)
     path = Path(cfg.prompts_file)
     if not path.is_file():
         raise ValueError(f"prompts_file={str(path)!r} does not exist")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -9,8 +10,10 @@ from torch import Tensor
 DENSITY_VARIANTS = ("sum", "fraction")
 
 
-def gaussian_kernel(length: int, sigma: float, device, dtype=torch.float32) -> Tensor:
-    pos = torch.arange(length, device=device, dtype=dtype)
+@lru_cache(maxsize=8)
+def gaussian_kernel(length: int, sigma: float, device: torch.device) -> Tensor:
+    """K[i, j] = exp(-(i-j)^2 / (2 sigma^2)); cached because every step of a generation reuses it."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)
     return torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2 * sigma**2))
 
 

@@ -49,7 +49,10 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
 def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
@@ -59,7 +62,7 @@ def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
         raise CheckpointError(
             f"{folder}/config.json: model_type {model_type!r} is not supported (allowed: {sorted(FAMILIES)})"
         )
-    if expected_family is not None and FAMILY_OF_NAME[expected_family] != model_type:
+    if expected_family is not None and FAMILY_OF_NAME.get(expected_family) != model_type:
         raise CheckpointError(
             f"{folder} is a {model_type!r} checkpoint but the config says family={expected_family!r}"
         )
@@ -67,6 +70,8 @@ def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
         return FAMILIES[model_type].args_from_config(cfg)
     except KeyError as err:
         raise CheckpointError(f"{folder}/config.json lacks the field {err.args[0]!r}") from err
+    except ValueError as err:  # unsupported options, inconsistent head counts
+        raise CheckpointError(f"{folder}/config.json: {err}") from err
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -120,15 +125,16 @@ def load_model(
     folder = resolve_checkpoint(path_or_id, revision)
     args = model_args(folder, expected_family)
     plan = plan_loading(folder, args)
+    # Allocate directly in the target dtype: materialising float32 first and casting afterwards
+    # would hold the model twice (and in float32) in memory.
     with torch.device("meta"):
-        net = Transformer(args)
+        net = Transformer(args).to(dtype)
     net.to_empty(device=device)
     params = net.state_dict()
     for shard, pairs in plan.items():
         with safe_open(shard, framework="pt", device=str(device)) as f:
             for key, native in pairs:
                 params[native].copy_(f.get_tensor(key).to(dtype))
-    net.to(dtype)
     if args.tie_embeddings:
         net.output.weight = net.tok_embeddings.weight
     return net.eval().requires_grad_(False)

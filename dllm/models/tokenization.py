@@ -13,8 +13,16 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    # AutoTokenizer reads config.json and warns that model_type llada/Dream is unknown to it;
+    # the tokenizer itself is fully described by tokenizer.json, so the warning is noise.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:

@@ -1,0 +1,219 @@
+"""Tiny random LLaDA / Dream checkpoints in the exact on-disk format of the published ones.
+
+A folder holds config.json (the family's real field names), model.safetensors (or shards plus
+model.safetensors.index.json) with the real key names, and a byte-level BPE tokenizer
+(tokenizer.json, tokenizer_config.json with the family's chat template, special_tokens_map.json)
+that ``transformers.AutoTokenizer`` loads offline. Every test and smoke run uses these, so the
+whole pipeline (hub folder -> loader -> tokenizer -> decoding) runs on CPU without downloads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .loading import save_checkpoint
+from .transformer import ModelArgs, Transformer
+
+# Bump when the folder layout or contents change, so stale caches are not reused.
+CACHE_VERSION = "v1"
+
+# Qwen2's pre-tokenizer split (LLaMA-3 is the same up to digit grouping): single digits keep
+# arithmetic tokenisation simple, and byte-level BPE round-trips any text exactly.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BPE_VOCAB = 512  # 256 byte symbols + merges learnt from CORPUS; special tokens come after.
+
+CORPUS = """\
+Q: Tom has 3 apples. He buys 2 more apples at the store. How many apples does he have now?
+A: Tom starts with 3 apples and buys 2 more, so he has 3 + 2 = 5 apples. #### 5
+Q: A train travels 60 miles per hour for 2 hours. How far does it go?
+A: The distance is speed times time: 60 * 2 = 120 miles. #### 120
+Q: Sarah had 12 cookies and gave 4 of them to her friend. How many cookies are left?
+A: She has 12 - 4 = 8 cookies left. #### 8
+Question: What is the sum of 17 and 25? Answer: 17 + 25 = 42. The answer is 42.
+Let's think step by step. First we compute the total cost, then we divide by the number of people.
+The quick brown fox jumps over the lazy dog. A small model is enough to test the whole pipeline.
+1+1=2, 2+3=5, 7*8=56, 100-58=42, 81/9=9, (4+6)*3=30, 0.5 + 0.25 = 0.75.
+def add(a, b):
+    return a + b
+The user asks a question and the assistant gives a helpful answer with the final result.
+There are 24 hours in a day, 7 days in a week, and 365 days in a year.
+If each box holds 6 eggs, then 4 boxes hold 4 * 6 = 24 eggs in total.
+"""
+
+# Special tokens in the order of their real ids; the first is bos for LLaDA and eos for Dream.
+SPECIALS = {
+    "llada": [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|mdm_mask|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
+    "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
+}
+MASK_TOKEN = {"llada": "<|mdm_mask|>", "dream": "<|mask|>"}
+
+CHAT_TEMPLATE = {
+    # LLaDA-8B-Instruct ships the LLaMA-3 template.
+    "llada": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # Dream ships Qwen2's template with the default system prompt.
+    "dream": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+# Real architecture constants of each family; only the sizes are shrunk.
+BASE_ARGS = {
+    "llada": dict(rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=4096, logit_shift=0),
+    "dream": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, max_seq_len=131072, logit_shift=1),
+}
+DEFAULT_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+SHAPE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"}
+
+
+def build_tokenizer(family: str) -> Tokenizer:
+    """Byte-level BPE learnt from CORPUS (deterministic), then the family's special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tok.add_special_tokens(SPECIALS[family])
+    return tok
+
+
+def _tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, int]:
+    """Write tokenizer.json / tokenizer_config.json / special_tokens_map.json; return the special ids."""
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIALS[family]}
+    eos = "<|endoftext|>"
+    roles = {"eos_token": eos, "pad_token": eos, "mask_token": MASK_TOKEN[family]}
+    if family == "llada":
+        roles["bos_token"] = "<|startoftext|>"
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": BASE_ARGS[family]["max_seq_len"],
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for t, i in ids.items()
+        },
+        "additional_special_tokens": [t for t in SPECIALS[family] if t not in roles.values()],
+        **roles,
+        "chat_template": CHAT_TEMPLATE[family],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {**roles, "additional_special_tokens": config["additional_special_tokens"]}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    return ids
+
+
+def _init_weights(net: Transformer, seed: int) -> None:
+    # normal(0, 0.02) like the published training recipes, norms at 1; parameters are filled in
+    # name order from one generator, so the weights depend only on the seed and the shapes.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(net.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def make_tiny_checkpoint(
+    family: str,
+    out: str | Path,
+    seed: int = 0,
+    max_shard_bytes: int = 2**30,
+    dtype: torch.dtype = torch.bfloat16,
+    **shape: int,
+) -> Path:
+    """Write a random tiny ``family`` ("llada" | "dream") checkpoint folder and return its path.
+
+    shape overrides DEFAULT_SHAPE (dim, n_layers, n_heads, n_kv_heads, ffn_dim) and may set
+    vocab_size / max_seq_len. Weights are stored in ``dtype`` (bfloat16, like the real ones);
+    a small ``max_shard_bytes`` writes the sharded index format.
+    """
+    if family not in SPECIALS:
+        raise ValueError(f"unknown family {family!r} (allowed: {sorted(SPECIALS)})")
+    unknown = set(shape) - SHAPE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown shape fields {sorted(unknown)} (allowed: {sorted(SHAPE_FIELDS)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(family)
+    ids = _tokenizer_files(family, tok, out)
+    n_tokens = tok.get_vocab_size(with_added_tokens=True)
+    # Real checkpoints pad the embedding to a multiple of 64 beyond the tokenizer's ids.
+    vocab_size = shape.pop("vocab_size", -(-n_tokens // 64) * 64)
+    if vocab_size < n_tokens:
+        raise ValueError(f"vocab_size={vocab_size} does not cover the tokenizer's {n_tokens} ids")
+    eos = ids["<|endoftext|>"]
+    args = ModelArgs(
+        family=family,
+        vocab_size=vocab_size,
+        tie_embeddings=False,
+        mask_token_id=ids[MASK_TOKEN[family]],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **{**BASE_ARGS[family], **DEFAULT_SHAPE, **shape},
+    )
+    net = Transformer(args)
+    _init_weights(net, seed)
+    save_checkpoint(net.to(dtype), out, max_shard_bytes=max_shard_bytes)
+    return out
+
+
+def ensure_tiny(family: str, root: Path | None = None) -> Path:
+    """The cached default tiny checkpoint of ``family``, built on first use.
+
+    The folder is built under a temporary name and renamed into place, so a concurrent process
+    either sees no folder or a complete one.
+    """
+    if root is None:
+        root = Path(os.environ.get("DLLM_CACHE") or Path.home() / ".cache" / "dllm-cache-bench")
+    final = Path(root) / f"tiny_{family}-{CACHE_VERSION}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        make_tiny_checkpoint(family, tmp)
+        os.rename(tmp, final)
+    except OSError:
+        # Another process renamed its copy first; theirs is as good as ours.
+        if not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

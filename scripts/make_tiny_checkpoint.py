@@ -1,0 +1,26 @@
+"""Write a tiny random LLaDA / Dream checkpoint folder in the real on-disk format.
+
+    python scripts/make_tiny_checkpoint.py --family llada --out /tmp/tiny_llada
+"""
+from __future__ import annotations
+
+import argparse
+
+from dllm.models.tiny import make_tiny_checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=["llada", "dream"])
+    parser.add_argument("--out", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument(
+        "--shard-bytes", type=int, default=2**30, help="max bytes per safetensors shard (small values shard)"
+    )
+    args = parser.parse_args(argv)
+    folder = make_tiny_checkpoint(args.family, args.out, seed=args.seed, max_shard_bytes=args.shard_bytes)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()

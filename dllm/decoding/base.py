@@ -3,7 +3,7 @@
 A decoder never runs the model. Each step the denoising loop asks it for a :class:`StepPlan`
 (eligible window, how many tokens per row), hands it the logits of the freshly computed masked
 positions to :meth:`Decoder.propose` tokens and confidences, and ranks eligible positions with
-:meth:`Decoder.priority`. The loop then commits the top ``n_transfer`` per row.
+:meth:`Decoder.priority`. The loop then commits what :meth:`Decoder.select` picks (by default the top ``n_transfer`` per row).
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ class Decoder(ABC):
         self.steps_per_block = self.steps // (ctx.gen_length // self.block)
 
     @abstractmethod
-    def plan(self, step: int, masked: Tensor) -> StepPlan:
-        """The schedule of step ``step``; ``masked`` is (B, T) bool."""
+    def plan(self, step: int, masked: Tensor) -> StepPlan | None:
+        """The schedule of step ``step`` (``masked`` is (B, T) bool), or None when decoding is done."""
 
     @abstractmethod
     def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,6 +89,10 @@ class Decoder(ABC):
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         """Ranking score (B, T) of positions given their fresh confidence (NaN where stale)."""
         return confidence
+
+    def select(self, score: Tensor, plan: StepPlan) -> Tensor:
+        """Positions to unmask (B, T) bool from eligible scores (-inf = not eligible)."""
+        return top_n_mask(score, plan.n_transfer)
 
 
 _DECODERS: dict[str, type[Decoder]] = {}

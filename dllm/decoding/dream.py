@@ -52,7 +52,9 @@ class DreamDecoder(Decoder):
         super().start(ctx)
         self.timesteps = torch.linspace(1, self.eps, self.steps + 1, dtype=torch.float64).tolist()
 
-    def plan(self, step: int, masked: Tensor) -> StepPlan:
+    def plan(self, step: int, masked: Tensor) -> StepPlan | None:
+        if step == self.steps:
+            return None
         ctx = self.ctx
         window = (ctx.prompt_length, ctx.length)
         n_masked = masked[:, ctx.prompt_length :].sum(1)

@@ -14,7 +14,9 @@ class BlockDecoder(Decoder):
         super().start(ctx)
         self.counts: Tensor | None = None
 
-    def plan(self, step: int, masked: Tensor) -> StepPlan:
+    def plan(self, step: int, masked: Tensor) -> StepPlan | None:
+        if step == self.steps:
+            return None
         block, block_step = divmod(step, self.steps_per_block)
         lo = self.ctx.prompt_length + block * self.block
         hi = lo + self.block
@@ -57,8 +59,10 @@ class RandomRemasking(BlockDecoder):
         draw = torch.rand(ctx.batch, hi - lo, generator=ctx.generator, dtype=torch.float64, device=ctx.device)
         self.order_scores[:, lo:hi] = draw
 
-    def plan(self, step: int, masked: Tensor) -> StepPlan:
+    def plan(self, step: int, masked: Tensor) -> StepPlan | None:
         plan = super().plan(step, masked)
+        if plan is None:
+            return None
         score = self.order_scores.masked_fill(~masked, float("-inf"))
         plan.scheduled = top_n_mask(score, plan.n_transfer)
         return plan

@@ -1,6 +1,7 @@
 """The denoising loop: cache method -> model on the active rows -> decoder -> cache method."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
 from dllm.models.transformer import KVStore, Transformer
 
-from .base import DecodeContext, Decoder, top_n_mask
+from .base import DecodeContext, Decoder
 
 
 @dataclass
@@ -101,9 +102,11 @@ def generate(
     trace: list[Tensor] = []
 
     with measure(device) as cost:
-        for step in range(decoder.steps):
+        for step in itertools.count():
             masked = x[:, :T] == args.mask_token_id
             plan = decoder.plan(step, masked)
+            if plan is None:
+                break
             view = StepView(step, plan, x[:, :T], masked)
             request: ActiveRequest = cache.select(view)
             if request.full:
@@ -128,13 +131,15 @@ def generate(
             wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
             wanted_rows, wanted_valid = pack(wanted)
             logits = net.output(hidden.gather(1, wanted_rows[..., None].expand(-1, -1, hidden.shape[-1])))
+            # Committing [MASK] would leave the position masked and break every schedule.
+            logits[..., args.mask_token_id] = float("-inf")
             tokens, confidence = decoder.propose(logits)
             target = target.gather(1, wanted_rows).masked_fill(~wanted_valid, T)
             fresh_conf = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=device)
             fresh_conf = fresh_conf.scatter(1, target, confidence.double())[:, :T]
             proposal = x.scatter(1, target, tokens)[:, :T]
             score = decoder.priority(fresh_conf, masked).masked_fill(fresh_conf.isnan(), float("-inf"))
-            transferred = top_n_mask(score, plan.n_transfer)
+            transferred = decoder.select(score, plan)
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))

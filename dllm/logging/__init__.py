@@ -1,0 +1,1 @@
+"""Run records and their sinks: the locked CSV, the run directory, W&B."""

@@ -1,0 +1,140 @@
+"""The run record: one flat row per run, the same in the CSV, the W&B summary and metrics.json."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import numbers
+import secrets
+import subprocess
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+
+# The settings that identify a run for resume: two rows with equal values here measure the same
+# thing. Params of the cache and decoding groups join as their flattened ``cache.*`` /
+# ``decoding.*`` columns. Hardware (device, dtype) is deliberately not part of it.
+KEY_FIELDS = (
+    "model", "cache", "decoding", "task", "n_shot", "limit", "batch_size", "gen_length",
+    "steps", "block_length", "seed", "experiment",
+)
+KEY_PREFIXES = ("cache.", "decoding.")
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC to the second: take it when a run starts, for ``started_at``."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """UTC time to the microsecond (ids sort by start time) + 8 random hex digits."""
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
+
+
+def git_commit() -> str:
+    """Short HEAD hash of this checkout, '+dirty' if tracked or new unignored files differ."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):  # no git binary, not a checkout, no commit yet
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+@dataclass(kw_only=True)
+class RunRecord:
+    """Fields in DESIGN §7 order. Speed fields take ``ThroughputMeter.summary()`` as keywords."""
+
+    run_id: str = field(default_factory=new_run_id)
+    started_at: str = field(default_factory=utc_now)
+    git_commit: str = field(default_factory=git_commit)
+    model: str
+    cache: str
+    cache_params: dict = field(default_factory=dict)
+    decoding: str
+    decoding_params: dict = field(default_factory=dict)
+    task: str
+    n_shot: int | None = None
+    limit: int | float | None = None
+    batch_size: int | None = None
+    gen_length: int | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    gpu_name: str | None = None
+    dtype: str | None = None
+    accuracy_metric: str | None = None
+    accuracy: float | None = None
+    accuracy_stderr: float | None = None
+    n_samples: int | None = None
+    useful_tokens: int | None = None
+    all_tokens: int | None = None
+    gen_seconds: float | None = None
+    throughput_useful_tok_s: float | None = None
+    throughput_all_tok_s: float | None = None
+    latency_s_mean: float | None = None
+    latency_s_p50: float | None = None
+    latency_s_p90: float | None = None
+    nfe: int | None = None
+    tokens_per_forward: float | None = None
+    recompute_ratio: float | None = None
+    ideal_speedup: float | None = None
+    peak_mem_gb: float | None = None
+    status: str = "ok"
+    experiment: str | None = None
+    run_dir: str | None = None
+
+    def to_row(self) -> dict:
+        """Flat dict in field order; params become ``cache.<key>`` / ``decoding.<key>`` columns
+        (sorted, nested dicts dotted) in place of the dict field."""
+        row: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("cache_params", "decoding_params"):
+                row.update(_flatten(value, f.name.removesuffix("_params")))
+            else:
+                row[f.name] = _scalar(value)
+        return row
+
+
+def _flatten(params: dict, prefix: str) -> dict:
+    out = {}
+    for key in sorted(params, key=str):
+        value = params[key]
+        name = f"{prefix}.{key}"
+        out.update(_flatten(value, name) if isinstance(value, dict) else {name: _scalar(value)})
+    return out
+
+
+def _scalar(value):
+    """A JSON-friendly CSV cell: numpy ints/floats become Python numbers, NaN/inf None (the
+    JSON and CSV readers disagree on them), lists JSON text, paths and other objects str."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def record_key(row: dict) -> str:
+    """Hash of a row's settings (KEY_FIELDS + cache.* / decoding.* columns).
+
+    Values are compared as their CSV text and empty cells are dropped, so a freshly built
+    ``to_row()`` and the same row read back from the CSV (all strings; with blank cells for
+    params that only other runs have) give the same key.
+    """
+    settings = {
+        k: str(v) for k, v in row.items()
+        if (k in KEY_FIELDS or k.startswith(KEY_PREFIXES)) and v is not None and v != ""
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,104 @@
+"""Token, time and compute totals of a run, aggregated over generation batches.
+
+Every rate is a ratio of totals (never a mean of per-batch or per-sample ratios), so a run's
+numbers do not depend on how its samples were split into batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only a type: keeps this module free of the torch import
+    from dllm.decoding.loop import GenerationOutput
+
+
+@dataclass
+class SampleStats:
+    useful_tokens: int  # response tokens up to and including the first EOS
+    all_tokens: int  # response tokens generated for the row (= gen_length G)
+    seconds: float  # wall time of the batch the sample was generated in (its latency)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class ThroughputMeter:
+    """Accumulates :class:`GenerationOutput` batches into the speed fields of the run record.
+
+    ``summary()`` keys match :class:`dllm.logging.record.RunRecord` field names, so
+    ``RunRecord(..., **meter.summary())`` fills them. Definitions:
+
+    - ``useful_tokens`` / ``all_tokens``: sums over samples (useful: up to and including the
+      first EOS, no padding, no prompt; all: gen_length per row).
+    - ``gen_seconds``: sum of batch generation times (each batch counted once, not per row).
+    - ``throughput_*_tok_s``: token total / ``gen_seconds``.
+    - ``latency_s_*``: over samples, a sample's latency being its batch's wall time.
+    - ``nfe``: total batched forward passes.
+    - ``tokens_per_forward``: response tokens committed per forward per row,
+      ``sum_b(B_b * G_b) / sum_b(B_b * nfe_b)`` = all_tokens / row-forwards. It does not grow
+      with batch size (a batch forward advances every row), e.g. 1.0 for one token per step and
+      G / steps in general; > 1 means parallel decoding.
+    - ``recompute_ratio``: sum of active token-layers / sum of full-forward token-layers over
+      batches; ``ideal_speedup`` = 1 / recompute_ratio.
+    - ``peak_mem_gb``: max over batches.
+
+    Warm-up batches (``warmup=True``) are generated but left out of every total. Fields that
+    are undefined while nothing was counted (rates, latencies, ratios, memory) are ``None``.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[SampleStats] = []
+        self.gen_seconds = 0.0
+        self.nfe = 0
+        self.row_forwards = 0
+        self.active_token_layers = 0
+        self.total_token_layers = 0
+        self.peak_mem_gb: float | None = None
+
+    def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False) -> list[SampleStats]:
+        """Per-row stats of one batch; counted in the totals unless ``warmup``."""
+        rows, gen_length = out.tokens.shape
+        if len(useful) != rows:
+            raise ValueError(f"{len(useful)} useful lengths for a batch of {rows} rows")
+        if any(not 0 <= n <= gen_length for n in useful):
+            raise ValueError(f"useful lengths {useful} outside [0, {gen_length}]")
+        stats = [SampleStats(int(n), gen_length, out.seconds) for n in useful]
+        if warmup:
+            return stats
+        self.samples.extend(stats)
+        self.gen_seconds += out.seconds
+        self.nfe += out.nfe
+        self.row_forwards += out.nfe * rows
+        self.active_token_layers += out.active_token_layers
+        self.total_token_layers += out.total_token_layers
+        self.peak_mem_gb = out.peak_mem_gb if self.peak_mem_gb is None else max(self.peak_mem_gb, out.peak_mem_gb)
+        return stats
+
+    def summary(self) -> dict:
+        useful = sum(s.useful_tokens for s in self.samples)
+        every = sum(s.all_tokens for s in self.samples)
+        latencies = [s.seconds for s in self.samples]
+        timed = self.gen_seconds > 0
+        ratio = self.active_token_layers / self.total_token_layers if self.total_token_layers else None
+        return {
+            "n_samples": len(self.samples),
+            "useful_tokens": useful,
+            "all_tokens": every,
+            "gen_seconds": self.gen_seconds,
+            "throughput_useful_tok_s": useful / self.gen_seconds if timed else None,
+            "throughput_all_tok_s": every / self.gen_seconds if timed else None,
+            "latency_s_mean": sum(latencies) / len(latencies) if latencies else None,
+            "latency_s_p50": percentile(latencies, 50) if latencies else None,
+            "latency_s_p90": percentile(latencies, 90) if latencies else None,
+            "nfe": self.nfe,
+            "tokens_per_forward": every / self.row_forwards if self.row_forwards else None,
+            "recompute_ratio": ratio,
+            "ideal_speedup": 1 / ratio if ratio else None,
+            "peak_mem_gb": self.peak_mem_gb,
+        }

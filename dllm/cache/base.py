@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from dllm.decoding.base import DecodeContext, Decoder, StepPlan
+from dllm.models.transformer import LayerHook
 
 
 @dataclass
 class ActiveRequest:
-    """What to recompute in the next forward; ``full`` overrides the two masks.
+    """What to recompute in the next forward; ``full`` means every position.
 
     predict: (B, T) bool, positions whose *predictions* must be fresh (the loop turns position j
         into the computing position j - 1 for Dream).
@@ -29,6 +30,8 @@ class ActiveRequest:
     full: bool = False
     predict: Tensor | None = None
     refresh: Tensor | None = None
+    #: optional per-layer partial recomputation over the active rows (see LayerHook).
+    layer_hook: LayerHook | None = None
 
     @classmethod
     def everything(cls) -> "ActiveRequest":

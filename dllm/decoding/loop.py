@@ -109,20 +109,24 @@ def generate(
                 break
             view = StepView(step, plan, x[:, :T], masked)
             request: ActiveRequest = cache.select(view)
-            if request.full:
+            hook = request.layer_hook
+            if request.full and hook is None:
                 rows, rows_valid, write_index = all_rows, torch.ones_like(all_rows, dtype=torch.bool), None
                 active = torch.ones_like(masked)
             else:
-                active = torch.zeros_like(masked)
+                active = torch.ones_like(masked) if request.full else torch.zeros_like(masked)
                 if request.refresh is not None:
                     active |= request.refresh
                 if request.predict is not None:
                     active |= shift_to_computing(request.predict, args.logit_shift)
-                active &= real
+                if not request.full:
+                    active &= real
                 rows, rows_valid = pack(active)
                 rows = write_index = rows.masked_fill(~rows_valid, T)
+            if hook is not None:
+                hook.begin(rows, rows_valid)
             hidden, attention = net.hidden(
-                x.gather(1, rows), positions.gather(1, rows), key_mask, store, write_index, cache.needs_attention
+                x.gather(1, rows), positions.gather(1, rows), key_mask, store, write_index, cache.needs_attention, hook
             )
 
             # Logits only for rows that predict a masked position this step may unmask.
@@ -144,7 +148,7 @@ def generate(
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
             nfe += 1
-            active_token_layers += int(rows_valid.sum()) * args.n_layers
+            active_token_layers += hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers
             if record_trace:
                 trace.append(active.cpu())
     return GenerationOutput(

@@ -164,6 +164,52 @@ class Block(nn.Module):
         h = h + attn_out
         return h + self.ffn(self.ffn_norm(h)), head_mean
 
+    def forward_partial(self, h, cos, sin, key_mask, store, layer, index, hook: "LayerHook"):
+        """Attention and FFN on the rows the hook picks; the hook supplies the others' outputs.
+
+        Every row still flows through the residual stream (cheap), so rows may be picked at some
+        layers and reuse cached features at others (dLLM-Cache).
+        """
+        x = self.attn_norm(h)
+        picked, picked_valid = hook.pick(layer, self, x)
+        slots = index.gather(1, picked).masked_fill(~picked_valid, store.length)
+        attn_out, _ = self.attn(
+            take_rows(x, picked), take_rows(cos, picked, 2), take_rows(sin, picked, 2), key_mask, store, layer, slots, False
+        )
+        h = h + hook.merge(layer, "attn", picked, picked_valid, attn_out)
+        ffn_out = self.ffn(take_rows(self.ffn_norm(h), picked))
+        return h + hook.merge(layer, "ffn", picked, picked_valid, ffn_out)
+
+
+def take_rows(x: Tensor, rows: Tensor, dim: int = 1) -> Tensor:
+    """x gathered at row indices (B, S) along ``dim`` (trailing dims kept)."""
+    shape = list(x.shape)
+    shape[dim] = rows.shape[1]
+    index = rows.view(rows.shape[0], *([1] * (dim - 1)), rows.shape[1], *([1] * (x.dim() - dim - 1)))
+    return x.gather(dim, index.expand(shape))
+
+
+class LayerHook:
+    """Per-layer partial recomputation with feature reuse (the model calls it around attention/FFN).
+
+    The denoising loop calls :meth:`begin` with the rows of the forward before running it and
+    reads ``token_layers`` (rows computed in full, summed over layers) afterwards.
+    """
+
+    token_layers: int = 0
+
+    def begin(self, rows: Tensor, rows_valid: Tensor) -> None:
+        """rows (B, A): positions of this forward's rows (padding rows hold T, ``rows_valid`` False)."""
+        raise NotImplementedError
+
+    def pick(self, layer: int, block: "Block", x_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows (B, S) of the current A rows to compute at this layer, and their validity."""
+        raise NotImplementedError
+
+    def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:
+        """(B, A, dim) outputs of ``part`` ("attn" | "ffn") for all rows, given the picked rows' fresh ones."""
+        raise NotImplementedError
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -184,6 +230,7 @@ class Transformer(nn.Module):
         store: KVStore | None = None,
         index: Tensor | None = None,
         want_attention: bool = False,
+        layer_hook: LayerHook | None = None,
     ) -> tuple[Tensor, list[Tensor] | None]:
         """Final-norm hidden states of the given rows.
 
@@ -191,11 +238,19 @@ class Transformer(nn.Module):
         key_mask: bool, broadcastable to (B, 1, A, K): which keys each row may attend to.
         store/index: with a store, rows write their K/V at slots ``index`` (None = all T slots)
         and attend over every stored key (K = T + 1, the trash slot masked by the caller).
+        layer_hook: with a store and an explicit index, lets a method compute attention/FFN on
+        a per-layer subset of the rows and reuse cached features for the rest.
         Returns hidden (B, A, dim) and, if asked, per-layer head-averaged attention (B, A, K).
         """
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.tok_embeddings.weight.dtype)
         h = self.tok_embeddings(tokens)
         attention = [] if want_attention else None
+        if layer_hook is not None:
+            if want_attention or store is None or index is None:
+                raise ValueError("a layer hook needs a store and an explicit index, and gives no attention rows")
+            for layer, block in enumerate(self.layers):
+                h = block.forward_partial(h, cos, sin, key_mask, store, layer, index, layer_hook)
+            return self.norm(h), None
         for layer, block in enumerate(self.layers):
             h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
             if want_attention:

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models of both families (CPU, offline, deterministic)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dllm.models.transformer import ModelArgs, Transformer
+
+FAMILIES = ("llada", "dream")
+
+# Token ids of the tiny vocabulary: real tokens are drawn from [0, N_REAL); the special ids sit above.
+TINY_VOCAB = 64
+N_REAL = 60
+PAD_ID, EOS_ID, MASK_ID = 61, 62, 63
+
+
+def tiny_args(family: str = "llada", **overrides) -> ModelArgs:
+    """A small ModelArgs of either family (GQA by default: 4 heads, 2 KV heads)."""
+    base = dict(
+        family=family,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=48,
+        vocab_size=TINY_VOCAB,
+        rope_theta=500000.0 if family == "llada" else 1e6,
+        norm_eps=1e-5 if family == "llada" else 1e-6,
+        qkv_bias=family == "dream",
+        tie_embeddings=False,
+        max_seq_len=256,
+        mask_token_id=MASK_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        logit_shift=1 if family == "dream" else 0,
+    )
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+def tiny_net(
+    args: ModelArgs,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    logit_scale: float = 1.0,
+    silent_ids: tuple[int, ...] = (),
+) -> Transformer:
+    """A Transformer with random weights, including non-trivial norm weights and biases.
+
+    ``logit_scale`` multiplies the LM head so that predictions are peaked (decoding tests);
+    ``silent_ids`` get a zero LM-head row (logit 0, far below the best of the other random
+    logits), so that a random model does not predict e.g. the mask token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    net = Transformer(args)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name == "tok_embeddings.weight":
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:  # linear weights, fan-in scaled
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+        net.output.weight.mul_(logit_scale)
+        for token in silent_ids:
+            net.output.weight[token] = 0.0
+    return net.to(dtype).eval().requires_grad_(False)
+
+
+def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, N_REAL, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture
+def make_args():
+    return tiny_args
+
+
+@pytest.fixture
+def make_net():
+    return tiny_net
+
+
+@pytest.fixture
+def make_prompts():
+    return random_prompts
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,316 @@
+"""Decoding policies: schedules on hand-computed cases, densities, determinism, batch = one by one,
+input validation, and that every response position ends decoded."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dllm.cache.base import build_cache
+from dllm.decoding.base import DecodeContext, build_decoder, decoder_names, llada_transfer_counts
+from dllm.decoding.density import certainty_density
+from dllm.decoding.loop import generate
+
+@pytest.fixture
+def net_of(make_args, make_net):
+    """A tiny model of each family with peaked predictions (built once per test)."""
+    nets = {}
+
+    def get(family: str):
+        if family not in nets:
+            nets[family] = make_net(make_args(family), seed=100, logit_scale=3.0)
+        return nets[family]
+
+    return get
+
+
+def context(batch: int, prompt_length: int, gen_length: int, mask_id: int = 63) -> DecodeContext:
+    T = prompt_length + gen_length
+    return DecodeContext(batch, prompt_length, gen_length, mask_id, torch.ones(batch, T, dtype=torch.bool), None, torch.device("cpu"))
+
+
+def run_schedule(decoder, ctx: DecodeContext, masked: torch.Tensor):
+    """Drive decoder.plan over all steps, unmasking the leftmost n masked positions of the window."""
+    decoder.check(ctx.gen_length)
+    decoder.start(ctx)
+    masked = masked.clone()
+    plans = []
+    for step in range(decoder.steps):
+        plan = decoder.plan(step, masked)
+        plans.append(plan)
+        lo, hi = plan.window
+        for row, n in enumerate(plan.n_transfer.tolist()):
+            candidates = masked[row, lo:hi].nonzero().flatten()[:n] + lo
+            assert len(candidates) == n, f"step {step}: row {row} asked for {n} tokens"
+            masked[row, candidates] = False
+    return plans, masked
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_llada_transfer_counts_hand_computed():
+    assert llada_transfer_counts(torch.tensor([10]), 4).tolist() == [[3, 3, 2, 2]]
+    counts = llada_transfer_counts(torch.tensor([8, 7, 3, 0, 12]), 4)
+    assert counts.tolist() == [[2, 2, 2, 2], [2, 2, 2, 1], [1, 1, 1, 0], [0, 0, 0, 0], [3, 3, 3, 3]]
+    assert counts.dtype == torch.long
+
+
+def test_low_confidence_one_block_plan():
+    P, G = 5, 10
+    ctx = context(1, P, G)
+    masked = torch.zeros(1, P + G, dtype=torch.bool)
+    masked[:, P:] = True
+    plans, left = run_schedule(build_decoder("low_confidence", steps=4), ctx, masked)
+    assert [p.n_transfer.tolist() for p in plans] == [[3], [3], [2], [2]]
+    assert all(p.window == (P, P + G) and p.block == 0 for p in plans)
+    assert [p.block_step for p in plans] == [0, 1, 2, 3]
+    assert not left.any()
+
+
+def test_low_confidence_blocks_plan():
+    """gen 16, block 8, steps 4: two steps per block; a row with pre-known tokens gets fewer per step."""
+    P, G = 3, 16
+    ctx = context(2, P, G)
+    masked = torch.zeros(2, P + G, dtype=torch.bool)
+    masked[:, P:] = True
+    masked[1, [P + 8, P + 9, P + 10]] = False  # row 1: only 5 masked in the second block
+    plans, left = run_schedule(build_decoder("low_confidence", steps=4, block_length=8), ctx, masked)
+    assert [p.window for p in plans] == [(3, 11), (3, 11), (11, 19), (11, 19)]
+    assert [p.block for p in plans] == [0, 0, 1, 1]
+    assert [p.block_step for p in plans] == [0, 1, 0, 1]
+    assert [p.n_transfer.tolist() for p in plans] == [[4, 4], [4, 4], [4, 3], [4, 2]]
+    assert not left.any()
+
+
+def test_dream_schedule_hand_computed():
+    """timesteps = linspace(1, 1e-3, 5) = [1, .75025, .5005, .25075, .001]; k = int(n (1 - s/t)).
+
+    n=20: 20*.24975=4.995 -> 4; 16*.33289=5.33 -> 5; 11*.49900=5.49 -> 5; last step: the 6 left.
+    n=8:   8*.24975=1.998 -> 1;  7*.33289=2.33 -> 2;  5*.49900=2.50 -> 2; last step: the 3 left.
+    """
+    P, G = 2, 20
+    ctx = context(2, P, G)
+    masked = torch.zeros(2, P + G, dtype=torch.bool)
+    masked[:, P:] = True
+    masked[1, P : P + 12] = False  # row 1 has 8 masked tokens
+    decoder = build_decoder("dream", steps=4, alg="maskgit_plus", eps=1e-3)
+    plans, left = run_schedule(decoder, ctx, masked)
+    assert decoder.timesteps == pytest.approx([1.0, 0.75025, 0.5005, 0.25075, 0.001])
+    assert [p.n_transfer.tolist() for p in plans] == [[4, 1], [5, 2], [5, 2], [6, 3]]
+    assert all(p.window == (P, P + G) for p in plans)
+    assert not left.any()
+
+
+# --------------------------------------------------------------------------- certainty density
+
+
+def test_density_sum_matches_double_loop():
+    gen = torch.Generator().manual_seed(0)
+    B, T, sigma = 3, 17, 2.5
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, :4] = False
+    known = (torch.rand(B, T, generator=gen) < 0.4) & real
+    D = certainty_density(known, real, sigma, "sum")
+    expected = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            for j in range(T):
+                if known[b, j]:
+                    expected[b, i] += math.exp(-((i - j) ** 2) / (2 * sigma**2))
+    torch.testing.assert_close(D.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_density_fraction_is_a_fraction():
+    gen = torch.Generator().manual_seed(1)
+    B, T, sigma = 4, 23, 3.0
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[2, :6] = False
+    known = (torch.rand(B, T, generator=gen) < 0.5) & real
+    known[3, -1] = True  # the end counts as known in this row
+    D = certainty_density(known, real, sigma, "fraction")
+    assert D.shape == (B, T)
+    assert ((D >= 0) & (D <= 1 + 1e-6)).all()
+    assert torch.allclose(certainty_density(real, real, sigma, "fraction")[real], torch.tensor(1.0))
+    assert (certainty_density(torch.zeros_like(real), real, sigma, "fraction") == 0).all()
+
+    # Direct reading of the definition: weighted fraction of known among real positions, with
+    # ceil(3 sigma) virtual positions past the end, known iff the last position is known.
+    tail = math.ceil(3 * sigma)
+    for b in range(B):
+        for i in range(T):
+            num = den = 0.0
+            for j in range(T + tail):
+                w = math.exp(-((i - j) ** 2) / (2 * sigma**2))
+                is_real = bool(real[b, j]) if j < T else True
+                is_known = bool(known[b, j]) if j < T else bool(known[b, -1])
+                den += w * is_real
+                num += w * (is_real and is_known)
+            assert float(D[b, i]) == pytest.approx(num / den, abs=1e-5)
+
+
+def test_density_rejects_unknown_variant():
+    real = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="'max'.*sum.*fraction"):
+        certainty_density(real, real, 1.0, "max")
+
+
+# --------------------------------------------------------------------------- generation
+
+BATCHABLE = [
+    ("low_confidence", dict(steps=6, block_length=4)),
+    ("certainty_prior", dict(steps=6, sigma=3.0)),
+    ("certainty_prior", dict(steps=6, sigma=3.0, density="fraction")),
+    ("dream", dict(steps=6, alg="maskgit_plus")),
+    ("dream", dict(steps=6, alg="entropy")),
+    ("dream", dict(steps=6, alg="topk_margin")),
+]
+GEN = 12
+
+
+def _id(case):
+    name, params = case
+    extra = params.get("alg") or params.get("density") or ""
+    return f"{name}-{extra}".rstrip("-")
+
+
+@pytest.mark.parametrize("case", BATCHABLE, ids=[_id(c) for c in BATCHABLE])
+def test_left_padded_batch_equals_one_by_one(family, case, net_of, make_prompts):
+    name, params = case
+    net = net_of(family)
+    prompts = make_prompts([7, 3, 5], seed=11)
+    batch = generate(net, prompts, build_decoder(name, **params), build_cache("none"), GEN).tokens
+    for row, prompt in enumerate(prompts):
+        alone = generate(net, [prompt], build_decoder(name, **params), build_cache("none"), GEN).tokens
+        assert batch[row].tolist() == alone[0].tolist(), f"row {row} (prompt length {len(prompt)})"
+    assert batch.shape == (3, GEN)
+
+
+def test_greedy_generation_is_deterministic(family, net_of, make_prompts):
+    net = net_of(family)
+    prompts = make_prompts([6, 4], seed=12)
+    for name, params in BATCHABLE:
+        runs = [generate(net, prompts, build_decoder(name, **params), build_cache("none"), GEN).tokens for _ in range(2)]
+        assert torch.equal(runs[0], runs[1]), name
+
+
+SAMPLED = [
+    ("low_confidence", dict(steps=6, block_length=4, temperature=1.0)),
+    ("random", dict(steps=6, block_length=4)),
+    ("dream", dict(steps=6, alg="entropy", temperature=0.8, top_p=0.9)),
+    ("dream", dict(steps=6, alg="origin", temperature=1.0, top_k=10)),
+    ("certainty_prior", dict(steps=6, sigma=2.0, temperature=0.7)),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLED, ids=[f"{n}-{p.get('alg', '')}".rstrip("-") for n, p in SAMPLED])
+def test_seeded_sampling_is_reproducible(case, net_of, make_prompts):
+    name, params = case
+    net = net_of("dream" if name == "dream" else "llada")
+    prompts = make_prompts([6, 4], seed=13)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return generate(net, prompts, build_decoder(name, **params), build_cache("none"), GEN, generator=gen).tokens
+
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert any(not torch.equal(first, run(seed)) for seed in (1, 2, 3)), "the seed has no effect"
+
+
+def all_decoder_cases():
+    cases = []
+    for name in decoder_names():
+        if name == "dream":
+            cases += [(name, dict(steps=6, alg=alg)) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
+        elif name == "certainty_prior":
+            cases += [(name, dict(steps=6, density=d)) for d in ("sum", "fraction")]
+        elif name == "threshold":  # data-dependent number of steps
+            cases += [(name, dict(block_length=4)), (name, dict(block_length=12, factor=1.0))]
+        else:  # block decoders (low_confidence, random, and any later one with the same signature)
+            cases += [(name, dict(steps=6, block_length=4)), (name, dict(steps=3))]
+    return cases
+
+
+@pytest.mark.parametrize("case", all_decoder_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_every_position_is_decoded(family, case, net_of, make_prompts):
+    name, params = case
+    net = net_of(family)
+    gen = torch.Generator().manual_seed(3)
+    out = generate(net, make_prompts([5, 2], seed=14), build_decoder(name, **params), build_cache("none"), GEN, generator=gen)
+    assert out.tokens.shape == (2, GEN)
+    assert not (out.tokens == net.args.mask_token_id).any()
+    if "steps" in params:
+        assert out.nfe == params["steps"]
+    else:
+        assert 1 <= out.nfe <= GEN
+
+
+@pytest.mark.parametrize("name, params", [("low_confidence", dict(steps=4)), ("dream", dict(steps=4, alg="entropy"))])
+def test_mask_token_is_never_committed(family, name, params, make_args, make_net, make_prompts):
+    """Even a model whose favourite prediction is [MASK] everywhere fills every position."""
+    args = make_args(family)
+    net = make_net(args, seed=101)
+    with torch.no_grad():  # the mask row follows the mean final hidden state: [MASK] wins (nearly) everywhere
+        x = torch.tensor([make_prompts([8], seed=16)[0] + [args.mask_token_id] * 8])
+        hidden, _ = net.hidden(x, torch.arange(16)[None], torch.ones(1, 1, 1, 16, dtype=torch.bool))
+        net.output.weight[args.mask_token_id] = 20.0 * hidden[0].mean(0) / hidden[0].mean(0).norm()
+    prompts = make_prompts([5, 3], seed=15)
+    x = torch.tensor([prompts[0] + [args.mask_token_id] * 8])
+    assert (net(x).argmax(-1) == args.mask_token_id).float().mean() > 0.5  # the premise
+    out = generate(net, prompts, build_decoder(name, **params), build_cache("none"), 8)
+    assert not (out.tokens == args.mask_token_id).any()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def run_once(net, decoder, gen_length, prompts=([1, 2, 3],)):
+    return generate(net, list(prompts), decoder, build_cache("none"), gen_length)
+
+
+def test_gen_length_not_divisible_by_block_length(net_of):
+    decoder = build_decoder("low_confidence", steps=4, block_length=3)
+    with pytest.raises(ValueError, match=r"gen_length=8 .*block_length=3"):
+        run_once(net_of("llada"), decoder, 8)
+
+
+def test_steps_not_divisible_by_blocks(net_of):
+    decoder = build_decoder("low_confidence", steps=3, block_length=4)
+    with pytest.raises(ValueError, match=r"steps=3 .*number of blocks \(2\)"):
+        run_once(net_of("llada"), decoder, 8)
+
+
+@pytest.mark.parametrize("name", ["low_confidence", "random", "certainty_prior", "dream"])
+@pytest.mark.parametrize("steps", [0, -2])
+def test_steps_below_one(name, steps):
+    with pytest.raises(ValueError, match=rf"steps={steps}\b"):
+        build_decoder(name, steps=steps)
+
+
+def test_unknown_decoder_lists_allowed_names():
+    with pytest.raises(ValueError, match="'greedy_left_to_right'") as err:
+        build_decoder("greedy_left_to_right", steps=4)
+    for name in decoder_names():
+        assert name in str(err.value)
+    assert {"low_confidence", "random", "certainty_prior", "dream"} <= set(decoder_names())
+
+
+@pytest.mark.parametrize("sigma", [0, -1.5])
+def test_bad_sigma(sigma):
+    with pytest.raises(ValueError, match=rf"sigma={sigma}\b"):
+        build_decoder("certainty_prior", steps=4, sigma=sigma)
+
+
+def test_other_bad_values_are_named():
+    with pytest.raises(ValueError, match="density='max'"):
+        build_decoder("certainty_prior", steps=4, density="max")
+    with pytest.raises(ValueError, match="alg='greedy'.*maskgit_plus"):
+        build_decoder("dream", steps=4, alg="greedy")
+    with pytest.raises(ValueError, match="temperature=-1"):
+        build_decoder("low_confidence", steps=4, temperature=-1)
+    with pytest.raises(ValueError, match="block_length=0"):
+        build_decoder("low_confidence", steps=4, block_length=0)
+    with pytest.raises(ValueError, match="no_such_option"):
+        build_decoder("low_confidence", steps=4, no_such_option=1)

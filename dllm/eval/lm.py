@@ -1,0 +1,342 @@
+"""The lm-eval adapter: one ``LM`` subclass (registered as ``dllm``) around our native model.
+
+- ``generate_until``: requests sorted by prompt length (longest first; results come back in
+  the request order), batched by ``batch_size`` and left-padded by the denoising loop, generated
+  with the configured decoder and cache method, cut at the model's stop tokens and at the
+  request's ``until`` strings (lm-eval leaves the cut to the model). The first batch is
+  generated twice: once as an uncounted warm-up, once counted. Every counted batch feeds the
+  :class:`~dllm.metrics.accounting.ThroughputMeter`; per-sample records are kept in
+  ``self.records`` keyed by (task, doc_id) for the run's samples.jsonl.
+- ``loglikelihood``: the masked-diffusion Monte Carlo estimate (LLaDA, Nie et al. 2025, eq. 6):
+  for a continuation of L tokens draw l ~ U{1..L}, mask l random continuation positions, and
+  take sum over masked positions of -log p(token | context, partially masked continuation)
+  weighted L / l; average ``mc_num`` draws. A one-token continuation has one possible draw, so it
+  is scored exactly by a single forward (MMLU's " A"/" B"/...). Draws come from a generator
+  seeded with ``seed``: the same requests give the same numbers.
+- ``loglikelihood_rolling`` (perplexity) is not defined for these models and raises.
+
+Chat templates: the runner asks lm-eval to apply the tokenizer's chat template for instruct
+models (``apply_chat_template=True``); contexts then arrive already templated (with BOS) and are
+tokenised without adding special tokens again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from dllm.decoding.loop import GenerationOutput, generate
+from dllm.metrics.accounting import ThroughputMeter
+from dllm.models.tokenization import decode_responses, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+def cut_at_stops(text: str, until: list[str]) -> str:
+    """``text`` up to the first occurrence of any ``until`` string."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
+
+
+@dataclass
+class _Gen:
+    index: int
+    context: str
+    ids: list[int]
+    until: list[str]
+    task: str | None
+    doc_id: int | None
+
+
+@dataclass
+class _Row:
+    """One forward row of a likelihood request: the context, then the continuation with some
+    positions masked (``tail``); ``predict`` indexes into the tail, ``targets`` are the true ids."""
+
+    request: int
+    L: int
+    ctx: torch.Tensor
+    tail: list[int]
+    predict: list[int]
+    targets: list[int]
+    is_draw: bool  # counts toward the Monte Carlo average
+    is_full: bool  # the fully masked continuation: decides is_greedy
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + len(self.tail)
+
+
+@register_model("dllm")
+class DllmLM(LM):
+    """lm-eval ``LM`` over a native LLaDA / Dream network, a decoder and a cache method.
+
+    net: :class:`dllm.models.transformer.Transformer`; tokenizer: a transformers tokenizer;
+    plan: :class:`dllm.pipeline.RunPlan` (decoder, cache, gen_length, device, dtype).
+    chat: contexts arrive chat-templated (lm-eval's hook, see :meth:`apply_chat_template`).
+    """
+
+    def __init__(
+        self,
+        net,
+        tokenizer,
+        plan,
+        batch_size: int = 1,
+        chat: bool = False,
+        seed: int = 0,
+        mc_num: int = 1,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if mc_num < 1:
+            raise ValueError(f"mc_num={mc_num} must be >= 1")
+        self.net = net
+        self.tokenizer = tokenizer
+        self.plan = plan
+        self.batch_size = int(batch_size)
+        self.chat = bool(chat)
+        self.seed = int(seed)
+        self.mc_num = int(mc_num)
+        self.progress = progress
+        self._device = plan.device
+        self.stop_ids = stop_token_ids(tokenizer, net.args)
+        self.meter = ThroughputMeter()
+        self.records: dict[tuple[str | None, int | None], list[dict]] = {}
+        self._warmed_up = False
+        self._batches = 0
+        self._warned_sampling = False
+
+    # ------------------------------------------------------------------ chat template hooks
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "dllm")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt:
+            kwargs["continue_final_message"] = True
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+        except jinja2.exceptions.TemplateError:
+            # A template without a system role: fold the system prompt into the first user turn.
+            if chat_history and chat_history[0]["role"] == "system":
+                system, rest = chat_history[0]["content"], [dict(m) for m in chat_history[1:]]
+                if rest and rest[0]["role"] == "user":
+                    rest[0]["content"] = system + "\n\n" + rest[0]["content"]
+                return self.tokenizer.apply_chat_template(rest, **kwargs)
+            raise
+
+    # ------------------------------------------------------------------ tokenisation
+    def encode(self, text: str) -> list[int]:
+        # A templated context carries its special tokens (BOS included) as text already.
+        return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
+
+    def _fit(self, ids: list[int], room: int, what: str) -> list[int]:
+        if len(ids) > room:
+            log.warning("%s of %d tokens truncated on the left to %d (max_seq_len)", what, len(ids), room)
+            return ids[-room:]
+        return ids
+
+    # ------------------------------------------------------------------ generation
+    def generate_batch(self, prompts: list[list[int]], batch_index: int) -> GenerationOutput:
+        """One batch through the denoising loop (the seam tests replace with scripted output).
+
+        Each batch gets its own generator seeded from (seed, batch index), so the warm-up and
+        the counted generation of the first batch are identical, and a batch's randomness
+        (random remasking, sampling) does not depend on the batches before it.
+        """
+        generator = torch.Generator(device=self.plan.device).manual_seed(self.seed * 1_000_003 + batch_index)
+        return generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if not requests:
+            return []
+        gen_length = self.plan.gen_length
+        room = self.net.args.max_seq_len - gen_length
+        items = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            if gen_kwargs.get("do_sample") and not self._warned_sampling:
+                log.warning("the task asks for sampling; decoding follows the decoding config instead")
+                self._warned_sampling = True
+            ids = self._fit(self.encode(context), room, "prompt")
+            items.append(_Gen(i, context, ids, until, req.task_name, req.doc_id))
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+        results: list[str | None] = [None] * len(items)
+        bar = tqdm(total=len(items), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            batch = [items[i] for i in order[start : start + self.batch_size]]
+            prompts = [it.ids for it in batch]
+            batch_index = self._batches
+            self._batches += 1
+            if not self._warmed_up:
+                out = self.generate_batch(prompts, batch_index)
+                _, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
+                self.meter.add_batch(out, useful, warmup=True)
+                self._warmed_up = True
+            out = self.generate_batch(prompts, batch_index)
+            texts, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
+            stats = self.meter.add_batch(out, useful)
+            for it, raw, st in zip(batch, texts, stats):
+                text = cut_at_stops(raw, it.until)
+                results[it.index] = text
+                self.records.setdefault((it.task, it.doc_id), []).append({
+                    "prompt": it.context,
+                    "prompt_tokens": len(it.ids),
+                    "generation": text,
+                    "raw_generation": raw,
+                    "useful_tokens": st.useful_tokens,
+                    "all_tokens": st.all_tokens,
+                    "seconds": st.seconds,
+                    "batch_nfe": out.nfe,
+                    "batch_recompute_ratio": out.recompute_ratio,
+                })
+                self.cache_hook.add_partial("generate_until", requests[it.index].args, text)
+            bar.update(len(batch))
+            summary = self.meter.summary()
+            if summary["throughput_useful_tok_s"] is not None:
+                bar.set_postfix(tok_s=f"{summary['throughput_useful_tok_s']:.1f}", all_tok_s=f"{summary['throughput_all_tok_s']:.1f}")
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ likelihoods
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids; the continuation is the tail of the joint encoding.
+
+        When the joint encoding starts with the context's own encoding (a clean token boundary,
+        e.g. a chat context ending in "assistant\\n" before "A"), that split is used as is.
+        Otherwise lm-eval's TemplateLM rule applies: trailing context whitespace moves to the
+        continuation (so " A" stays one token). lm-eval always moves it, which would make the
+        chat case score a separate "\\n" token too: a constant for a causal LM, but a second
+        masked token (and Monte Carlo noise) for a diffusion LM. An empty context becomes BOS/EOS.
+        """
+        if not context:
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            prefix = self.tokenizer.bos_token_id
+            if prefix is None:
+                prefix = self.net.args.eos_token_id
+            return [prefix], cont
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx) :]
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx) :]
+
+    @torch.inference_mode()
+    def _score_rows(self, rows: list[_Row]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One full forward over a left-padded batch of rows (context + continuation variant).
+
+        Returns per row the log-softmax (float32, len(row.predict) x V) at the positions it
+        predicts, and its argmax.
+        """
+        args = self.net.args
+        device = self.plan.device
+        width = max(row.length for row in rows)
+        x = torch.full((len(rows), width), args.pad_token_id, dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            start = width - row.length
+            x[r, start : start + len(row.ctx)] = row.ctx
+            x[r, start + len(row.ctx) :] = torch.tensor(row.tail)
+            real[r, start:] = True
+        x, real = x.to(device), real.to(device)
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        hidden, _ = self.net.hidden(x, positions, real[:, None, None, :])
+        out = []
+        for r, row in enumerate(rows):
+            # Dream (logit_shift 1) predicts position j from the hidden state at j - 1.
+            first = width - len(row.tail) - args.logit_shift
+            at = torch.tensor([first + j for j in row.predict], device=device)
+            logp = torch.log_softmax(self.net.output(hidden[r, at]).float(), dim=-1)
+            out.append((logp, logp.argmax(-1)))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if not requests:
+            return []
+        args = self.net.args
+        gen = torch.Generator().manual_seed(self.seed)
+        rows: list[_Row] = []
+        n_draws = [0] * len(requests)
+        contexts: dict[tuple[int, ...], torch.Tensor] = {}  # shared by a question's choices
+        for i, req in enumerate(requests):
+            context, continuation = req.args
+            ctx, cont = self.encode_pair(context, continuation)
+            L = len(cont)
+            if L == 0:
+                continue
+            if L >= args.max_seq_len:
+                raise ValueError(f"continuation of {L} tokens does not fit max_seq_len={args.max_seq_len}")
+            ctx = self._fit(ctx, args.max_seq_len - L, "context")
+            ctx_t = contexts.setdefault(tuple(ctx), torch.tensor(ctx, dtype=torch.long))
+            # The fully masked continuation: the exact (only) draw when L == 1, and the greedy check.
+            rows.append(_Row(i, L, ctx_t, [args.mask_token_id] * L, list(range(L)), cont, L == 1, True))
+            if L == 1:
+                n_draws[i] = 1
+                continue
+            for _ in range(self.mc_num):
+                n_mask = int(torch.randint(1, L + 1, (1,), generator=gen))
+                picked = torch.randperm(L, generator=gen)[:n_mask].sort().values.tolist()
+                tail = list(cont)
+                for j in picked:
+                    tail[j] = args.mask_token_id
+                rows.append(_Row(i, L, ctx_t, tail, picked, [cont[j] for j in picked], True, False))
+            n_draws[i] = self.mc_num
+        totals = [0.0] * len(requests)
+        greedy = [True] * len(requests)
+        order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
+        bar = tqdm(total=len(rows), desc="loglikelihood", disable=disable_tqdm or not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            chunk = [rows[r] for r in order[start : start + self.batch_size]]
+            for row, (logp, argmax) in zip(chunk, self._score_rows(chunk)):
+                target = torch.tensor(row.targets, device=logp.device)
+                if row.is_draw:
+                    # LLaDA's estimator: masked-token log-likelihood scaled by L / l.
+                    totals[row.request] += float(logp.gather(1, target[:, None]).sum()) * row.L / len(row.predict)
+                if row.is_full:
+                    greedy[row.request] = bool((argmax == target).all())
+            bar.update(len(chunk))
+        bar.close()
+        results = []
+        for i, req in enumerate(requests):
+            value = totals[i] / n_draws[i] if n_draws[i] else 0.0
+            results.append((value, greedy[i]))
+            self.records.setdefault((req.task_name, req.doc_id), []).append(
+                {"context": req.args[0], "continuation": req.args[1], "choice_index": req.idx,
+                 "logprob": value, "is_greedy": greedy[i], "mc_draws": n_draws[i]}
+            )
+            self.cache_hook.add_partial("loglikelihood", req.args, results[-1])
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        tasks = sorted({str(r.task_name) for r in requests}) or ["<unknown>"]
+        raise NotImplementedError(
+            f"task {', '.join(tasks)} asks for loglikelihood_rolling (perplexity), which the dllm "
+            "model does not implement (a masked diffusion LM has no left-to-right likelihood); "
+            "use generation or multiple-choice tasks"
+        )

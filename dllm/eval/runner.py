@@ -1,0 +1,323 @@
+"""``run.py task=<eval task>``: validate -> load -> lm-eval -> one run record -> sinks.
+
+Order matters: every setting is checked (task, model/cache/decoding plan, the lm-eval task name)
+before the model loads, and the CSV row is appended last, after the run directory and W&B, so a
+run that crashes anywhere writes no row (a sweep's resume will redo it).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import logging
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
+CODE_EVAL_ENV = "HF_ALLOW_CODE_EVAL"
+
+
+@dataclass
+class TaskSettings:
+    name: str
+    lm_eval_task: str
+    n_shot: int | None
+    limit: int | float | None
+    metric: str  # lm-eval result key, "<metric>,<filter>"
+    include_path: list[str]
+    include_defaults: bool
+    allow_code_execution: bool
+    mc_num: int
+    fewshot_as_multiturn: bool
+
+
+def _get(node: DictConfig, key: str, default=None):
+    return OmegaConf.select(node, key, default=default)
+
+
+def resolve_include_path(value) -> list[str]:
+    """null -> []; a name under dllm/eval/tasks/ (e.g. ``local``) or any existing folder."""
+    if value in (None, ""):
+        return []
+    paths = [value] if isinstance(value, str) else list(value)
+    out = []
+    for p in paths:
+        candidates = [TASKS_ROOT / str(p), Path(str(p)).expanduser()]
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            bundled = sorted(d.name for d in TASKS_ROOT.iterdir() if d.is_dir() and not d.name.startswith("_"))
+            raise ValueError(
+                f"task.include_path={p!r} is neither a folder under {TASKS_ROOT} (bundled: {bundled}) nor an existing folder"
+            )
+        out.append(str(found.resolve()))
+    return out
+
+
+def check_task(cfg: DictConfig) -> TaskSettings:
+    """Everything about the task that can be checked without lm-eval or the model."""
+    t = cfg.task
+    name = str(t.name)
+    lm_eval_task = _get(t, "lm_eval_task")
+    if not lm_eval_task:
+        raise ValueError(f"task={name}: task.lm_eval_task is empty (the lm-eval task or group to run)")
+    n_shot = _get(t, "n_shot")
+    if n_shot is not None and (isinstance(n_shot, bool) or not isinstance(n_shot, int) or n_shot < 0):
+        raise ValueError(f"task.n_shot={n_shot!r} must be an integer >= 0 (or null for the lm-eval task's default)")
+    limit = _get(t, "limit")
+    if limit is not None:
+        ok = not isinstance(limit, bool) and (
+            (isinstance(limit, int) and limit >= 1) or (isinstance(limit, float) and 0 < limit < 1)
+        )
+        if not ok:
+            raise ValueError(
+                f"task.limit={limit!r} must be null (all samples), an integer >= 1 (first N samples) "
+                "or a fraction in (0, 1)"
+            )
+    metric = _get(t, "metric")
+    if not metric or "," not in str(metric):
+        raise ValueError(f"task.metric={metric!r} must be an lm-eval result key '<metric>,<filter>', e.g. 'acc,none'")
+    allow = _get(t, "allow_code_execution", False)
+    if not isinstance(allow, bool):
+        raise ValueError(f"task.allow_code_execution={allow!r} must be true or false")
+    if _get(t, "executes_code", False) and not allow:
+        raise ValueError(
+            f"task={name} executes model-written code to score it; opt in explicitly with "
+            "task.allow_code_execution=true (it sets HF_ALLOW_CODE_EVAL=1 and confirms lm-eval's unsafe-code run)"
+        )
+    mc_num = _get(t, "mc_num", 1)
+    if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 1:
+        raise ValueError(f"task.mc_num={mc_num!r} must be an integer >= 1 (Monte Carlo draws per likelihood)")
+    defaults = _get(t, "include_defaults", True)
+    if not isinstance(defaults, bool):
+        raise ValueError(f"task.include_defaults={defaults!r} must be true or false")
+    return TaskSettings(
+        name=name,
+        lm_eval_task=str(lm_eval_task),
+        n_shot=n_shot,
+        limit=limit,
+        metric=str(metric),
+        include_path=resolve_include_path(_get(t, "include_path")),
+        include_defaults=defaults,
+        allow_code_execution=allow,
+        mc_num=mc_num,
+        fewshot_as_multiturn=bool(_get(t, "fewshot_as_multiturn", False)),
+    )
+
+
+def check_logger(cfg: DictConfig) -> dict | None:
+    from dllm.logging.sinks import WANDB_MODES
+
+    node = _get(cfg, "logger.wandb")
+    if node is None:
+        return None
+    settings = OmegaConf.to_container(node, resolve=True)
+    mode = settings.get("mode")
+    if mode is not None and mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r} (allowed: null (= $WANDB_MODE or offline), {', '.join(WANDB_MODES)})")
+    if not settings.get("project"):
+        raise ValueError("logger.wandb.project is empty")
+    return settings
+
+
+def task_manager(settings: TaskSettings):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=settings.include_path or None, include_defaults=settings.include_defaults)
+    known = manager.all_tasks
+    if settings.lm_eval_task not in known:
+        close = difflib.get_close_matches(settings.lm_eval_task, known, n=5)
+        where = ", ".join(settings.include_path) or "none"
+        raise ValueError(
+            f"task.lm_eval_task={settings.lm_eval_task!r} is not an lm-eval task or group "
+            f"(include_path: {where}; lm-eval built-ins: {'yes' if settings.include_defaults else 'no'}); "
+            f"close names: {close or 'none'}"
+        )
+    return manager
+
+
+def _number(value) -> float | None:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None  # lm-eval writes "N/A" when a stderr is undefined
+
+
+def primary_metric(results: dict, task: str, metric: str) -> tuple[float, float | None]:
+    table = results["results"].get(task)
+    if table is None:
+        raise ValueError(f"lm-eval returned no results for {task!r} (got {sorted(results['results'])})")
+    if metric not in table:
+        available = sorted(k for k in table if "," in k and "_stderr" not in k)
+        raise ValueError(f"task.metric={metric!r} is not among {task}'s results {available}")
+    name, filt = metric.split(",", 1)
+    value = _number(table[metric])
+    if value is None:
+        raise ValueError(f"{task} {metric} = {table[metric]!r} is not a number")
+    return value, _number(table.get(f"{name}_stderr,{filt}"))
+
+
+def join_samples(results: dict, lm, metric: str) -> list[dict]:
+    """One object per scored document: lm-eval's target, filtered answer and score, joined by
+    (task, doc_id) with what the model did (prompt, generation, tokens, seconds / likelihoods)."""
+    name, filt = metric.split(",", 1)
+    out = []
+    for task, samples in sorted((results.get("samples") or {}).items()):
+        for s in samples:
+            if s.get("filter") != filt:
+                continue
+            own = lm.records.get((task, s["doc_id"]), [])
+            filtered = s.get("filtered_resps") or []
+            score = s.get(name)
+            row = {
+                "task": task,
+                "doc_id": s["doc_id"],
+                "target": s.get("target"),
+                "filtered_response": filtered[0] if len(filtered) == 1 else filtered,
+                "metric": name,
+                "score": score,
+                "correct": bool(score) if isinstance(score, (int, float)) else None,
+            }
+            if len(own) == 1:
+                row.update(own[0])
+            else:
+                row["requests"] = own
+            out.append(row)
+    return out
+
+
+def _experiment(cfg: DictConfig) -> str | None:
+    value = _get(cfg, "experiment")
+    if isinstance(value, DictConfig):
+        value = _get(value, "name")
+    return None if value is None else str(value)
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Validate everything, load the model, evaluate, write run dir / W&B / CSV row; the row."""
+    from dllm.logging.record import new_run_id
+    from dllm.pipeline import plan_run, run_dir_of
+
+    run_id, started_at = new_run_id(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    settings = check_task(cfg)
+    plan = plan_run(cfg)
+    wandb_settings = check_logger(cfg)
+    manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
+    run_dir = run_dir_of(cfg)
+    previous = os.environ.get(CODE_EVAL_ENV)
+    if settings.allow_code_execution:
+        os.environ[CODE_EVAL_ENV] = "1"  # for this run only (a multirun's next job starts clean)
+    try:
+        return _evaluate(cfg, settings, plan, manager, wandb_settings, run_dir, run_id, started_at)
+    finally:
+        if previous is None:
+            os.environ.pop(CODE_EVAL_ENV, None)
+        else:
+            os.environ[CODE_EVAL_ENV] = previous
+
+
+def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_dir: Path, run_id: str, started_at: str) -> dict:
+    from lm_eval import simple_evaluate
+
+    from dllm.logging.record import RunRecord, git_commit
+    from dllm.logging.sinks import WandbSink, append_csv, write_run_dir
+    from dllm.pipeline import component, load_model_and_tokenizer
+
+    from .lm import DllmLM
+
+    torch.manual_seed(cfg.seed)
+    net, tokenizer = load_model_and_tokenizer(cfg, plan)
+    lm = DllmLM(
+        net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
+        mc_num=settings.mc_num,
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=[settings.lm_eval_task],
+        num_fewshot=settings.n_shot,
+        limit=settings.limit,
+        task_manager=manager,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        log_samples=True,
+        apply_chat_template=bool(cfg.model.instruct),
+        fewshot_as_multiturn=settings.fewshot_as_multiturn,
+        confirm_run_unsafe_code=settings.allow_code_execution,
+    )
+    accuracy, stderr = primary_metric(results, settings.lm_eval_task, settings.metric)
+    samples = join_samples(results, lm, settings.metric)
+
+    decoding_name, decoding_params = component(cfg.decoding, "decoding")
+    cache_name, cache_params = component(cfg.cache, "cache")
+    # The few-shot count lm-eval used (a task fixed at 0 shots, like HumanEval, ignores overrides).
+    n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, settings.n_shot)
+    if settings.n_shot is not None and n_shot != settings.n_shot:
+        log.warning("task.n_shot=%s requested, but %s ran %s-shot (fixed by the task)", settings.n_shot, settings.lm_eval_task, n_shot)
+    speed = lm.meter.summary()
+    speed["n_samples"] = len(samples)
+    record = RunRecord(
+        run_id=run_id,
+        started_at=started_at,
+        git_commit=git_commit(),
+        model=str(cfg.model.name),
+        cache=cache_name,
+        cache_params=cache_params,
+        decoding=decoding_name,
+        decoding_params=decoding_params,
+        task=settings.name,
+        n_shot=n_shot,
+        limit=settings.limit,
+        batch_size=int(cfg.batch_size),
+        gen_length=plan.gen_length,
+        steps=decoding_params.get("steps"),
+        block_length=decoding_params.get("block_length", plan.gen_length),
+        seed=int(cfg.seed),
+        device=str(plan.device),
+        gpu_name=torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None,
+        dtype=str(plan.dtype).removeprefix("torch."),
+        accuracy_metric=settings.metric,
+        accuracy=accuracy,
+        accuracy_stderr=stderr,
+        status="ok",
+        experiment=_experiment(cfg),
+        run_dir=str(run_dir),
+        **speed,
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    write_run_dir(run_dir, record, samples, OmegaConf.to_yaml(cfg, resolve=True))
+    lm_eval_summary = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples") if k in results}
+    (run_dir / "lm_eval_results.json").write_text(json.dumps(lm_eval_summary, indent=2, default=str) + "\n")
+    if wandb_settings is not None:
+        WandbSink(
+            project=wandb_settings["project"], mode=wandb_settings.get("mode"), entity=wandb_settings.get("entity"),
+            group=wandb_settings.get("group"), tags=list(wandb_settings.get("tags") or []), run_dir=run_dir,
+        ).log(record, samples, config)
+    append_csv(cfg.results_csv, record.to_row())
+    _print_summary(record, cfg.results_csv)
+    return record.to_row()
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print_summary(record, csv_path) -> None:
+    acc = _fmt(record.accuracy)
+    if record.accuracy_stderr is not None:
+        acc += f" ± {_fmt(record.accuracy_stderr)}"
+    print(
+        f"\n[{record.task}] {record.model} cache={record.cache} decoding={record.decoding}: "
+        f"{record.accuracy_metric} = {acc} over {record.n_samples} samples\n"
+        f"  throughput {_fmt(record.throughput_useful_tok_s, '.1f')} useful tok/s "
+        f"({_fmt(record.throughput_all_tok_s, '.1f')} all tok/s), latency p50 {_fmt(record.latency_s_p50, '.3f')} s, "
+        f"nfe {record.nfe}, recompute ratio {_fmt(record.recompute_ratio, '.3f')} "
+        f"(ideal speedup {_fmt(record.ideal_speedup, '.2f')}x)\n"
+        f"  row -> {csv_path}; run dir -> {record.run_dir}"
+    )

@@ -1,0 +1,63 @@
+"""Helpers of the offline task twins (lm-eval imports this file by path, once per !function).
+
+Data lives in ./data as ``<name>_<split>.jsonl``; paths are built from this file's location
+because lm-eval resolves ``dataset_kwargs.data_files`` against the working directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def load_local(local_data: str | None = None, **_ignored):
+    """A DatasetDict of every ``data/<local_data>_<split>.jsonl`` (custom_dataset hook)."""
+    import datasets
+
+    if not local_data:
+        raise ValueError("local task YAML needs dataset_kwargs.local_data (the data file prefix)")
+    files = sorted(DATA.glob(f"{local_data}_*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no {DATA}/{local_data}_<split>.jsonl (run scripts/make_local_tasks.py)")
+    splits = {}
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        splits[path.stem[len(local_data) + 1 :]] = datasets.Dataset.from_list(rows)
+    return datasets.DatasetDict(splits)
+
+
+# --- MATH (minerva_math's prompt and scoring; see dllm/eval/math_scoring.py) -----------------
+def math_doc_to_text(doc: dict) -> str:
+    from dllm.eval.math_scoring import doc_to_text
+
+    return doc_to_text(doc)
+
+
+def math_process_docs(dataset):
+    from dllm.eval.math_scoring import process_docs
+
+    return process_docs(dataset)
+
+
+def math_fewshot_samples() -> list[dict]:
+    from dllm.eval.math_scoring import list_fewshot_samples
+
+    return list_fewshot_samples()
+
+
+def math_process_results(doc: dict, results: list[str]) -> dict:
+    from dllm.eval.math_scoring import process_results
+
+    return process_results(doc, results)
+
+
+# --- HumanEval (lm-eval's humaneval filter; pass@1 without evaluate.load) --------------------
+def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | None = None) -> dict:
+    from dllm.eval.code_exec import pass_at_k as run
+
+    return run(references, predictions, k)
+
+
+def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]

@@ -1,0 +1,379 @@
+"""Evaluation: lm-eval scoring of scripted generations (exact accuracies), the masked-diffusion
+likelihood against a direct computation, and bad task settings failing before the model loads.
+
+Everything is offline and on CPU: the local task twins (dllm/eval/tasks/local) and tiny models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "dllm" / "eval" / "tasks" / "local" / "data"
+
+ENV_DIRS = ("HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR")
+
+
+def offline_env(base: Path) -> dict[str, str]:
+    """Offline switches, and every cache / config folder under ``base`` (nothing goes to $HOME)."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "DLLM_CACHE": str(base / "dllm")}
+    env.update({name: str(base / name.lower()) for name in ENV_DIRS})
+    return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval-env")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster on a busy machine
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in offline_env(base).items():
+            mp.setenv(key, value)
+        mp.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+        yield
+    torch.set_num_threads(threads)
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripted generation through the real runner and lm-eval scoring
+# ----------------------------------------------------------------------------------------------
+def scripted(respond):
+    """A ``DllmLM.generate_batch`` replacement: ``respond(prompt_text) -> response text``.
+
+    The response is tokenised, followed by EOS and filler tokens (which the LM must cut away),
+    so the whole path after the model (stop tokens, ``until`` strings, filters, metrics) is real.
+    """
+    from dllm.decoding.loop import GenerationOutput
+
+    def generate_batch(self, prompts, batch_index):
+        args, G = self.net.args, self.plan.gen_length
+        filler = self.tokenizer(" 777 Question: 999", add_special_tokens=False)["input_ids"]
+        out = []
+        for ids in prompts:
+            text = respond(self.tokenizer.decode(ids))
+            toks = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [args.eos_token_id] + filler
+            assert len(toks) <= G, f"scripted answer longer than gen_length={G}"
+            out.append(toks + [args.eos_token_id] * (G - len(toks)))
+        B = len(prompts)
+        return GenerationOutput(
+            tokens=torch.tensor(out), nfe=G, active_token_layers=G * B * 10, total_token_layers=G * B * 20,
+            seconds=0.01 * B, peak_mem_gb=0.0,
+        )
+
+    return generate_batch
+
+
+def doc_in(prompt: str, docs: list[dict], key: str) -> int:
+    """Index of the (test) doc whose ``key`` text is in the prompt; exactly one must match."""
+    hits = [i for i, d in enumerate(docs) if d[key].strip() in prompt]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def run_scripted(monkeypatch, tmp_path, respond, *overrides):
+    from dllm.eval import runner
+    from dllm.eval.lm import DllmLM
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(DllmLM, "generate_batch", scripted(respond))
+    cfg = compose("model=tiny_llada", f"results_csv={tmp_path / 'runs.csv'}", *overrides)
+    row = runner.run_eval(cfg)
+    samples = [json.loads(line) for line in (Path(row["run_dir"]) / "samples.jsonl").read_text().splitlines()]
+    return row, samples
+
+
+def test_gsm8k_local_accuracy_is_exact(monkeypatch, tmp_path):
+    docs = rows("gsm8k_test")[:4]
+    answers = [d["answer"].split("#### ")[-1] for d in docs]
+
+    def respond(prompt):
+        i = doc_in(prompt, docs, "question")
+        if i == 2:  # the one wrong answer
+            return f"We add things up.\n#### {int(answers[i]) + 1}"
+        # Right, then a hallucinated next question the LM must cut off at the until string.
+        return f"Adding 1 and 2 first.\n#### {answers[i]}\n\nQuestion: what is 12345?"
+
+    # batch_size=2: prompts are sorted by length into batches, answers must come back in order.
+    row, samples = run_scripted(
+        monkeypatch, tmp_path, respond, "task=gsm8k_local", "task.limit=4", "task.gen_length=64", "batch_size=2"
+    )
+    assert row["accuracy_metric"] == "exact_match,flexible-extract"
+    assert row["accuracy"] == 0.75
+    assert row["n_samples"] == 4 and row["n_shot"] == 4
+    assert [s["correct"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [True, True, False, True]
+    for s in samples:
+        assert "Question:" not in s["generation"] and "777" not in s["generation"]
+        assert s["useful_tokens"] < 64 and s["all_tokens"] == 64  # cut at the first EOS
+        assert s["prompt"].startswith("<|startoftext|><|start_header_id|>user")  # chat template applied
+    # Speed fields come from the meter: warm-up batch excluded, useful tokens up to EOS.
+    assert row["nfe"] == 2 * 64 and row["recompute_ratio"] == 0.5 and row["ideal_speedup"] == 2.0
+    assert row["useful_tokens"] == sum(s["useful_tokens"] for s in samples)
+    assert row["gen_seconds"] == pytest.approx(2 * 0.02) and row["latency_s_p50"] == pytest.approx(0.02)
+    csv_text = (tmp_path / "runs.csv").read_text()
+    assert csv_text.count("\n") == 2 and "gsm8k_local" in csv_text
+    lm_eval_results = json.loads((Path(row["run_dir"]) / "lm_eval_results.json").read_text())
+    assert lm_eval_results["results"]["gsm8k_local"]["exact_match,strict-match"] == 0.75
+
+
+def test_a_crashed_run_writes_no_row(monkeypatch, tmp_path):
+    def crash(prompt):
+        raise RuntimeError("generation blew up")
+
+    with pytest.raises(RuntimeError, match="blew up"):
+        run_scripted(monkeypatch, tmp_path, crash, "task=gsm8k_local", "task.limit=2", "task.gen_length=64")
+    assert not (tmp_path / "runs.csv").exists()
+
+
+def test_math_local_exact_match(monkeypatch, tmp_path):
+    docs = rows("math_test")[:4]
+
+    def respond(prompt):
+        i = doc_in(prompt, docs, "problem")
+        answer = docs[i]["answer"] if i % 2 == 0 else "1000"
+        return f"Working it out.\nFinal Answer: The final answer is ${answer}$. I hope it is correct."
+
+    row, samples = run_scripted(monkeypatch, tmp_path, respond, "task=math_local", "task.limit=4", "task.gen_length=64")
+    assert row["accuracy_metric"] == "exact_match,none"
+    assert row["accuracy"] == 0.5
+    assert sorted((s["doc_id"], s["correct"]) for s in samples) == [(0, True), (1, False), (2, True), (3, False)]
+
+
+def test_humaneval_local_runs_code_only_with_opt_in(monkeypatch, tmp_path):
+    docs = rows("humaneval_test")
+
+    def respond(prompt):
+        i = doc_in(prompt, docs, "prompt")
+        # The canonical body for three problems, a wrong one for two; a trailing function
+        # definition that the until string "\ndef" must cut away (it would not compile).
+        body = docs[i]["canonical_solution"] if i < 3 else "    return None\n"
+        return body + "\ndef broken(:\n"
+
+    row, samples = run_scripted(
+        monkeypatch, tmp_path, respond, "task=humaneval_local", "task.allow_code_execution=true", "task.gen_length=256"
+    )
+    assert row["accuracy_metric"] == "pass@1,create_test"
+    assert row["accuracy"] == pytest.approx(0.6)
+    assert sorted((s["doc_id"], s["correct"]) for s in samples) == [
+        (0, True), (1, True), (2, True), (3, False), (4, False)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Likelihoods (MMLU-style multiple choice)
+# ----------------------------------------------------------------------------------------------
+def tiny_lm(family: str, mc_num: int = 1, chat: bool = False):
+    from dllm.eval.lm import DllmLM
+    from dllm.pipeline import load_model_and_tokenizer, plan_run
+
+    cfg = compose(f"model=tiny_{family}", "task=mmlu_local")
+    plan = plan_run(cfg)
+    net, tokenizer = load_model_and_tokenizer(cfg, plan)
+    return DllmLM(net, tokenizer, plan, batch_size=3, chat=chat, seed=0, mc_num=mc_num, progress=False)
+
+
+def request(context: str, continuation: str, doc_id: int = 0, idx: int = 0):
+    from lm_eval.api.instance import Instance
+
+    return Instance("loglikelihood", {}, (context, continuation), idx, ("mmlu_local_test", doc_id, 1))
+
+
+def direct_logprob(lm, context: str, continuation: str) -> float:
+    """log p(continuation | context) with the whole continuation masked: one full forward."""
+    net, args = lm.net, lm.net.args
+    ctx, cont = lm.encode_pair(context, continuation)
+    tokens = torch.tensor([ctx + [args.mask_token_id] * len(cont)])
+    with torch.no_grad():
+        logits = net(tokens).float()
+    logp = torch.log_softmax(logits[0], dim=-1)
+    positions = [len(ctx) + j - args.logit_shift for j in range(len(cont))]  # Dream: j from j - 1
+    return float(sum(logp[p, t] for p, t in zip(positions, cont)))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_multiple_choice_likelihood_matches_direct_computation(family):
+    # As lm-eval builds it for an instruct model: chat-templated context, the letter after it.
+    lm = tiny_lm(family, chat=True)
+    docs = rows("mmlu_global_facts_test")[:3]
+    requests, expected = [], []
+    for doc_id, doc in enumerate(docs):
+        question = f"{doc['question']}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\nC. {doc['choices'][2]}\nD. {doc['choices'][3]}\nAnswer:"
+        context = lm.apply_chat_template([{"role": "user", "content": question}])
+        for idx, letter in enumerate("ABCD"):
+            assert len(lm.encode_pair(context, letter)[1]) == 1  # single token: one exact forward
+            requests.append(request(context, letter, doc_id, idx))
+            expected.append(direct_logprob(lm, context, letter))
+    got = lm.loglikelihood(requests)
+    assert [v for v, _ in got] == pytest.approx(expected, abs=1e-4)
+    for d in range(len(docs)):
+        mine = [v for v, _ in got[4 * d : 4 * d + 4]]
+        ref = expected[4 * d : 4 * d + 4]
+        assert sorted(range(4), key=mine.__getitem__) == sorted(range(4), key=ref.__getitem__)
+    # is_greedy: the argmax over the vocabulary at the (fully masked) answer position.
+    assert sum(g for _, g in got) <= len(docs)
+
+
+def test_multi_token_continuation_monte_carlo(family):
+    """LLaDA's estimator: deterministic for a seed, unbiased for the exact expectation."""
+    lm = tiny_lm(family, mc_num=64)
+    args = lm.net.args
+    context, continuation = "Q: 1+1=\nA:", " 2 apples"
+    ctx, cont = lm.encode_pair(context, continuation)
+    L = len(cont)
+    assert 2 <= L <= 4
+    # Exact expectation: l ~ U{1..L}, a uniform l-subset S masked, (L / l) * sum_{j in S} log p.
+    import itertools
+
+    expectation = 0.0
+    for n_mask in range(1, L + 1):
+        subsets = list(itertools.combinations(range(L), n_mask))
+        for subset in subsets:
+            tokens = ctx + [args.mask_token_id if j in subset else t for j, t in enumerate(cont)]
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.net(torch.tensor([tokens])).float()[0], -1)
+            value = sum(float(logp[len(ctx) + j - args.logit_shift, cont[j]]) for j in subset) * L / n_mask
+            expectation += value / L / len(subsets)
+    (first, _), = lm.loglikelihood([request(context, continuation)])
+    (again, _), = lm.loglikelihood([request(context, continuation)])
+    assert first == again  # seeded
+    # One draw has a spread of ~0.3 nats here: 64 draws put the mean within ~0.04 of it. Dropping
+    # the L / l weight (or masking the wrong positions) moves it by several nats.
+    assert first == pytest.approx(expectation, abs=0.25)
+
+
+def test_loglikelihood_rolling_names_the_task():
+    from lm_eval.api.instance import Instance
+
+    from dllm.eval.lm import DllmLM
+
+    lm = DllmLM.__new__(DllmLM)
+    req = Instance("loglikelihood_rolling", {}, ("some text",), 0, ("wikitext", 0, 1))
+    with pytest.raises(NotImplementedError, match="wikitext"):
+        lm.loglikelihood_rolling([req])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input fails before any model loads
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    import dllm.pipeline
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(dllm.pipeline, "load_model_and_tokenizer", refuse)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=gsm8k_local", "task.n_shot=-1"], r"task\.n_shot=-1"),
+        (["task=gsm8k_local", "task.limit=0"], r"task\.limit=0"),
+        (["task=mmlu_local", "task.limit=-5"], r"task\.limit=-5"),
+        (["task=humaneval_local"], r"task=humaneval_local .*task\.allow_code_execution=true"),
+        (["task=gsm8k_local", "task.lm_eval_task=gsm8k_locl"], r"'gsm8k_locl'.*gsm8k_local"),
+        (["task=gsm8k_local", "task.include_path=nowhere"], r"task\.include_path='nowhere'"),
+        (["task=mmlu_local", "task.mc_num=0"], r"task\.mc_num=0"),
+        (["task=gsm8k_local", "logger=wandb", "logger.wandb.mode=onlin"], r"logger\.wandb\.mode='onlin'"),
+    ],
+)
+def test_bad_task_settings_fail_before_the_model_loads(no_model, overrides, message, tmp_path, monkeypatch):
+    from dllm.eval.runner import run_eval
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("model=tiny_llada", f"results_csv={tmp_path / 'runs.csv'}", *overrides)
+    with pytest.raises(ValueError, match=message):
+        run_eval(cfg)
+    assert not (tmp_path / "runs.csv").exists()
+    assert os.environ.get("HF_ALLOW_CODE_EVAL") is None
+
+
+def test_unknown_task_name_is_a_hydra_error(tmp_path):
+    env = {**os.environ, **offline_env(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "run.py", "task=gsm8k_nope", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "gsm8k_nope" in done.stderr
+    assert "gsm8k_local" in done.stderr  # Hydra lists the available options
+
+
+# ----------------------------------------------------------------------------------------------
+# Task configs and scoring helpers
+# ----------------------------------------------------------------------------------------------
+def test_every_task_config_names_a_known_lm_eval_task():
+    """Each conf/task/*.yaml passes the checks and its lm-eval task exists: in the config's own
+    include_path, or among lm-eval's built-ins (indexed per task folder: the full index takes
+    ~8 s). Real tasks' data is only fetched when they run."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dllm.eval.runner import check_task
+
+    builtins = Path(lm_eval.__file__).parent / "tasks"
+    names = sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if p.stem != "generate")
+    assert {"gsm8k", "math", "humaneval", "mmlu", "mbpp", "gsm8k_local", "math_local", "humaneval_local", "mmlu_local"} <= set(names)
+    paper = {"gsm8k": (4, 256), "math": (4, 256), "humaneval": (0, 512), "mbpp": (3, 512), "mmlu": (5, None)}
+    for name in names:
+        cfg = compose(f"task={name}", "task.allow_code_execution=true")
+        settings = check_task(cfg)
+        where = list(settings.include_path)
+        if settings.include_defaults and (builtins / settings.lm_eval_task).is_dir():
+            where.append(str(builtins / settings.lm_eval_task))
+        assert settings.lm_eval_task in TaskManager(include_path=where, include_defaults=False).all_tasks, name
+        if name in paper:
+            n_shot, gen = paper[name]
+            assert settings.n_shot == n_shot and (gen is None or cfg.gen_length == gen), name
+        if name.endswith("_local"):
+            assert not settings.include_defaults, name  # offline twins never index the built-ins
+        if name.startswith(("humaneval", "mbpp")):
+            assert cfg.task.executes_code is True and compose(f"task={name}").task.allow_code_execution is False
+    math_tasks = TaskManager(include_path=check_task(compose("task=math")).include_path, include_defaults=False)
+    assert "dllm_minerva_math" in math_tasks.all_tasks  # the full-MATH option of task=math
+
+
+def test_math_verify_is_reported_only_when_installed(monkeypatch):
+    import types
+
+    from dllm.eval import math_scoring
+
+    doc = math_scoring.process_doc({"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$"})
+    right = "Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct."
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # not installed: import fails
+    assert math_scoring.process_results(doc, [right]) == {"exact_match": 1}
+    fake = types.SimpleNamespace(parse=lambda s: s, verify=lambda gold, target: "frac{1}{2}" in target)
+    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    assert math_scoring.process_results(doc, [right]) == {"exact_match": 1, "math_verify": 1}
+    assert math_scoring.process_results(doc, ["Final Answer: The final answer is $3$."]) == {
+        "exact_match": 0, "math_verify": 0
+    }
+
+
+def test_code_execution_refuses_without_the_opt_in(monkeypatch):
+    from dllm.eval import code_exec
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(code_exec.CodeExecutionNotAllowed, match="allow_code_execution"):
+        code_exec.pass_at_k(["assert True"], [["x = 1"]])
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 2"]]) == {"pass@1": 1.0}
+    assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 3"]]) == {"pass@1": 0.0}

@@ -1,38 +1,301 @@
-"""MATH scoring as lm-eval's ``minerva_math`` does it, without its antlr 4.11 requirement.
+"""Scoring of MATH generations (prompt, answer extraction, normalisation, equivalence).
 
-lm-eval's ``minerva_math/utils.py`` asserts ``antlr4-python3-runtime==4.11`` at import time,
-which conflicts with hydra-core (antlr 4.9.*), so its tasks cannot even be loaded beside Hydra.
-The functions below are lm-eval 0.4.13's answer extraction and normalisation, copied verbatim
-(MIT, EleutherAI; originally Lewkowycz et al. 2022, appendix D), with one change in
-:func:`is_equiv`: the symbolic comparison uses sympy's ``parse_latex`` when it works (antlr
-4.11), else ``latex2sympy2_extended`` (the ``math`` extra, antlr 4.9.3), else only the exact
-comparison of the normalised strings (identical strings already count as equal in lm-eval).
+Our own implementation of the scoring specified by Minerva (Lewkowycz et al. 2022, appendix D),
+with the behaviour of lm-eval 0.4.13's ``minerva_math`` task as the reference: same prompt, same
+four few-shot examples, same answer extraction and normalisation, so ``exact_match`` is
+comparable with lm-eval's. We cannot import lm-eval's module instead: it asserts
+``antlr4-python3-runtime==4.11`` at import time, and hydra-core needs antlr 4.9.
 
-``exact_match`` is therefore lm-eval's metric; ``math_verify`` (Hugging Face's math-verify,
-the ``math`` extra) is reported beside it when the package is installed.
+How an answer is scored:
+
+1. *Extraction.* The few-shot examples end with "Final Answer: The final answer is X. I hope it
+   is correct."; X is the model's answer (:func:`extract_final_answer`). The gold answer is the
+   content of the last ``\\boxed{...}`` of the reference solution (:func:`last_boxed`).
+2. *Normalisation* (:func:`normalize_answer`): keep what follows the last "=", drop unit and
+   filler words, spaces, ``\\$``, degree signs and similar noise, unwrap ``\\text{}``,
+   ``\\textbf{}``, ``\\overline{}``, ``\\boxed{}`` and the first ``$...$``, brace the
+   ``\\frac12`` / ``\\sqrt2`` shorthands and remove thousands separators.
+3. *Equivalence* (:func:`answers_match`): equal normalised strings, else sympy finds the
+   difference of the two parsed expressions to be zero. lm-eval parses with sympy's
+   ``parse_latex`` (antlr 4.11); we use ``latex2sympy2_extended`` (the ``math`` extra, antlr
+   4.9.3). Without it, only equal strings match.
+
+``math_verify`` (Hugging Face's math-verify, also the ``math`` extra) is reported beside
+``exact_match`` when installed, on the raw generation and solution, as lm-eval does.
+
+Where ``exact_match`` can differ from lm-eval's (extraction and normalisation agree exactly;
+tests/test_math_scoring.py checks them against lm-eval's installed functions):
+
+* only in the symbolic step, i.e. for answers whose normalised strings differ: sympy's
+  ``parse_latex`` reads "1,2" as 1 (so lm-eval counts "1,2" equal to "1"), "2\\frac{1}{2}" as
+  2 * 1/2 and ``\\tfrac{8\\pi}5``; latex2sympy2_extended reads lists as sets (never equal to a
+  different string: sets and tuples do not subtract to 0), mixed numbers as 5/2, and cannot
+  read that ``\\tfrac``; it accepts base-n subscripts like ``3032_5`` and ``.5``;
+* without latex2sympy2_extended there is no symbolic step at all (0.5 vs \\frac{1}{2} fails);
+* a gold solution without ``\\boxed{}`` (or with only ``\\fbox{}``) crashes lm-eval's
+  ``process_docs``; here it gets the gold "" (never matched) or the ``\\fbox`` content;
+* off the main thread lm-eval's SIGALRM timeout fails and every non-identical pair scores 0;
+  here the comparison runs without a time limit.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import re
 import signal
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
 INVALID_ANSWER = "[invalidanswer]"
+PROMPT = "Problem:\n{problem}\n\nSolution:"
+SYMBOLIC_TIMEOUT_S = 5
+
+# The four Minerva few-shot examples (problem, worked solution), as used by lm-eval.
+FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (
+        "Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
+        "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and $5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives $x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is $[2,5)$. I hope it is correct.",
+    ),
+    (
+        "If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+        "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = \\boxed{24}.$\nFinal Answer: The final answer is $24$. I hope it is correct.",
+    ),
+    (
+        "Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many times must Terrell lift them in order to lift the same total weight?",
+        "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: The final answer is $16$. I hope it is correct.",
+    ),
+    (
+        "If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution $(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
+        "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\nFinal Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.",
+    ),
+)
 
 
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+_CLOSING = "I hope it is correct."
+# The answer is everything between "is" and the character before " I hope it is correct",
+# on one line; "." is deliberately any character (lm-eval behaves so: "$5$ I hope ..." loses
+# the closing "$"). The closing sentence is appended before the search, so a generation cut
+# right after "The final answer is $5$. " still yields "$5$".
+_FINAL_ANSWER_RE = re.compile(r"Final Answer: The final answer is(.*?). I hope it is correct.")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; None if none.
+
+    Braces are balanced, so nested groups stay whole. The brace-less form ``\\boxed 5`` wins
+    when present anywhere; it runs to the next ``$`` (or the end of the text).
+    """
+    if "\\boxed " in text:
+        return text.rsplit("\\boxed ", 1)[1].split("$", 1)[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    opening = None
+    for pos in range(start, len(text)):
+        char = text[pos]
+        if char == "{":
+            depth += 1
+            if opening is None:
+                opening = pos
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[opening + 1 : pos] if opening is not None else None
+    return None
+
+
+def extract_final_answer(generation: str, boxed_fallback: bool = False) -> str:
+    """The answer X of "Final Answer: The final answer is X. I hope it is correct.".
+
+    Without that sentence: :data:`INVALID_ANSWER`, as in Minerva and lm-eval; with
+    ``boxed_fallback`` the last ``\\boxed{}`` of the generation is taken first (not lm-eval's
+    behaviour, so not used by :func:`process_results`).
+    """
+    found = _FINAL_ANSWER_RE.search(generation + _CLOSING)
+    if found:
+        return found.group(1).strip()
+    if boxed_fallback:
+        boxed = last_boxed(generation)
+        if boxed is not None:
+            return boxed
+    return INVALID_ANSWER
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation. The word lists and the rule order are the paper's (appendix D); lm-eval 0.4.13
+# refines them and we follow it: a whole-word unit pass first, command names ("\left") never
+# stripped of unit letters, \sqrt[n]x braced, and only true thousands separators removed.
+# ---------------------------------------------------------------------------------------------
+# Literal replacements, applied in order after the first unit-word pass.
+_REPLACEMENTS: tuple[tuple[str, str], ...] = (
+    ("an ", ""),
+    ("a ", ""),
+    (".$", "$"),
+    ("\\$", ""),
+    ("\\ ", ""),
+    (" ", ""),
+    ("mbox", "text"),
+    (",\\text{and}", ","),
+    ("\\text{and}", ","),
+    ("\\text{m}", "\\text{}"),
+)
+# Removed after the replacements, in this order: unit / filler words (alphabetic entries) and
+# LaTeX noise (the others, removed verbatim).
+_DROPPED: tuple[str, ...] = (
+    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units",
+    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
+    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples",
+    "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}",
+    "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
+)
+_UNIT_WORDS = tuple(expr for expr in _DROPPED if expr.isalpha())
+# First pass, while spaces still separate words: whole words only, and never a command name
+# ("\left" keeps its "ft").
+_WHOLE_WORD = {w: re.compile(rf"(?<!\\)\b{w}\b") for w in _UNIT_WORDS}
+# Second pass, once spaces are gone ("5cm"): any occurrence outside a command name. The
+# command alternative is tried first at each position and kept as is.
+_GLUED_WORD = {w: re.compile(rf"(\\[a-zA-Z]+)|{w}") for w in _UNIT_WORDS}
+# Regex rewrites, applied in order after the removals.
+_REWRITES: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r".*?\$(.*?)\$.*", r"$\1$"),  # keep only the first $...$ span of a line
+        (r"\\text\{(.*?)\}", r"\1"),
+        (r"\\textbf\{(.*?)\}", r"\1"),
+        (r"\\overline\{(.*?)\}", r"\1"),
+        (r"\\boxed\{(.*)\}", r"\1"),
+        (r"frac([^{])(.)", r"frac{\1}{\2}"),  # \frac12 -> \frac{1}{2}
+        (r"sqrt(\[[^\]]*\])(\w)", r"sqrt\1{\2}"),  # \sqrt[3]2 -> \sqrt[3]{2}
+        (r"sqrt(?!\[)([^{])", r"sqrt{\1}"),  # \sqrt2 -> \sqrt{2}
+    )
+)
+_GROUPED_INTEGER = re.compile(r"-?\d{1,3}(?:,\d{3})+")  # 10,000 (not the pair "0,1")
+
+
+def _keep_command(match: re.Match) -> str:
+    return match.group(1) or ""
+
+
+def normalize_answer(answer: str) -> str:
+    """Minerva's canonical form of a final answer (see the module docstring)."""
+    text = answer.rsplit("=", 1)[-1]
+    for word in _UNIT_WORDS:
+        text = _WHOLE_WORD[word].sub("", text)
+    for old, new in _REPLACEMENTS:
+        text = text.replace(old, new)
+    for expr in _DROPPED:
+        glued = _GLUED_WORD.get(expr)
+        text = glued.sub(_keep_command, text) if glued else text.replace(expr, "")
+    for pattern, replacement in _REWRITES:
+        text = pattern.sub(replacement, text)
+    text = text.replace("$", "")
+    if _GROUPED_INTEGER.fullmatch(text):
+        text = text.replace(",", "")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise TimeoutError in the block after ``seconds`` (SIGALRM: main thread, POSIX only;
+    elsewhere the block runs unlimited). A timer already armed (pytest-timeout's, say) is
+    re-armed afterwards with the time it had left."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expire(signum, frame):
+        raise TimeoutError(f"symbolic comparison took over {seconds} s")
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, _expire)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if outer_delay > 0:
+            left = max(outer_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+
+
+@functools.lru_cache(maxsize=1)
+def _latex_parser():
+    """``latex2sympy2_extended``'s parser, or None when the ``math`` extra is not installed."""
+    try:
+        from latex2sympy2_extended import NormalizationConfig, latex2sympy
+    except Exception:  # noqa: BLE001 - missing, or an antlr runtime it cannot use
+        log.info("latex2sympy2_extended unavailable: MATH answers match only as equal strings")
+        return None
+    # Closest to sympy's parse_latex, which lm-eval uses: only the package's basic clean-up
+    # (\left( -> (, \dfrac -> \frac, ...), no unboxing or unit stripping of its own (Minerva's
+    # rules did that already), and case-sensitive symbols (X is not x).
+    options: dict = {}
+    try:
+        options["normalization_config"] = NormalizationConfig(
+            basic_latex=True, units=False, malformed_operators=False, nits=False, boxed="none",
+            equations=False,
+        )
+        from latex2sympy2_extended.latex2sympy2 import ConversionConfig
+
+        options["conversion_config"] = ConversionConfig(lowercase_symbols=False)
+    except Exception:  # noqa: BLE001 - an older release: its defaults
+        log.debug("latex2sympy2_extended without these options; using %s", options or "its defaults")
+    return functools.partial(latex2sympy, **options)
+
+
+def symbolically_equal(a: str, b: str, timeout_s: int = SYMBOLIC_TIMEOUT_S) -> bool:
+    """sympy simplifies parse(a) - parse(b) to 0 within ``timeout_s``; False on any failure
+    (unparsable, not subtractable such as tuples or sets, timeout, parser not installed)."""
+    parse = _latex_parser()
+    if parse is None:
+        return False
+    import sympy
+
+    try:
+        with _time_limit(timeout_s):
+            return bool(sympy.simplify(parse(a) - parse(b)) == 0)
+    except Exception as err:  # noqa: BLE001 - includes TimeoutError
+        log.debug("no symbolic match for %r vs %r: %s", a, b, err)
+        return False
+
+
+def answers_match(predicted: str, gold: str) -> bool:
+    """Normalised ``predicted`` equals normalised ``gold``, literally or symbolically."""
+    if not predicted or predicted == INVALID_ANSWER:
+        return False
+    return predicted == gold or symbolically_equal(predicted, gold)
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval task hooks
+# ---------------------------------------------------------------------------------------------
 def doc_to_text(doc: dict) -> str:
-    return "Problem:" + "\n" + doc["problem"] + "\n\n" + "Solution:"
+    return PROMPT.format(problem=doc["problem"])
+
+
+def gold_answer(solution: str) -> str:
+    boxed = last_boxed(solution)
+    if boxed is None:
+        log.warning("MATH solution without a \\boxed{} answer (it can never match): %.80r", solution)
+        return ""
+    return normalize_answer(boxed)
 
 
 def process_doc(doc: dict) -> dict:
-    out = {
-        "problem": doc["problem"],
-        "solution": doc["solution"],
-        "answer": normalize_final_answer(remove_boxed(last_boxed_only_string(doc["solution"]))),
-    }
+    out = {"problem": doc["problem"], "solution": doc["solution"], "answer": gold_answer(doc["solution"])}
     if doc.get("few_shot") is not None:
         out["few_shot"] = True
     return out
@@ -43,29 +306,7 @@ def process_docs(dataset):
 
 
 def list_fewshot_samples() -> list[dict]:
-    # lm-eval's minerva_math few-shot examples (the four Minerva prompts), unchanged.
-    return [
-        {
-            "problem": "Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
-            "solution": "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and $5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives $x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is $[2,5)$. I hope it is correct.",
-            "few_shot": "1",
-        },
-        {
-            "problem": "If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
-            "solution": "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = \\boxed{24}.$\nFinal Answer: The final answer is $24$. I hope it is correct.",
-            "few_shot": "1",
-        },
-        {
-            "problem": "Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many times must Terrell lift them in order to lift the same total weight?",
-            "solution": "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: The final answer is $16$. I hope it is correct.",
-            "few_shot": "1",
-        },
-        {
-            "problem": "If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution $(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
-            "solution": "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\nFinal Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.",
-            "few_shot": "1",
-        },
-    ]
+    return [{"problem": p, "solution": s, "few_shot": "1"} for p, s in FEWSHOT_EXAMPLES]
 
 
 def math_verify_score(solution: str, candidate: str) -> int | None:
@@ -76,176 +317,17 @@ def math_verify_score(solution: str, candidate: str) -> int | None:
         return None
     try:
         return int(bool(verify(gold=parse(solution), target=parse(candidate))))
-    except Exception as err:  # noqa: BLE001 - a parser failure scores 0, like lm-eval
+    except Exception as err:  # noqa: BLE001 - a parser failure scores 0
         log.debug("math_verify failed: %s", err)
         return 0
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
-    candidate = results[0]
-    answer = normalize_final_answer(get_unnormalized_answer(candidate))
-    out = {"exact_match": int(is_equiv(answer, doc["answer"]))}
-    verified = math_verify_score(doc["solution"], candidate)
+    generation = results[0]
+    answer = extract_final_answer(generation)
+    matched = answer != INVALID_ANSWER and answers_match(normalize_answer(answer), doc["answer"])
+    out = {"exact_match": int(matched)}
+    verified = math_verify_score(doc["solution"], generation)
     if verified is not None:
         out["math_verify"] = verified
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# lm-eval 0.4.13 minerva_math/utils.py (verbatim unless noted)
-# ----------------------------------------------------------------------------------------------
-def last_boxed_only_string(string: str) -> str | None:
-    idx = string.rfind("\\boxed")
-    if "\\boxed " in string:
-        return "\\boxed " + string.split("\\boxed ")[-1].split("$")[0]
-    if idx < 0:
-        idx = string.rfind("\\fbox")
-        if idx < 0:
-            return None
-    i = idx
-    right_brace_idx = None
-    num_left_braces_open = 0
-    while i < len(string):
-        if string[i] == "{":
-            num_left_braces_open += 1
-        if string[i] == "}":
-            num_left_braces_open -= 1
-            if num_left_braces_open == 0:
-                right_brace_idx = i
-                break
-        i += 1
-    if right_brace_idx is None:
-        return None
-    return string[idx : right_brace_idx + 1]
-
-
-def remove_boxed(s: str) -> str:
-    if "\\boxed " in s:
-        left = "\\boxed "
-        assert s[: len(left)] == left
-        return s[len(left) :]
-    left = "\\boxed{"
-    assert s[: len(left)] == left
-    assert s[-1] == "}"
-    return s[len(left) : -1]
-
-
-class timeout:
-    """SIGALRM timeout (main thread only; elsewhere a no-op, where lm-eval would crash)."""
-
-    def __init__(self, seconds=1, error_message="Timeout"):
-        self.seconds = seconds
-        self.error_message = error_message
-        self.active = threading.current_thread() is threading.main_thread()
-
-    def handle_timeout(self, signum, frame):
-        raise TimeoutError(self.error_message)
-
-    def __enter__(self):
-        if self.active:
-            signal.signal(signal.SIGALRM, self.handle_timeout)
-            signal.alarm(self.seconds)
-
-    def __exit__(self, exc_type, value, traceback):
-        if self.active:
-            signal.alarm(0)
-
-
-def _parse_latex():
-    """A LaTeX -> sympy parser that works here (see the module docstring), or None."""
-    try:
-        from sympy.parsing.latex import parse_latex
-
-        parse_latex("1")  # raises ImportError without antlr 4.11
-        return parse_latex
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from latex2sympy2_extended import latex2sympy
-
-        return latex2sympy
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def is_equiv(x1: str, x2: str) -> bool:
-    """x1 and x2 are normalized latex strings (lm-eval's rule; the parser is the change)."""
-    if isinstance(x1, str) and x1 and x1 == x2:
-        return True
-    parse = _parse_latex()
-    if parse is None or x1 == INVALID_ANSWER:
-        return False
-    import sympy
-
-    try:
-        with timeout(seconds=5):
-            try:
-                diff = parse(x1) - parse(x2)
-            except Exception:  # noqa: BLE001 - unparsable or not subtractable: not equal
-                return False
-            try:
-                return sympy.simplify(diff) == 0
-            except Exception:  # noqa: BLE001
-                return False
-    except TimeoutError:
-        return False
-
-
-def get_unnormalized_answer(text: str) -> str:
-    end_seq = "I hope it is correct."
-    text += end_seq
-    match = re.search(r"Final Answer: The final answer is(.*?). I hope it is correct.", text)
-    if match:
-        return match.group(1).strip()
-    return INVALID_ANSWER
-
-
-SUBSTITUTIONS = [
-    ("an ", ""),
-    ("a ", ""),
-    (".$", "$"),
-    ("\\$", ""),
-    (r"\ ", ""),
-    (" ", ""),
-    ("mbox", "text"),
-    (",\\text{and}", ","),
-    ("\\text{and}", ","),
-    ("\\text{m}", "\\text{}"),
-]
-REMOVED_EXPRESSIONS = [
-    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units",
-    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
-    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples",
-    "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}",
-    r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots",
-]
-
-
-def normalize_final_answer(final_answer: str) -> str:
-    """Normalize a final answer to a quantitative reasoning question (Lewkowycz et al. 2022)."""
-    final_answer = final_answer.split("=")[-1]
-    for expr in REMOVED_EXPRESSIONS:
-        if expr.isalpha():
-            final_answer = re.sub(rf"(?<!\\)\b{expr}\b", "", final_answer)
-    for before, after in SUBSTITUTIONS:
-        final_answer = final_answer.replace(before, after)
-    for expr in REMOVED_EXPRESSIONS:
-        if expr.isalpha():
-            segments = re.split(r"(\\[a-zA-Z]+)", final_answer)
-            for i in range(0, len(segments), 2):
-                segments[i] = segments[i].replace(expr, "")
-            final_answer = "".join(segments)
-        else:
-            final_answer = final_answer.replace(expr, "")
-    final_answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", final_answer)
-    final_answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", final_answer)
-    final_answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", final_answer)
-    final_answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", final_answer)
-    final_answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", final_answer)
-    final_answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", final_answer)
-    final_answer = re.sub(r"(sqrt)(\[[^\]]*\])(\w)", "\\1\\2{\\3}", final_answer)
-    final_answer = re.sub(r"(sqrt)(?!\[)([^{])", "sqrt{\\2}", final_answer)
-    final_answer = final_answer.replace("$", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+", final_answer):
-        final_answer = final_answer.replace(",", "")
-    return final_answer

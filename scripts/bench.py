@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Side-by-side speed of every cache method against ``cache=none``, in one process.
+
+Same prompts, same random weights (``Transformer(ModelArgs(...))`` built in memory with a fixed
+seed, normal init std 0.02), each method with its paper decoding, and ``none`` timed with the
+*same* decoding as the method it is compared with (computed once per decoding and reused)::
+
+    python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model, 2 cores: minutes
+    python scripts/bench.py --preset llada8b              # LLaDA-8B shapes, for a GPU (bf16)
+    python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
+
+Columns: wall seconds of the timed generation (CUDA-synchronised, one warm-up excluded),
+tokens/s (batch x gen_length / seconds), speedup over ``none`` with the same decoding,
+ideal_speedup (1 / recompute_ratio, the linear-layer bound), efficiency = speedup / ideal,
+peak memory (CUDA: max allocated during the run; CPU: peak RSS of the whole process, so it is
+dominated by the weights and by earlier runs), agreement = fraction of generated tokens equal to
+``none``'s (random weights give flat logits, so low agreement says little about accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dllm.cache.base import build_cache  # noqa: E402
+from dllm.decoding.base import build_decoder  # noqa: E402
+from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
+from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
+
+PRESETS = {
+    # tiny: a few seconds on CPU, for tests
+    "smoke": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512,
+                  prompt_length=16, gen_length=32, batch_size=1),
+    # LLaDA-shaped (MHA, SwiGLU, untied head), small enough for 2 CPU cores
+    "cpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1536, vocab_size=8192,
+                prompt_length=256, gen_length=256, batch_size=1),
+    # LLaDA-8B shapes: d=4096, 32 layers, 32 heads (MHA), ffn 12288, vocab 126464 -- for a GPU
+    "llada8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=12288, vocab_size=126464,
+                    prompt_length=256, gen_length=256, batch_size=1),
+}
+
+# method -> (cache params, decoding, decoding params); the papers' settings.
+METHODS = {
+    "dkv_decode": (dict(refresh_interval=8, variant="decode"), "low_confidence", dict(block_length=32)),
+    "dkv_greedy": (dict(refresh_interval=2, window=4), "random", dict(block_length=32)),
+    "d2cache": (dict(k=32, p=0.1, sigma=10.0), "certainty_prior", dict(sigma=10.0)),
+    # later baselines (DESIGN.md section 5), with LLaDA's low-confidence decoding in blocks of 32
+    "prefix": (dict(), "low_confidence", dict(block_length=32)),
+    "dual": (dict(), "low_confidence", dict(block_length=32)),
+    "dllm_cache": (dict(prompt_interval=50, response_interval=7, update_ratio=0.25), "low_confidence",
+                   dict(block_length=32)),
+}
+
+ROW_KEYS = ("method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
+            "peak_mem_gb", "agreement")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated cache methods to compare with none (allowed: {', '.join(METHODS)})")
+    ap.add_argument("--family", choices=("llada", "dream"), default="llada",
+                    help="llada: logits unshifted; dream: shifted logits (GQA shapes are not changed)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--prompt-length", type=int)
+    ap.add_argument("--gen-length", type=int)
+    ap.add_argument("--steps", type=int, help="denoising steps (default: gen_length, one token per step)")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--warmup", choices=("short", "full", "none"), default="short",
+                    help="one excluded warm-up generation per run: short (32 tokens, every code path), "
+                         "full (the timed setting), none")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed generations per run; the median time is reported (helps on a shared machine)")
+    ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"--methods: unknown {bad} (allowed: {list(METHODS)}, plus 'none' which always runs)")
+    args.methods = methods
+    preset = PRESETS[args.preset]
+    for key in ("batch_size", "prompt_length", "gen_length"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    if args.repeats < 1:
+        ap.error(f"--repeats={args.repeats} must be >= 1")
+    args.steps = args.steps or args.gen_length
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
+    return args
+
+
+def model_args(args: argparse.Namespace) -> ModelArgs:
+    p = PRESETS[args.preset]
+    vocab = p["vocab_size"]
+    mask = 126336 if vocab > 126336 else vocab - 1  # LLaDA's real mask id where the vocabulary has it
+    return ModelArgs(
+        family=args.family, dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+        n_kv_heads=p["n_kv_heads"], ffn_dim=p["ffn_dim"], vocab_size=vocab,
+        rope_theta=500000.0 if args.family == "llada" else 1e6, norm_eps=1e-5, qkv_bias=args.family == "dream",
+        tie_embeddings=False, max_seq_len=max(4096, args.prompt_length + args.gen_length),
+        mask_token_id=mask, eos_token_id=1, pad_token_id=0, logit_shift=1 if args.family == "dream" else 0,
+    )
+
+
+def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Random weights, normal(0, 0.02), norms 1, biases 0; built on the meta device and materialised
+    once, directly in ``dtype`` on ``device`` (an 8B model is never held twice)."""
+    with torch.device("meta"):
+        net = Transformer(margs)
+    net = net.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+        # Real checkpoints never predict the mask token; with random weights it could win the argmax
+        # and leave a "decoded" position masked. A zero row (logit 0) loses to the max of the others.
+        net.output.weight[margs.mask_token_id] = 0
+    return net.eval()
+
+
+def make_prompts(args: argparse.Namespace, margs: ModelArgs) -> list[list[int]]:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    low = 2  # skip pad/eos ids
+    high = min(margs.mask_token_id, margs.vocab_size)
+    return torch.randint(low, high, (args.batch_size, args.prompt_length), generator=g).tolist()
+
+
+def decoder_of(name: str, params: dict, steps: int, gen_length: int):
+    params = dict(params)
+    if "block_length" in params:
+        params["block_length"] = min(params["block_length"], gen_length)
+    return build_decoder(name, steps=steps, **params)
+
+
+def run_one(net, prompts, method: str, cache_params: dict, decoding: str, dparams: dict, args) -> GenerationOutput:
+    def once(gen_length: int, steps: int) -> GenerationOutput:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed + 2)  # same draws for every run
+        return generate(net, prompts, decoder_of(decoding, dparams, steps, gen_length),
+                        build_cache(method, **cache_params), gen_length, generator=generator)
+
+    if args.warmup == "full":
+        once(args.gen_length, args.steps)
+    elif args.warmup == "short":
+        g = min(32, args.gen_length)
+        once(g, max(1, args.steps * g // args.gen_length))
+    outs = [once(args.gen_length, args.steps) for _ in range(args.repeats)]
+    out = sorted(outs, key=lambda o: o.seconds)[(len(outs) - 1) // 2]  # the (lower) median
+    out.peak_mem_gb = max(o.peak_mem_gb for o in outs)
+    return out
+
+
+def describe(decoding: str, dparams: dict) -> str:
+    return decoding + "".join(f",{k}={v}" for k, v in dparams.items())
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    margs = model_args(args)
+    t0 = time.perf_counter()
+    net = build_model(margs, args.device, dtype, args.seed)
+    prompts = make_prompts(args, margs)
+    n_params = sum(p.numel() for p in net.parameters())
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# preset={args.preset} family={args.family} params={n_params / 1e6:.1f}M device={args.device} "
+          f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"# batch={args.batch_size} prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
+          f"warmup={args.warmup} repeats={args.repeats} (model built in {time.perf_counter() - t0:.1f}s)",
+          flush=True)
+
+    rows: list[dict] = []
+    n_tokens = args.batch_size * args.gen_length
+
+    def record(method, cache_params, decoding, dparams, out: GenerationOutput, ref: GenerationOutput) -> dict:
+        speedup = ref.seconds / out.seconds
+        row = dict(
+            method=method, decoding=describe(decoding, dparams), wall_s=out.seconds,
+            tokens_per_s=n_tokens / out.seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
+            efficiency=speedup / out.ideal_speedup, peak_mem_gb=out.peak_mem_gb,
+            mem_vs_none=out.peak_mem_gb / ref.peak_mem_gb if ref.peak_mem_gb else float("nan"),
+            agreement=float((out.tokens == ref.tokens).float().mean()),
+            nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=cache_params,
+            decoding_params=dparams, preset=args.preset, family=args.family, batch_size=args.batch_size,
+            prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
+            device=str(args.device), device_name=device_name, dtype=args.dtype,
+            threads=torch.get_num_threads(), repeats=args.repeats, torch=torch.__version__,
+        )
+        print(f"  {method:<11} {row['decoding']:<34} {out.seconds:8.2f}s  {row['tokens_per_s']:8.1f} tok/s  "
+              f"x{speedup:.2f} (ideal x{out.ideal_speedup:.2f})  agree {row['agreement']:.3f}", flush=True)
+        return row
+
+    groups: dict[str, list[str]] = {}  # decoding -> methods, so that rows sharing a none sit together
+    for method in args.methods:
+        _, decoding, dparams = METHODS[method]
+        groups.setdefault(describe(decoding, dparams), []).append(method)
+    failed = []
+    for key, methods in groups.items():
+        _, decoding, dparams = METHODS[methods[0]]
+        ref = run_one(net, prompts, "none", {}, decoding, dparams, args)  # once per decoding, reused
+        rows.append(record("none", {}, decoding, dparams, ref, ref))
+        for method in methods:
+            cache_params = METHODS[method][0]
+            try:
+                out = run_one(net, prompts, method, cache_params, decoding, dparams, args)
+            except Exception as err:  # report and go on with the other methods
+                print(f"  {method:<11} FAILED: {type(err).__name__}: {err}", flush=True)
+                failed.append(method)
+                continue
+            rows.append(record(method, cache_params, decoding, dparams, out, ref))
+
+    print()
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(rows, indent=2))
+        tmp.replace(args.json)  # never a half-written file
+        print(f"\nwrote {args.json}")
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    import pandas as pd
+
+    cols = ["method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
+            "peak_mem_gb", "mem_vs_none", "agreement"]
+    df = pd.DataFrame(rows)[cols].rename(columns={"wall_s": "wall s", "tokens_per_s": "tokens/s",
+                                                  "speedup": "speedup vs none", "ideal_speedup": "ideal speedup"})
+    try:
+        import tabulate  # noqa: F401
+
+        return df.to_markdown(index=False, floatfmt=".3g")
+    except ImportError:
+        return df.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+if __name__ == "__main__":
+    main()

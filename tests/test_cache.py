@@ -88,7 +88,7 @@ class Recorder(CacheMethod):
     def select(self, view: StepView) -> ActiveRequest:
         request = self.inner.select(view)
         self.steps.append(dict(
-            masked=view.masked.clone(), plan=view.plan, full=request.full,
+            masked=view.masked.clone(), plan=view.plan, full=request.full, request=request,
             scheduled=None if view.plan.scheduled is None else view.plan.scheduled.clone(),
         ))
         return request
@@ -102,7 +102,6 @@ class Recorder(CacheMethod):
         self.inner.observe(view, outcome)
         if hasattr(self.inner, "confidence"):
             rec["cache_conf_after"] = self.inner.confidence.clone()
-            rec["next_request"] = self.inner.next_request
 
 
 def shifted_left(mask: torch.Tensor, shift: int) -> torch.Tensor:
@@ -405,7 +404,7 @@ def test_d2cache_stage1_confidence_cache_is_refreshed(family):
     T = real.shape[1]
     kernel = torch.exp(-((torch.arange(T)[:, None] - torch.arange(T)[None, :]).double() ** 2) / (2 * 10.0**2))
     changed = 0
-    for step in rec.steps[1:-1]:
+    for step, following in zip(rec.steps[1:-1], rec.steps[2:]):
         assert not step["full"]
         fresh = ~step["confidence"].isnan()
         # Fresh confidences exist exactly for masked positions whose predicting row was computed.
@@ -415,12 +414,12 @@ def test_d2cache_stage1_confidence_cache_is_refreshed(family):
         assert torch.equal(after[fresh], step["confidence"][fresh])  # every recomputed one updated
         assert torch.equal(after[~fresh], before[~fresh])  # the others kept
         changed += int((after[fresh] != before[fresh]).sum())
-        # S1 of the next step: top-k still-masked positions by cached confidence x density (sum).
+        # S1 of the following step: top-k still-masked positions by cached confidence x density (sum).
         still = step["masked"] & ~step["transferred"]
         if still.any():
             known = real & ~still
             score = (after * (known.double() @ kernel)).masked_fill(~still, -math.inf)
-            nxt = step["next_request"].predict
+            nxt = following["request"].predict
             for b in range(3):
                 n = min(k, int(still[b].sum()))
                 top = set(score[b].topk(n).indices.tolist())
@@ -487,3 +486,24 @@ def test_dkv_greedy_rejects_confidence_decoding():
     with pytest.raises(ValueError) as err:
         generate(net, PROMPT_1, decoder_for("low_confidence"), build_cache("dkv_greedy"), 16)
     assert "low_confidence" in str(err.value) and "random" in str(err.value)
+
+
+# ------------------------------------------------------------------------- fixes found by review
+
+def test_d2cache_small_k_still_unmasks_every_planned_token(net):
+    """k below the per-step count: stage 1 widens to the count, so no mask is left behind."""
+    decoder = build_decoder("certainty_prior", steps=4, sigma=4.0)
+    out = generate(net, PROMPT_1, decoder, build_cache("d2cache", k=2, sigma=4.0), 16)
+    assert not (out.tokens == MASK).any()
+
+
+def test_nucleus_picks_a_candidate_even_when_all_weigh_zero():
+    candidates = torch.tensor([[False, True, False, True]])
+    chosen = nucleus(torch.zeros(1, 4), candidates, 0.1)
+    assert chosen.sum() == 1 and (chosen & candidates).sum() == 1
+
+
+def test_d2cache_rejects_decoders_without_probability_confidence():
+    with pytest.raises(ValueError, match="'dream'/entropy"):
+        build_cache("d2cache").check(build_decoder("dream", steps=16, alg="entropy"))
+    build_cache("d2cache").check(build_decoder("dream", steps=16, alg="maskgit_plus"))

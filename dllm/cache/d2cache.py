@@ -7,6 +7,8 @@ Step 0 is a full forward. After each step the next forward recomputes S1 | S_new
   S2    the smallest set of other (known) positions holding fraction p of the
         attention-rollout importance of this step's forward.
 ``refresh_interval`` (off by default, as in the paper) forces periodic full forwards.
+S1 holds max(k, tokens unmasked this step) positions, so a schedule committing more than k
+tokens per step still finds enough freshly predicted candidates.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def nucleus(importance: Tensor, candidates: Tensor, p: float) -> Tensor:
     """Smallest set of candidates whose normalised importance reaches p (at least one per row)."""
     score = importance.masked_fill(~candidates, 0)
     score = score / score.sum(1, keepdim=True).clamp_min(1e-30)
-    ordered, order = score.sort(1, descending=True)
-    mass_before = ordered.cumsum(1) - ordered
+    # Non-candidates sort last (-1), so the forced first pick is a candidate even if all weigh 0.
+    ordered, order = score.masked_fill(~candidates, -1.0).sort(1, descending=True)
+    mass_before = ordered.clamp_min(0).cumsum(1) - ordered.clamp_min(0)
     keep = (mass_before < p) & ordered.gt(0)
     keep[:, 0] |= candidates.any(1)
     return torch.zeros_like(candidates).scatter(1, order, keep) & candidates
@@ -67,26 +70,38 @@ class D2Cache(CacheMethod):
         self.k, self.p, self.sigma, self.density = k, p, sigma, density
         self.refresh_interval = refresh_interval
 
+    def check(self, decoder) -> None:
+        if not decoder.confidence_is_probability:
+            raise ValueError(
+                f"cache=d2cache ranks masked positions by confidence x density; decoding={decoder.name!r}"
+                f"{'/' + decoder.alg if hasattr(decoder, 'alg') else ''} gives no probability-like confidence "
+                "(use certainty_prior, low_confidence, or dream with alg=maskgit_plus/topk_margin)"
+            )
+
     def start(self, ctx) -> None:
         super().start(ctx)
         self.confidence = torch.zeros(ctx.batch, ctx.length, dtype=torch.float64, device=ctx.device)
-        self.next_request = ActiveRequest.everything()
+        self.refresh_next = None
 
     def select(self, view: StepView) -> ActiveRequest:
-        if view.step == 0 or (self.refresh_interval and view.step % self.refresh_interval == 0):
+        if self.refresh_next is None or (self.refresh_interval and view.step % self.refresh_interval == 0):
             return ActiveRequest.everything()
-        return self.next_request
+        # Stage 1 is chosen here, not in observe(), so that it covers at least the tokens this
+        # step will unmask (k below the per-step count would otherwise leave masks behind).
+        ctx, masked = self.ctx, view.masked
+        known = ctx.real & ~masked
+        stage1 = (self.confidence * certainty_density(known, ctx.real, self.sigma, self.density)).float()
+        stage1 = stage1.masked_fill(~masked, float("-inf"))
+        width = min(max(self.k, int(view.plan.n_transfer.max())), stage1.shape[1])
+        top = stage1.topk(width, dim=1)
+        s1 = torch.zeros_like(masked).scatter(1, top.indices, torch.isfinite(top.values))
+        return ActiveRequest(predict=s1, refresh=self.refresh_next)
 
     def observe(self, view: StepView, outcome: StepOutcome) -> None:
         ctx = self.ctx
         fresh = ~outcome.confidence.isnan()
         self.confidence = torch.where(fresh, outcome.confidence, self.confidence)
-        masked = view.masked & ~outcome.transferred
-        known = ctx.real & ~masked
-        stage1 = (self.confidence * certainty_density(known, ctx.real, self.sigma, self.density)).float()
-        stage1 = stage1.masked_fill(~masked, float("-inf"))
-        top = stage1.topk(min(self.k, stage1.shape[1]), dim=1)
-        s1 = torch.zeros_like(masked).scatter(1, top.indices, torch.isfinite(top.values))
+        known = ctx.real & ~(view.masked & ~outcome.transferred)
         importance = rollout_importance(outcome.attention, outcome.rows, outcome.rows_valid, ctx.real)
         s2 = nucleus(importance, known & ~outcome.transferred, self.p)
-        self.next_request = ActiveRequest(predict=s1, refresh=outcome.transferred | s2)
+        self.refresh_next = outcome.transferred | s2

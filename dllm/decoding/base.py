@@ -48,6 +48,8 @@ class Decoder(ABC):
     name: str = ""
     #: True when :meth:`plan` can say which positions will be unmasked before the forward.
     order_known_in_advance: bool = False
+    #: True when :meth:`propose`'s confidence is a probability-like score in [0, 1].
+    confidence_is_probability: bool = True
 
     def __init__(self, steps: int, block_length: int | None = None, temperature: float = 0.0) -> None:
         if steps < 1:

@@ -47,6 +47,8 @@ class DreamDecoder(Decoder):
         if not 0 < eps < 1:
             raise ValueError(f"decoding.eps={eps} must be in (0, 1)")
         self.alg, self.top_p, self.top_k, self.eps = alg, top_p, top_k, eps
+        # entropy scores are <= 0 and origin's order is random: neither is a probability.
+        self.confidence_is_probability = alg in ("maskgit_plus", "topk_margin")
 
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)

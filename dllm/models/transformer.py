@@ -130,12 +130,14 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=a.n_kv_heads != a.n_heads)
             head_mean = None
         else:
-            # Explicit softmax only for methods that asked for attention statistics.
+            # Explicit softmax only for methods that asked for attention statistics. Query heads
+            # are grouped per K/V head (head h reads K/V head h // groups) without copying K/V.
             groups = a.n_heads // a.n_kv_heads
-            k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            scores = (q @ k_all.transpose(-1, -2)).float() / math.sqrt(a.head_dim)
-            probs = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
-            out = probs.to(v_all.dtype) @ v_all
+            q = q.reshape(B, a.n_kv_heads, groups * A, a.head_dim)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(a.head_dim)
+            scores = scores.view(B, a.n_heads, A, -1).masked_fill(~key_mask, float("-inf"))
+            probs = scores.softmax(-1)
+            out = (probs.to(v.dtype).view(B, a.n_kv_heads, groups * A, -1) @ v).view(B, a.n_heads, A, a.head_dim)
             head_mean = probs.mean(1)
         return self.wo(out.transpose(1, 2).reshape(B, A, -1)), head_mean
 

@@ -95,6 +95,8 @@ class DllmLM(LM):
         seed: int = 0,
         mc_num: int = 1,
         progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -110,6 +112,7 @@ class DllmLM(LM):
         self.mc_num = int(mc_num)
         self.progress = progress
         self._device = plan.device
+        self._rank, self._world_size = int(rank), int(world_size)  # data parallel (dllm/eval/distributed.py)
         self.stop_ids = stop_token_ids(tokenizer, net.args)
         self.meter = ThroughputMeter()
         self.records: dict[tuple[str | None, int | None], list[dict]] = {}
@@ -142,6 +145,49 @@ class DllmLM(LM):
                 return self.tokenizer.apply_chat_template(rest, **kwargs)
             raise
 
+    # ------------------------------------------------------------------ data parallel (lm-eval's hooks)
+    def all_gather(self, tensor):
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _without_padding(self, requests) -> tuple[list, list[int]]:
+        """With several ranks, lm-eval pads a rank's requests with extra copies of its last request
+        (same object) so that all ranks run as many; a real request appears exactly ``repeats``
+        times. The copies beyond that are answered from the first one, not generated (or counted
+        in the speed totals) again. Returns the requests to run and, per input, the index of its answer."""
+        if self.world_size == 1:
+            return list(requests), list(range(len(requests)))
+        keep, source, seen, first = [], [], {}, {}
+        for req in requests:
+            seen[id(req)] = seen.get(id(req), 0) + 1
+            if id(req) in first and seen[id(req)] > getattr(req, "repeats", 1):
+                source.append(first[id(req)])
+            else:
+                first.setdefault(id(req), len(keep))
+                source.append(len(keep))
+                keep.append(req)
+        return keep, source
+
     # ------------------------------------------------------------------ tokenisation
     def encode(self, text: str) -> list[int]:
         # A templated context carries its special tokens (BOS included) as text already.
@@ -167,6 +213,10 @@ class DllmLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
+        requests, source = self._without_padding(requests)
+        if len(source) > len(requests):
+            answers = self.generate_until(requests, disable_tqdm)
+            return [answers[i] for i in source]
         gen_length = self.plan.gen_length
         room = self.net.args.max_seq_len - gen_length
         items = []
@@ -279,6 +329,10 @@ class DllmLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if not requests:
             return []
+        requests, source = self._without_padding(requests)
+        if len(source) > len(requests):
+            answers = self.loglikelihood(requests, disable_tqdm)
+            return [answers[i] for i in source]
         args = self.net.args
         gen = torch.Generator().manual_seed(self.seed)
         rows: list[_Row] = []

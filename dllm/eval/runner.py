@@ -199,35 +199,124 @@ def _experiment(cfg: DictConfig) -> str | None:
     return None if value is None else str(value)
 
 
-def run_eval(cfg: DictConfig) -> dict:
-    """Validate everything, load the model, evaluate, write run dir / W&B / CSV row; the row."""
+def expected_n_shot(manager, settings: TaskSettings) -> int | None:
+    """The few-shot count lm-eval will run, from the task's YAML (no data is loaded): a task fixed
+    at ``num_fewshot: 0`` (HumanEval) ignores the request; ``task.n_shot=null`` takes the task's
+    default (0 if it has none). Groups pass the request through (their recorded count is the
+    children's common one)."""
+    from lm_eval.tasks._index import Kind
+
+    entry = manager.task_index.get(settings.lm_eval_task)
+    if entry is None or entry.kind is not Kind.TASK or not isinstance(entry.cfg, dict):
+        return settings.n_shot
+    fixed = entry.cfg.get("num_fewshot")
+    if settings.n_shot is None:
+        return fixed if isinstance(fixed, int) else 0
+    return 0 if fixed == 0 else settings.n_shot
+
+
+def _identity(cfg: DictConfig, settings: TaskSettings, plan, n_shot) -> dict:
+    """The RunRecord fields that say *what* was measured: the same dict builds the resume key
+    before the model loads and the record written after the run (record_key hashes these)."""
+    from dllm.pipeline import component
+
+    decoding_name, decoding_params = component(cfg.decoding, "decoding")
+    cache_name, cache_params = component(cfg.cache, "cache")
+    return dict(
+        model=str(cfg.model.name),
+        cache=cache_name,
+        cache_params=cache_params,
+        decoding=decoding_name,
+        decoding_params=decoding_params,
+        task=settings.name,
+        n_shot=n_shot,
+        limit=settings.limit,
+        batch_size=int(cfg.batch_size),
+        gen_length=plan.gen_length,
+        steps=decoding_params.get("steps"),
+        block_length=decoding_params.get("block_length", plan.gen_length),
+        seed=int(cfg.seed),
+        experiment=_experiment(cfg),
+    )
+
+
+def run_key(identity: dict) -> str:
+    """``record_key`` of the row a run with these settings writes."""
+    from dllm.logging.record import RunRecord, record_key
+
+    return record_key(RunRecord(run_id="", started_at="", git_commit="", **identity).to_row())
+
+
+def _done(cfg: DictConfig, key: str, dp) -> bool:
+    """Resume: an ok row with this key is already in results_csv (rank 0 decides for all ranks)."""
+    from dllm.logging.sinks import existing_keys
+
+    if bool(_get(cfg, "force", False)):
+        return False
+    done = key in existing_keys(cfg.results_csv) if dp is None or dp.is_main else None
+    return done if dp is None else dp.broadcast(done)
+
+
+def _skip_message(cfg: DictConfig, identity: dict, key: str) -> None:
+    log.info(
+        "skip (exists): %s cache=%s task=%s seed=%s already has an ok row (key %s) in %s; force=true re-runs it",
+        identity["model"], identity["cache"], identity["task"], identity["seed"], key, cfg.results_csv,
+    )
+
+
+def run_eval(cfg: DictConfig) -> dict | None:
+    """Validate everything; skip (return None) if results_csv already holds this run's ok row
+    (unless ``force=true``); else load the model, evaluate, write run dir / W&B / CSV row; the row.
+    Under torchrun (WORLD_SIZE > 1) every rank evaluates its share and rank 0 writes the record
+    (the other ranks return None)."""
     from dllm.logging.record import new_run_id
     from dllm.pipeline import plan_run, run_dir_of
 
+    from .distributed import DataParallel
+
     run_id, started_at = new_run_id(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     settings = check_task(cfg)
+    dp = DataParallel.from_env()
+    if dp is not None:
+        dp.pin_device(str(cfg.device))
     plan = plan_run(cfg)
     wandb_settings = check_logger(cfg)
-    manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
-    run_dir = run_dir_of(cfg)
-    previous = os.environ.get(CODE_EVAL_ENV)
-    if settings.allow_code_execution:
-        os.environ[CODE_EVAL_ENV] = "1"  # for this run only (a multirun's next job starts clean)
+    if dp is not None:
+        dp.init(plan.device)
     try:
-        return _evaluate(cfg, settings, plan, manager, wandb_settings, run_dir, run_id, started_at)
+        identity = _identity(cfg, settings, plan, settings.n_shot)
+        if _done(cfg, key := run_key(identity), dp):  # fast path: before indexing lm-eval's tasks
+            return _skip_message(cfg, identity, key)
+        manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
+        n_shot = expected_n_shot(manager, settings)
+        if n_shot != settings.n_shot:
+            identity = _identity(cfg, settings, plan, n_shot)
+            if _done(cfg, key := run_key(identity), dp):
+                return _skip_message(cfg, identity, key)
+        run_dir = run_dir_of(cfg)
+        previous = os.environ.get(CODE_EVAL_ENV)
+        if settings.allow_code_execution:
+            os.environ[CODE_EVAL_ENV] = "1"  # for this run only (a multirun's next job starts clean)
+        try:
+            return _evaluate(cfg, settings, plan, manager, wandb_settings, run_dir, run_id, started_at, identity, dp)
+        finally:
+            if previous is None:
+                os.environ.pop(CODE_EVAL_ENV, None)
+            else:
+                os.environ[CODE_EVAL_ENV] = previous
     finally:
-        if previous is None:
-            os.environ.pop(CODE_EVAL_ENV, None)
-        else:
-            os.environ[CODE_EVAL_ENV] = previous
+        if dp is not None:
+            dp.close()
 
 
-def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_dir: Path, run_id: str, started_at: str) -> dict:
+def _evaluate(
+    cfg, settings: TaskSettings, plan, manager, wandb_settings, run_dir: Path, run_id: str, started_at: str, identity: dict, dp=None
+) -> dict | None:
     from lm_eval import simple_evaluate
 
     from dllm.logging.record import RunRecord, git_commit
     from dllm.logging.sinks import WandbSink, append_csv, write_run_dir
-    from dllm.pipeline import component, load_model_and_tokenizer
+    from dllm.pipeline import load_model_and_tokenizer
 
     from .lm import DllmLM
 
@@ -235,7 +324,7 @@ def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_di
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num,
+        mc_num=settings.mc_num, **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(
         model=lm,
@@ -251,34 +340,30 @@ def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_di
         fewshot_as_multiturn=settings.fewshot_as_multiturn,
         confirm_run_unsafe_code=settings.allow_code_execution,
     )
+    if dp is not None:  # every rank's speed totals and per-sample records to rank 0, which writes
+        from .distributed import merge_meters
+
+        parts = lm.gather_object((lm.meter, lm.records))
+        if not dp.is_main:
+            return None
+        lm.meter = merge_meters([meter for meter, _ in parts])
+        lm.records = {k: v for _, records in parts for k, v in records.items()}
     accuracy, stderr = primary_metric(results, settings.lm_eval_task, settings.metric)
     samples = join_samples(results, lm, settings.metric)
 
-    decoding_name, decoding_params = component(cfg.decoding, "decoding")
-    cache_name, cache_params = component(cfg.cache, "cache")
     # The few-shot count lm-eval used (a task fixed at 0 shots, like HumanEval, ignores overrides).
-    n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, settings.n_shot)
+    n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, identity["n_shot"])
     if settings.n_shot is not None and n_shot != settings.n_shot:
         log.warning("task.n_shot=%s requested, but %s ran %s-shot (fixed by the task)", settings.n_shot, settings.lm_eval_task, n_shot)
+    if n_shot != identity["n_shot"]:
+        log.warning("%s ran %s-shot, not the expected %s: resume will not recognise this row", settings.lm_eval_task, n_shot, identity["n_shot"])
     speed = lm.meter.summary()
     speed["n_samples"] = len(samples)
     record = RunRecord(
         run_id=run_id,
         started_at=started_at,
         git_commit=git_commit(),
-        model=str(cfg.model.name),
-        cache=cache_name,
-        cache_params=cache_params,
-        decoding=decoding_name,
-        decoding_params=decoding_params,
-        task=settings.name,
-        n_shot=n_shot,
-        limit=settings.limit,
-        batch_size=int(cfg.batch_size),
-        gen_length=plan.gen_length,
-        steps=decoding_params.get("steps"),
-        block_length=decoding_params.get("block_length", plan.gen_length),
-        seed=int(cfg.seed),
+        **{**identity, "n_shot": n_shot},
         device=str(plan.device),
         gpu_name=torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None,
         dtype=str(plan.dtype).removeprefix("torch."),
@@ -286,7 +371,6 @@ def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_di
         accuracy=accuracy,
         accuracy_stderr=stderr,
         status="ok",
-        experiment=_experiment(cfg),
         run_dir=str(run_dir),
         **speed,
     )
@@ -297,7 +381,8 @@ def _evaluate(cfg, settings: TaskSettings, plan, manager, wandb_settings, run_di
     if wandb_settings is not None:
         WandbSink(
             project=wandb_settings["project"], mode=wandb_settings.get("mode"), entity=wandb_settings.get("entity"),
-            group=wandb_settings.get("group"), tags=list(wandb_settings.get("tags") or []), run_dir=run_dir,
+            group=wandb_settings.get("group") or record.experiment,  # a sweep's runs: one group per experiment
+            tags=list(wandb_settings.get("tags") or []), run_dir=run_dir,
         ).log(record, samples, config)
     append_csv(cfg.results_csv, record.to_row())
     _print_summary(record, cfg.results_csv)

@@ -1,0 +1,369 @@
+"""Results CSV -> one table per (model, task, setting): accuracy, throughput, speedup, latency.
+
+    python scripts/aggregate.py results/runs.csv --out results/tables
+    python scripts/aggregate.py results/runs.csv --published results/published.csv --experiment d2cache_table1
+
+Writes ``tables.md`` (Markdown), ``tables.tex`` (LaTeX, booktabs, one ``table`` per group) and
+``summary.csv`` (every table row, machine-readable) under ``--out``, and prints the Markdown.
+
+- Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
+  ``force=true``) counts once, the latest.
+- A table is one (model, task, n_shot, gen_length, limit, batch_size, seed, hardware): numbers of
+  different settings or machines are never mixed. Each method is one row, labelled like the
+  papers (``dkv_decode R=8``, ``dkv_greedy R=2 w=4``...), with more detail only where two rows of
+  a table would otherwise share a label.
+- accuracy: the task's primary metric in % (± stderr). tok/s: useful tokens (up to the first EOS)
+  per second of generation. speedup: the ``none`` row's generation time over this row's for the
+  same samples (= ratio of all-token throughputs, so shorter answers do not count as speed);
+  the baseline is the ``none`` row with the same decoding, else the one with low-confidence
+  decoding, else any. latency: mean seconds per sample. ideal: 1 / recompute ratio.
+- ``--published``: the papers' numbers for the same model, task, method and shot count beside ours.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from dllm.logging.record import record_key  # noqa: E402
+
+TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware"]
+METHOD_ORDER = ["none", "dllm_cache", "prefix", "dual", "dkv_decode", "dkv_greedy", "d2cache"]
+NUMERIC = [  # the table keys stay text (as written in the CSV): they only group and label
+    "accuracy", "accuracy_stderr", "n_samples",
+    "useful_tokens", "all_tokens", "gen_seconds", "throughput_useful_tok_s", "throughput_all_tok_s",
+    "latency_s_mean", "latency_s_p50", "nfe", "recompute_ratio", "ideal_speedup",
+]
+# Our model / task names -> the names in results/published.csv.
+PUBLISHED_MODEL = {
+    "llada": "llada-8b-instruct", "llada_base": "llada-8b-base", "llada_1_5": "llada-1.5",
+    "dream": "dream-v0-instruct-7b", "dream_base": "dream-v0-base-7b",
+}
+PUBLISHED_TASK = {"math": "math500", "gsm8k": "gsm8k", "humaneval": "humaneval", "mbpp": "mbpp", "mmlu": "mmlu"}
+PUBLISHED_DECODING = {"random-remasking": "random", "low-confidence": "low_confidence"}
+COLUMNS = ["method", "accuracy", "tok/s", "speedup", "latency (s)", "ideal", "n"]
+PAPER_COLUMNS = ["paper acc", "paper tok/s", "paper speedup"]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _clean(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
+    """The ok rows of a results CSV, one per run key (latest wins), typed, with a ``hardware`` column."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if raw.empty:
+        raise ValueError(f"{path}: no rows")
+    missing = {"model", "task", "cache", "decoding", "status"} - set(raw.columns)
+    if missing:
+        raise ValueError(f"{path} is not a results CSV (missing columns {sorted(missing)})")
+    raw = raw[raw["status"] == "ok"].copy()
+    if experiment is not None:
+        raw = raw[raw.get("experiment", "") == experiment]
+    if raw.empty:
+        raise ValueError(f"{path}: no ok rows" + (f" for experiment={experiment!r}" if experiment else ""))
+    raw["key"] = [record_key(r) for r in raw.to_dict("records")]
+    raw = raw.sort_values("started_at").drop_duplicates("key", keep="last")
+    runs = raw.copy()
+    for column in NUMERIC:
+        if column in runs:
+            runs[column] = pd.to_numeric(runs[column], errors="coerce")
+    gpu = runs["gpu_name"] if "gpu_name" in runs else pd.Series("", index=runs.index)
+    runs["hardware"] = [g if g else d for g, d in zip(gpu, runs.get("device", pd.Series("", index=runs.index)))]
+    for column in TABLE_KEYS:
+        runs[column] = runs[column].fillna("").astype(str) if column in runs else ""
+    return runs.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def _param(row: dict, name: str) -> str:
+    value = _clean(row.get(name, ""))
+    return value[:-2] if value.endswith(".0") else value
+
+
+def paper_method(row: dict) -> str:
+    """The method as the papers' tables name it (results/published.csv's ``method`` column)."""
+    cache = row["cache"]
+    if cache == "prefix":
+        return "fast_dllm_prefix"
+    if cache == "dual":
+        return "fast_dllm_dual"
+    if cache == "dkv_decode":
+        variant, r = _param(row, "cache.variant") or "decode", _param(row, "cache.refresh_interval")
+        return {"decode": f"dkv_decode R={r}", "prefill": "dkv_prefill", "pd": f"dkv_pd R={r}"}.get(variant, f"dkv_{variant}")
+    if cache == "dkv_greedy":
+        r, w = _param(row, "cache.refresh_interval"), _param(row, "cache.window")
+        return f"dkv_greedy R={r}" + (f" w={w}" if w not in ("", "0") else "")
+    return cache
+
+
+def display_method(row: dict) -> str:
+    label = paper_method(row)
+    return {"fast_dllm_prefix": "prefix", "fast_dllm_dual": "dual"}.get(label, label)
+
+
+def _detail(row: dict, columns: list[str]) -> str:
+    parts = []
+    for c in columns:
+        value = _param(row, c)
+        if value:
+            parts.append(f"{c.split('.', 1)[1]}={value}" if "." in c else value)
+    return ", ".join(parts)
+
+
+def method_labels(table: pd.DataFrame) -> list[str]:
+    """One label per row: the paper-style name, plus the decoding where one cache ran under
+    several, plus whatever else differs where labels still collide."""
+    rows = table.to_dict("records")
+    labels = [display_method(r) for r in rows]
+    for label in set(labels):
+        same = [i for i, l in enumerate(labels) if l == label]
+        if len(same) < 2:
+            continue
+        decodings = {rows[i]["decoding"] for i in same}
+        differing = [
+            c for c in table.columns
+            if c.startswith(("cache.", "decoding.")) and len({_clean(rows[i].get(c)) for i in same}) > 1
+        ]
+        for i in same:
+            extra = [rows[i]["decoding"]] if len(decodings) > 1 else []
+            detail = _detail(rows[i], [c for c in differing if not (len(decodings) > 1 and c == "decoding")])
+            if detail:
+                extra.append(detail)
+            if extra:
+                labels[i] = f"{label} ({'; '.join(extra)})"
+    return labels
+
+
+def _order(row: dict) -> tuple:
+    cache = row["cache"]
+    rank = METHOD_ORDER.index(cache) if cache in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, cache, 0 if row["decoding"] == "low_confidence" else 1, row["label"])
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def baseline_of(row: dict, nones: list[dict]) -> dict | None:
+    """The ``none`` row a method is compared with (same decoding, else low-confidence, else any)."""
+    if not nones:
+        return None
+    for rule in (
+        lambda n: n["decoding"] == row["decoding"] and _decoding_params(n) == _decoding_params(row),
+        lambda n: n["decoding"] == row["decoding"],
+        lambda n: n["decoding"] == "low_confidence",
+        lambda n: True,
+    ):
+        hits = [n for n in nones if rule(n)]
+        if hits:
+            return hits[0]
+    return None
+
+
+def _decoding_params(row: dict) -> dict:
+    return {k: _clean(v) for k, v in row.items() if k.startswith("decoding.") and _clean(v)}
+
+
+def setting_text(key: dict) -> str:
+    """E.g. "4-shot L=256 cpu" (+ "limit N", "batch B" where set), like published.csv's setting."""
+    parts = [f"{key['n_shot']}-shot" if key["n_shot"] else "", f"L={key['gen_length']}"]
+    if key["limit"]:
+        parts.append(f"limit {key['limit']}")
+    if key["batch_size"] not in ("", "1"):
+        parts.append(f"batch {key['batch_size']}")
+    parts.append(key["hardware"])
+    return " ".join(p for p in parts if p)
+
+
+def build_tables(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> list[tuple[dict, pd.DataFrame]]:
+    """[(table key, table)]: one table per TABLE_KEYS group, one row per method."""
+    tables = []
+    groups = sorted(runs.groupby(TABLE_KEYS, sort=False), key=lambda item: [_natural(v) for v in item[0]])
+    for values, group in groups:
+        key = dict(zip(TABLE_KEYS, values))
+        group = group.copy()
+        group["label"] = method_labels(group)
+        rows = sorted(group.to_dict("records"), key=_order)
+        nones = [r for r in rows if r["cache"] == "none"]
+        out = []
+        for r in rows:
+            base = baseline_of(r, nones)
+            speedup = None
+            if base is not None and r.get("gen_seconds") and base.get("gen_seconds"):
+                # Same samples, same gen_length: the ratio of generation times (all-token throughputs).
+                speedup = r["throughput_all_tok_s"] / base["throughput_all_tok_s"]
+            entry = {
+                "method": r["label"],
+                "accuracy": _pct(r.get("accuracy")),
+                "accuracy_stderr": _pct(r.get("accuracy_stderr")),
+                "tok/s": _num(r.get("throughput_useful_tok_s")),
+                "speedup": speedup,
+                "latency (s)": _num(r.get("latency_s_mean")),
+                "ideal": _num(r.get("ideal_speedup")),
+                "n": _num(r.get("n_samples")),
+                "cache": r["cache"],
+                "decoding": r["decoding"],
+                "paper_method": paper_method(r),
+                "baseline": base["label"] if base is not None else None,
+            }
+            if published is not None:
+                entry.update(published_for(key, r, published))
+            out.append(entry)
+        tables.append((key, pd.DataFrame(out)))
+    return tables
+
+
+def _natural(text: str) -> tuple:
+    """Sort key: numbers by value (L=64 before L=256), then text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _pct(value) -> float | None:
+    return None if value is None or pd.isna(value) else 100.0 * float(value)
+
+
+def _num(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+# ----------------------------------------------------------------------------------------------- published
+def load_published(path: str | Path) -> pd.DataFrame:
+    published = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = {"source", "model", "task", "setting", "method", "throughput_tok_s", "speedup", "score"}
+    if need - set(published.columns):
+        raise ValueError(f"{path} lacks columns {sorted(need - set(published.columns))}")
+    return published
+
+
+def published_for(key: dict, row: dict, published: pd.DataFrame) -> dict:
+    """The papers' score / throughput / speedup for this model, task, method and shot count."""
+    empty = {"paper acc": None, "paper tok/s": None, "paper speedup": None, "paper source": None}
+    model, task = PUBLISHED_MODEL.get(str(key["model"])), PUBLISHED_TASK.get(str(key["task"]))
+    if model is None or task is None:
+        return empty
+    hits = published[(published["model"] == model) & (published["task"] == task) & (published["method"] == paper_method(row))]
+    keep = []
+    for p in hits.to_dict("records"):
+        shots = re.search(r"(\d+)-shot", p["setting"])
+        if shots and key["n_shot"] and shots.group(1) != key["n_shot"]:
+            continue
+        length = re.search(r"L=(\d+)", p["setting"])
+        if length and length.group(1) != key["gen_length"]:
+            continue
+        decoding = next((d for hint, d in PUBLISHED_DECODING.items() if hint in p["setting"]), None)
+        if decoding is not None and decoding != row["decoding"]:
+            continue
+        keep.append(p)
+    if not keep:
+        return empty
+    p = keep[0]
+    return {
+        "paper acc": pd.to_numeric(p["score"], errors="coerce"),
+        "paper tok/s": pd.to_numeric(p["throughput_tok_s"], errors="coerce"),
+        "paper speedup": pd.to_numeric(p["speedup"], errors="coerce"),
+        "paper source": p["source"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- output
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None or pd.isna(value) else format(value, spec)
+
+
+def display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as text cells (accuracy with stderr, speedups with x)."""
+    out = pd.DataFrame({
+        "method": table["method"],
+        "accuracy": [
+            _fmt(a, ".1f") + ("" if s is None or pd.isna(s) else f" ± {s:.1f}")
+            for a, s in zip(table["accuracy"], table["accuracy_stderr"])
+        ],
+        "tok/s": [_fmt(v, ".1f") for v in table["tok/s"]],
+        "speedup": [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["speedup"]],
+        "latency (s)": [_fmt(v, ".3g") for v in table["latency (s)"]],
+        "ideal": [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["ideal"]],
+        "n": [_fmt(v, ".0f") for v in table["n"]],
+    })
+    if "paper acc" in table:
+        out["paper acc"] = [_fmt(v, ".1f") for v in table["paper acc"]]
+        out["paper tok/s"] = [_fmt(v, ".2f") for v in table["paper tok/s"]]
+        out["paper speedup"] = [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["paper speedup"]]
+    return out
+
+
+def title_of(key: dict) -> str:
+    return f"{key['model']} · {key['task']} · {setting_text(key)}"
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    cells = [list(frame.columns)] + frame.astype(str).values.tolist()
+    widths = [max(len(row[i]) for row in cells) for i in range(len(frame.columns))]
+    right = [c != "method" for c in frame.columns]
+    line = lambda row: "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |"  # noqa: E731
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
+    latex_frame = frame.copy()
+    for column in latex_frame.columns:
+        latex_frame[column] = latex_frame[column].str.replace("×", r"$\times$", regex=False).str.replace("±", r"$\pm$", regex=False)
+    styler = latex_frame.style.hide(axis="index")
+    styler = styler.format(escape="latex", subset=["method"])
+    return styler.to_latex(
+        hrules=True, caption=caption.replace("_", r"\_"), label=label, position_float="centering",
+        column_format="l" + "r" * (len(frame.columns) - 1),
+    )
+
+
+def write_outputs(tables: list[tuple[dict, pd.DataFrame]], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, tex, rows = [], [], []
+    for key, table in tables:
+        frame = display_frame(table)
+        title = title_of(key)
+        md.append(f"### {title}\n\n{to_markdown(frame)}\n")
+        label = "tab:" + re.sub(r"[^A-Za-z0-9]+", "-", f"{key['model']}-{key['task']}-{key['n_shot']}-{key['gen_length']}").strip("-")
+        tex.append(to_latex(frame, title, label))
+        rows.append(table.assign(**{k: key[k] for k in TABLE_KEYS}))
+    notes = (
+        "accuracy: primary metric in % (± stderr); tok/s: useful tokens per second of generation; "
+        "speedup: generation time of the `none` row over this row's for the same samples; "
+        "latency: mean seconds per sample; ideal: 1 / recompute ratio."
+    )
+    paths = {"md": out / "tables.md", "tex": out / "tables.tex", "csv": out / "summary.csv"}
+    paths["md"].write_text(notes + "\n\n" + "\n".join(md))
+    paths["tex"].write_text("% " + notes + "\n% needs \\usepackage{booktabs}\n\n" + "\n".join(tex))
+    summary = pd.concat(rows, ignore_index=True)
+    summary[TABLE_KEYS + [c for c in summary.columns if c not in TABLE_KEYS]].to_csv(paths["csv"], index=False)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", help="results CSV written by run.py (results_csv)")
+    parser.add_argument("--out", default="results/tables", help="folder for tables.md, tables.tex, summary.csv")
+    parser.add_argument("--published", default=None, help="results/published.csv: the papers' numbers side by side")
+    parser.add_argument("--experiment", default=None, help="only rows of this experiment")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.csv, args.experiment)
+    published = load_published(args.published) if args.published else None
+    tables = build_tables(runs, published)
+    paths = write_outputs(tables, Path(args.out))
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

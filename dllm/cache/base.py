@@ -7,8 +7,6 @@ the denoising loop, identically for every method.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ from torch import Tensor
 
 from dllm.decoding.base import DecodeContext, Decoder, StepPlan
 from dllm.models.transformer import LayerHook
+from dllm.registry import Registry
 
 
 @dataclass
@@ -86,31 +85,7 @@ def check_interval(name: str, value: int | None, allow_none: bool = False) -> No
         raise ValueError(f"cache.{name}={value!r} must be an integer >= 1" + (" or null" if allow_none else ""))
 
 
-_METHODS: dict[str, type[CacheMethod]] = {}
-
-
-def register_cache(cls: type[CacheMethod]) -> type[CacheMethod]:
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def cache_names() -> list[str]:
-    _import_all()
-    return sorted(_METHODS)
-
-
-def build_cache(name: str, **params) -> CacheMethod:
-    _import_all()
-    if name not in _METHODS:
-        raise ValueError(f"unknown cache {name!r} (allowed: {sorted(_METHODS)})")
-    try:
-        return _METHODS[name](**params)
-    except TypeError as err:
-        raise ValueError(f"cache={name}: {err}") from err
-
-
-def _import_all() -> None:
-    from dllm import cache
-
-    for mod in pkgutil.iter_modules(cache.__path__):
-        importlib.import_module(f"dllm.cache.{mod.name}")
+REGISTRY: Registry[CacheMethod] = Registry("cache", "dllm.cache")
+register_cache = REGISTRY.register
+cache_names = REGISTRY.names
+build_cache = REGISTRY.build

@@ -7,13 +7,13 @@ positions to :meth:`Decoder.propose` tokens and confidences, and ranks eligible 
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from dllm.registry import Registry
 
 
 @dataclass
@@ -64,16 +64,21 @@ class Decoder(ABC):
 
     def check(self, gen_length: int) -> None:
         """Raise ValueError if this schedule cannot decode ``gen_length`` tokens."""
-        if gen_length < 1:
-            raise ValueError(f"gen_length={gen_length} must be >= 1")
-        block = self.block_length or gen_length
-        if gen_length % block:
-            raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
+        block = self.check_blocks(gen_length)
         n_blocks = gen_length // block
         if self.steps % n_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({n_blocks})")
         if self.steps // n_blocks > block:
             raise ValueError(f"steps per block ({self.steps // n_blocks}) exceed block_length={block}")
+
+    def check_blocks(self, gen_length: int) -> int:
+        """The block length, after checking that blocks tile ``gen_length``."""
+        if gen_length < 1:
+            raise ValueError(f"gen_length={gen_length} must be >= 1")
+        block = self.block_length or gen_length
+        if gen_length % block:
+            raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
+        return block
 
     def start(self, ctx: DecodeContext) -> None:
         self.ctx = ctx
@@ -97,35 +102,10 @@ class Decoder(ABC):
         return top_n_mask(score, plan.n_transfer)
 
 
-_DECODERS: dict[str, type[Decoder]] = {}
-
-
-def register_decoder(cls: type[Decoder]) -> type[Decoder]:
-    _DECODERS[cls.name] = cls
-    return cls
-
-
-def decoder_names() -> list[str]:
-    _import_all()
-    return sorted(_DECODERS)
-
-
-def build_decoder(name: str, **params) -> Decoder:
-    _import_all()
-    if name not in _DECODERS:
-        raise ValueError(f"unknown decoding {name!r} (allowed: {sorted(_DECODERS)})")
-    cls = _DECODERS[name]
-    try:
-        return cls(**params)
-    except TypeError as err:
-        raise ValueError(f"decoding={name}: {err}") from err
-
-
-def _import_all() -> None:
-    from dllm import decoding
-
-    for mod in pkgutil.iter_modules(decoding.__path__):
-        importlib.import_module(f"dllm.decoding.{mod.name}")
+REGISTRY: Registry[Decoder] = Registry("decoding", "dllm.decoding")
+register_decoder = REGISTRY.register
+decoder_names = REGISTRY.names
+build_decoder = REGISTRY.build
 
 
 def llada_transfer_counts(n_masked: Tensor, steps: int) -> Tensor:

@@ -30,11 +30,7 @@ class Threshold(BlockDecoder):
         self.threshold, self.factor = threshold, factor
 
     def check(self, gen_length: int) -> None:
-        if gen_length < 1:
-            raise ValueError(f"gen_length={gen_length} must be >= 1")
-        block = self.block_length or gen_length
-        if gen_length % block:
-            raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
+        self.check_blocks(gen_length)  # the step count is data-dependent: nothing else to check
 
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)

@@ -5,26 +5,16 @@ because lm-eval resolves ``dataset_kwargs.data_files`` against the working direc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from dllm.eval.local_data import load_jsonl_splits
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
 def load_local(local_data: str | None = None, **_ignored):
     """A DatasetDict of every ``data/<local_data>_<split>.jsonl`` (custom_dataset hook)."""
-    import datasets
-
-    if not local_data:
-        raise ValueError("local task YAML needs dataset_kwargs.local_data (the data file prefix)")
-    files = sorted(DATA.glob(f"{local_data}_*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no {DATA}/{local_data}_<split>.jsonl (run scripts/make_local_tasks.py)")
-    splits = {}
-    for path in files:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        splits[path.stem[len(local_data) + 1 :]] = datasets.Dataset.from_list(rows)
-    return datasets.DatasetDict(splits)
+    return load_jsonl_splits(DATA, local_data, "scripts/make_local_tasks.py")
 
 
 # --- MATH (minerva_math's prompt and scoring; see dllm/eval/math_scoring.py) -----------------

@@ -76,16 +76,30 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device))
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_or_repo_path(path: str) -> str:
+    """A relative ``model.path`` that is not a folder under the working directory but is one
+    under the repository root (e.g. the committed ``assets/tiny_llada``) resolves there, so
+    ``python run.py`` works from any directory; anything else (Hub ids) passes through."""
+    local = Path(path).expanduser()
+    if not local.is_absolute() and not local.is_dir() and (REPO_ROOT / local).is_dir():
+        return str(REPO_ROOT / local)
+    return path
+
+
 def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     from dllm.models.loading import load_model, resolve_checkpoint
     from dllm.models.tokenization import load_tokenizer
 
-    if cfg.model.tiny:
+    if cfg.model.tiny and not cfg.model.path:
+        # A tiny model without a path: the random-weight checkpoint, built on first use.
         from dllm.models.tiny import ensure_tiny
 
         folder = ensure_tiny(cfg.model.family)
     else:
-        folder = resolve_checkpoint(cfg.model.path, cfg.model.revision)
+        folder = resolve_checkpoint(local_or_repo_path(str(cfg.model.path)), cfg.model.revision)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     return net, load_tokenizer(folder, cfg.model.trust_remote_code)
 

@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny random models of both families (CPU, offline, deterministic)."""
+"""Shared fixtures: tiny random models of both families (CPU, offline, deterministic), and the
+offline environment of the end-to-end tests."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,22 @@ import torch
 from dllm.models.transformer import ModelArgs, Transformer
 
 FAMILIES = ("llada", "dream")
+CACHE_DIRS = ("HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR")
+
+
+def offline_env(base: Path) -> dict[str, str]:
+    """Offline switches, and every cache / config folder under ``base`` (nothing goes to $HOME)."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "DLLM_CACHE": str(base / "dllm")}
+    env.update({name: str(base / name.lower()) for name in CACHE_DIRS})
+    return env
+
+
+def subprocess_env(base: Path) -> dict[str, str]:
+    """The whole environment of a ``run.py`` subprocess: ours + the offline switches, one thread,
+    and no code-execution opt-in inherited from the shell."""
+    env = {**os.environ, **offline_env(base), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_ALLOW_CODE_EVAL", None)
+    return env
 
 # Token ids of the tiny vocabulary: real tokens are drawn from [0, N_REAL); the special ids sit above.
 TINY_VOCAB = 64

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -14,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("gsm8k_local", "math_local", "humaneval_local", "mmlu_local")
 CACHES = ("none", "dkv_decode")
 LIMIT = 2
 GEN = 32
-
-
-def offline_env(base: Path) -> dict[str, str]:
-    """Offline switches, and every cache / config folder under ``base`` (nothing goes to $HOME)."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "DLLM_CACHE": str(base / "dllm")}
-    for name in ("HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR"):
-        env[name] = str(base / name.lower())
-    return env
 
 
 def wandb_records(path: Path):
@@ -81,8 +74,7 @@ def sweep(tmp_path_factory):
     """One Hydra multirun: 4 task twins x 2 cache methods = 8 runs in one process (``++`` because
     the sweep first checks the overrides against the default task, which lacks these keys)."""
     base = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, **offline_env(base), "OMP_NUM_THREADS": "1"}
-    env.pop("HF_ALLOW_CODE_EVAL", None)
+    env = subprocess_env(base)
     results_csv = base / "runs.csv"
     command = [
         sys.executable, "run.py", "-m",

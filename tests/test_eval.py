@@ -12,20 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import offline_env
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "dllm" / "eval" / "tasks" / "local" / "data"
-
-ENV_DIRS = ("HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR")
-
-
-def offline_env(base: Path) -> dict[str, str]:
-    """Offline switches, and every cache / config folder under ``base`` (nothing goes to $HOME)."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "DLLM_CACHE": str(base / "dllm")}
-    env.update({name: str(base / name.lower()) for name in ENV_DIRS})
-    return env
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _offline(tmp_path_factory):

@@ -25,6 +25,7 @@ EXAMPLE_RUNS = ROOT / "results" / "example_runs.csv"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import aggregate  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 
 # The published table each paper experiment reproduces, and the table's rows it leaves out (why:
 # see the experiment's header).
@@ -40,15 +41,6 @@ KP_KR = {
     ("math", "llada"): (50, 1), ("math", "dream"): (50, 1),
     ("mbpp", "llada"): (100, 5), ("mbpp", "dream"): (10, 8),
 }
-
-
-def offline_env(base: Path) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env.setdefault("DLLM_CACHE", str(base / "dllm"))
-    for name in ("HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "MPLCONFIGDIR"):
-        env[name] = str(base / name.lower())
-    env.pop("HF_ALLOW_CODE_EVAL", None)
-    return env
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -120,7 +112,7 @@ def pseudo_row(cfg) -> dict:
 def test_every_experiment_composes_on_the_command_line(tmp_path):
     names = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
     assert {"tiny_sweep", *PAPER_EXPERIMENTS} <= set(names)
-    env = offline_env(tmp_path)
+    env = subprocess_env(tmp_path)
     for name in names:
         done = run([sys.executable, "run.py", "--cfg", "job", f"+experiment={name}"], env, timeout=120)
         assert done.returncode == 0, (name, done.stderr[-3000:])
@@ -285,7 +277,7 @@ def test_a_killed_sweep_reruns_only_the_missing_run(tmp_path):
     """4-job sweep, one job dies after the others wrote their rows; re-running the same sweep
     (this time through submitit's local launcher) runs only that job."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the [slurm] extra (hydra-submitit-launcher)")
-    env = offline_env(tmp_path)
+    env = subprocess_env(tmp_path)
     csv_path = tmp_path / "runs.csv"
     sweep = ["-m", "+experiment=tiny_sweep", "task.limit=1", f"results_csv={csv_path}"]
     first = run([sys.executable, "-c", FAIL_ONE_JOB, *sweep, f"hydra.sweep.dir={tmp_path / 'first'}"], env)
@@ -307,7 +299,7 @@ def test_a_killed_sweep_reruns_only_the_missing_run(tmp_path):
 # Data parallel: torchrun with 2 gloo processes == 1 process
 # ----------------------------------------------------------------------------------------------
 def test_torchrun_two_ranks_match_one_process(tmp_path):
-    env = offline_env(tmp_path)
+    env = subprocess_env(tmp_path)
     common = ["task=arith", "task.limit=3", "gen_length=16", "decoding.block_length=16", "device=cpu", f"results_csv={tmp_path / 'runs.csv'}"]
     one = run([sys.executable, "run.py", *common, f"hydra.run.dir={tmp_path / 'one'}"], env)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -449,10 +441,7 @@ def slurm_cluster():
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_tiny_sweep_on_slurm(slurm_cluster, tmp_path):
-    from dllm.models.tiny import ensure_tiny
-
-    env = offline_env(tmp_path)
-    ensure_tiny("llada", Path(env["DLLM_CACHE"]))  # built once here, not by four jobs at once
+    env = subprocess_env(tmp_path)
     csv_path = tmp_path / "runs.csv"
     command = [
         sys.executable, "run.py", "-m", "+experiment=tiny_sweep", "hydra/launcher=slurm",

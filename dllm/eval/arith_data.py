@@ -47,6 +47,7 @@ KINDS = ("change", "compare", "together")
 PROMPT_FORMAT = "Question: {question}\nAnswer:"  # the gsm8k task's doc_to_text
 TEST_SEED = 20240601  # the committed held-out file
 TEST_FRACTION = 0.1  # share of the problem space reserved for the test split
+MAX_VALUE = 12  # every number in a problem, intermediate results included, lies in [0, MAX_VALUE]
 DATA_DIR = Path(__file__).resolve().parent / "tasks" / "arith" / "data"
 TEST_FILE = DATA_DIR / "arith_test.jsonl"
 
@@ -102,7 +103,7 @@ def _compare(rng: random.Random, max_value: int) -> Problem | None:
     a_name, b_name = _two_people(rng)
     item = rng.choice(ITEMS)
     a, b = rng.randint(1, max_value), rng.randint(1, max_value)
-    if a == b:
+    if a == b or abs(a - b) > 9:  # the same one-digit differences as the other kinds
         return None
     if a > b:
         question = f"{a_name} has {a} {item}. {b_name} has {b} {item}. How many more {item} does {a_name} have than {b_name}?"
@@ -132,7 +133,7 @@ def _together(rng: random.Random, max_value: int) -> Problem | None:
     return Problem(question, "\n".join(lines) + f"\n#### {a + b}", a + b, "together")
 
 
-def sample_problem(rng: random.Random, max_value: int = 20, max_ops: int = 3) -> Problem:
+def sample_problem(rng: random.Random, max_value: int = MAX_VALUE, max_ops: int = 3) -> Problem:
     """One random problem (any split); all numbers, intermediate ones included, in [0, max_value]."""
     while True:
         kind = rng.choices(KINDS, weights=(3, 1, 1))[0]

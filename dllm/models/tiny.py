@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +29,8 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# LLaMA-3's split: numbers in groups of up to three digits (one token each for small numbers).
+SPLIT_PATTERN_LLAMA3 = SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 BPE_VOCAB = 512  # 256 byte symbols + merges learnt from CORPUS; special tokens come after.
 
 CORPUS = """\
@@ -92,25 +93,31 @@ DEFAULT_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 SHAPE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"}
 
 
-def build_tokenizer(family: str) -> Tokenizer:
-    """Byte-level BPE learnt from CORPUS (deterministic), then the family's special tokens."""
+def build_tokenizer(
+    family: str, corpus: str = CORPUS, vocab_size: int = BPE_VOCAB, split_pattern: str = SPLIT_PATTERN
+) -> Tokenizer:
+    """Byte-level BPE learnt from ``corpus`` (deterministic), then the family's special tokens.
+
+    The random checkpoints use CORPUS; the trained ones (scripts/train_tiny.py) add their
+    training text so that words are single tokens and sequences stay short.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer)
     tok.add_special_tokens(SPECIALS[family])
     return tok
 
 
-def _tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, int]:
+def write_tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, int]:
     """Write tokenizer.json / tokenizer_config.json / special_tokens_map.json; return the special ids."""
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIALS[family]}
@@ -135,6 +142,30 @@ def _tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, int]:
     special_map = {**roles, "additional_special_tokens": config["additional_special_tokens"]}
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return ids
+
+
+def tiny_model_args(family: str, tok: Tokenizer, ids: dict[str, int], **shape: int) -> ModelArgs:
+    """ModelArgs of a tiny ``family`` model over tokenizer ``tok`` (special ``ids`` as written by
+    :func:`write_tokenizer_files`); ``shape`` overrides DEFAULT_SHAPE and may set vocab_size."""
+    unknown = set(shape) - SHAPE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown shape fields {sorted(unknown)} (allowed: {sorted(SHAPE_FIELDS)})")
+    shape = dict(shape)
+    n_tokens = tok.get_vocab_size(with_added_tokens=True)
+    # Real checkpoints pad the embedding to a multiple of 64 beyond the tokenizer's ids.
+    vocab_size = shape.pop("vocab_size", -(-n_tokens // 64) * 64)
+    if vocab_size < n_tokens:
+        raise ValueError(f"vocab_size={vocab_size} does not cover the tokenizer's {n_tokens} ids")
+    eos = ids["<|endoftext|>"]
+    return ModelArgs(
+        family=family,
+        vocab_size=vocab_size,
+        tie_embeddings=False,
+        mask_token_id=ids[MASK_TOKEN[family]],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **{**BASE_ARGS[family], **DEFAULT_SHAPE, **shape},
+    )
 
 
 def _init_weights(net: Transformer, seed: int) -> None:
@@ -171,23 +202,8 @@ def make_tiny_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(family)
-    ids = _tokenizer_files(family, tok, out)
-    n_tokens = tok.get_vocab_size(with_added_tokens=True)
-    # Real checkpoints pad the embedding to a multiple of 64 beyond the tokenizer's ids.
-    vocab_size = shape.pop("vocab_size", -(-n_tokens // 64) * 64)
-    if vocab_size < n_tokens:
-        raise ValueError(f"vocab_size={vocab_size} does not cover the tokenizer's {n_tokens} ids")
-    eos = ids["<|endoftext|>"]
-    args = ModelArgs(
-        family=family,
-        vocab_size=vocab_size,
-        tie_embeddings=False,
-        mask_token_id=ids[MASK_TOKEN[family]],
-        eos_token_id=eos,
-        pad_token_id=eos,
-        **{**BASE_ARGS[family], **DEFAULT_SHAPE, **shape},
-    )
-    net = Transformer(args)
+    ids = write_tokenizer_files(family, tok, out)
+    net = Transformer(tiny_model_args(family, tok, ids, **shape))
     _init_weights(net, seed)
     save_checkpoint(net.to(dtype), out, max_shard_bytes=max_shard_bytes)
     return out

@@ -44,9 +44,9 @@ class CountingHook(FeatureReuse):
     per_layer: list[list[int]] = []
 
     def pick(self, layer, block, x_norm):
-        picked, valid = super().pick(layer, block, x_norm)
+        picked, valid, value = super().pick(layer, block, x_norm)
         CountingHook.per_layer.append([self.refresh_prompt, self.refresh_response, layer, int(valid.sum())])
-        return picked, valid
+        return picked, valid, value
 
 
 def test_rows_recomputed_per_layer_follow_the_intervals(monkeypatch):

@@ -37,7 +37,7 @@ class FeatureReuse(LayerHook):
         self.n_updates = torch.ceil(self.candidates.sum(1) * self.cache.update_ratio).long()
         self.token_layers = 0
 
-    def pick(self, layer: int, block: Block, x_norm: Tensor) -> tuple[Tensor, Tensor]:
+    def pick(self, layer: int, block: Block, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features = self.cache.features_of(layer, x_norm, block.attn.wv.out_features)
         value = block.attn.wv(x_norm)
         chosen = self.always
@@ -46,9 +46,10 @@ class FeatureReuse(LayerHook):
             chosen = chosen | top_n_mask(-similarity.masked_fill(~self.candidates, float("inf")), self.n_updates)
         picked, picked_valid = pack(chosen)
         self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, self.cache.ctx.length)
-        self.write(features["v"], take_rows(value, picked))
+        picked_value = take_rows(value, picked)
+        self.write(features["v"], picked_value)
         self.token_layers += int(chosen.sum())
-        return picked, picked_valid
+        return picked, picked_valid, picked_value  # attention reuses them
 
     def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:
         stored = self.cache.features[layer][part]

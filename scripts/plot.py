@@ -50,7 +50,7 @@ OTHER_COLOURS = ["#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 HATCHES = ["", "//", "..", "xx", "\\\\"]
 TRACE_METHODS = ["none", "dkv_decode", "dkv_greedy", "d2cache", "prefix", "dual", "dllm_cache"]
-TRACE_PROMPT = "Question: Tom has 3 boxes with 4 pens in each box. He gives away 5 pens. How many pens does he have left?\nAnswer:"
+TRACE_PROMPT = "Question: Tom has 9 marbles. He buys 3 more and loses 5. How many marbles does Tom have now?\nAnswer:"
 
 plt.rcParams.update({
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,

@@ -185,3 +185,18 @@ def test_generate_task_decodes_the_example_prompts(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all("####" in r["generation"] for r in records), records
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_random_twins_are_built_on_first_use(family, offline):
+    """``model=tiny_<family>_random``: no path, so the random-weight checkpoint is built into $DLLM_CACHE."""
+    from hydra import compose, initialize_config_dir
+
+    from dllm.pipeline import load_model_and_tokenizer, plan_run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model=tiny_{family}_random", "device=cpu"])
+    net, tokenizer = load_model_and_tokenizer(cfg, plan_run(cfg))
+    assert net.args.family == family and net.args.dim == 64  # tiny.DEFAULT_SHAPE, not the trained 128
+    assert list((offline / "dllm").iterdir()), "nothing was built under $DLLM_CACHE"
+    assert tokenizer.chat_template

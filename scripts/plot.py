@@ -193,9 +193,9 @@ def dllm_cache_layers():
         counts.append(torch.zeros(rows.shape[0], self.cache.ctx.length + 1))
 
     def recording_pick(self, layer, block, x_norm):
-        picked, picked_valid = pick(self, layer, block, x_norm)
+        picked = pick(self, layer, block, x_norm)
         counts[-1].scatter_add_(1, self.picked_positions.cpu(), torch.ones(self.picked_positions.shape))
-        return picked, picked_valid
+        return picked
 
     dllm_cache.FeatureReuse.begin, dllm_cache.FeatureReuse.pick = recording_begin, recording_pick
     try:

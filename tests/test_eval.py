@@ -86,7 +86,8 @@ def run_scripted(monkeypatch, tmp_path, respond, *overrides):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(DllmLM, "generate_batch", scripted(respond))
-    cfg = compose("model=tiny_llada", f"results_csv={tmp_path / 'runs.csv'}", *overrides)
+    # The random twin: its tokenizer is the one the scripted answers' lengths were written for.
+    cfg = compose("model=tiny_llada_random", f"results_csv={tmp_path / 'runs.csv'}", *overrides)
     row = runner.run_eval(cfg)
     samples = [json.loads(line) for line in (Path(row["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     return row, samples
@@ -175,7 +176,7 @@ def tiny_lm(family: str, mc_num: int = 1, chat: bool = False):
     from dllm.eval.lm import DllmLM
     from dllm.pipeline import load_model_and_tokenizer, plan_run
 
-    cfg = compose(f"model=tiny_{family}", "task=mmlu_local")
+    cfg = compose(f"model=tiny_{family}_random", "task=mmlu_local")  # the spreads below were measured on it
     plan = plan_run(cfg)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     return DllmLM(net, tokenizer, plan, batch_size=3, chat=chat, seed=0, mc_num=mc_num, progress=False)

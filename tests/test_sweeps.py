@@ -300,7 +300,7 @@ def test_a_killed_sweep_reruns_only_the_missing_run(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     env = subprocess_env(tmp_path)
-    common = ["task=arith", "task.limit=3", "gen_length=16", "decoding.block_length=16", "device=cpu", f"results_csv={tmp_path / 'runs.csv'}"]
+    common = ["task=arith", "task.limit=3", "batch_size=1", "gen_length=16", "decoding.block_length=16", "device=cpu", f"results_csv={tmp_path / 'runs.csv'}"]
     one = run([sys.executable, "run.py", *common, f"hydra.run.dir={tmp_path / 'one'}"], env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(

@@ -38,10 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from dllm.decoding.loop import left_pad  # noqa: E402
 from dllm.eval import arith_data  # noqa: E402
 from dllm.models.loading import save_checkpoint  # noqa: E402
 from dllm.models.tiny import CORPUS, SPLIT_PATTERN, SPLIT_PATTERN_LLAMA3, build_tokenizer, tiny_model_args, write_tokenizer_files  # noqa: E402
-from dllm.models.transformer import Transformer  # noqa: E402
+from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Role words of both chat templates, so the BPE learns them as single tokens.
@@ -121,18 +122,13 @@ def encode(hf_tok, problems, gen_length: int, eos: int) -> tuple[list[list[int]]
     return prompts, padded
 
 
-def make_batch(prompts: list[list[int]], answers: torch.Tensor, idx: list[int], pad: int, G: int | None = None):
-    """x0 (B, P+G) with left-padded prompts (answers cut to G columns), real (B, P+G) bool, and P."""
-    width = max(len(prompts[i]) for i in idx)
+def make_batch(prompts: list[list[int]], answers: torch.Tensor, idx: list[int], args: ModelArgs, G: int | None = None):
+    """x0 (B, P+G) with left-padded prompts (answers cut to G columns), real (B, P+G) bool, and P:
+    the generation loop's own padding, with the answers where it puts the masks."""
     G = G or answers.shape[1]
-    x0 = torch.full((len(idx), width + G), pad, dtype=torch.long)
-    real = torch.ones_like(x0, dtype=torch.bool)
-    for r, i in enumerate(idx):
-        p = prompts[i]
-        x0[r, width - len(p) : width] = torch.tensor(p)
-        real[r, : width - len(p)] = False
-        x0[r, width:] = answers[i, :G]
-    return x0, real, width
+    x0, real = left_pad([prompts[i] for i in idx], G, args.mask_token_id, args.pad_token_id, "cpu")
+    x0[:, -G:] = answers[idx, :G]
+    return x0, real, x0.shape[1] - G
 
 
 # ----------------------------------------------------------------------------- objective
@@ -246,7 +242,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         idx, G = draw_batch(cfg, groups, gen)
-        x0, real, P = make_batch(prompts, answers, idx, args.pad_token_id, G)
+        x0, real, P = make_batch(prompts, answers, idx, args, G)
         loss = diffusion_loss(net, x0, real, P, gen, cfg.eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dllm import REPO_ROOT
 from dllm.cache.base import CacheMethod, build_cache
 from dllm.decoding.base import Decoder, build_decoder
 from dllm.models.loading import FAMILY_OF_NAME
@@ -74,9 +75,6 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
     device = resolve_device(cfg.device)
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device))
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def local_or_repo_path(path: str) -> str:

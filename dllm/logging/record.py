@@ -9,9 +9,8 @@ import numbers
 import secrets
 import subprocess
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
+from dllm import REPO_ROOT
 
 # The settings that identify a run for resume: two rows with equal values here measure the same
 # thing. Params of the cache and decoding groups join as their flattened ``cache.*`` /
@@ -36,7 +35,7 @@ def new_run_id() -> str:
 def git_commit() -> str:
     """Short HEAD hash of this checkout, '+dirty' if tracked or new unignored files differ."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")

@@ -167,14 +167,14 @@ def init_weights(net: Transformer, seed: int, std: float) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def draw_batch(cfg: TrainConfig, groups: dict, gen: torch.Generator) -> tuple[list[int], int]:
+def draw_batch(cfg: TrainConfig, lengths: list[int], by_length: dict[int, list[int]], gen: torch.Generator) -> tuple[list[int], int]:
     """Batch indices and answer-region width: uniform and gen_length (LLaDA's fixed padding), or,
-    with probability 1 - full_pad_prob, examples of one answer length padded with 1-4 EOS."""
+    with probability 1 - full_pad_prob, examples of one answer length padded with 1-4 EOS.
+    ``lengths``: answer length of every example; ``by_length``: the examples of each length."""
     if cfg.full_pad_prob >= 1 or float(torch.rand(1, generator=gen)) < cfg.full_pad_prob:
-        return torch.randint(len(groups["all"]), (cfg.batch_size,), generator=gen).tolist(), cfg.gen_length
-    anchor = int(torch.randint(len(groups["all"]), (1,), generator=gen))
-    n = groups["lengths"][anchor]
-    pool = next(g for g in groups["by_length"] if groups["lengths"][g[0]] == n)
+        return torch.randint(len(lengths), (cfg.batch_size,), generator=gen).tolist(), cfg.gen_length
+    n = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+    pool = by_length[n]
     idx = [pool[int(j)] for j in torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
     return idx, min(cfg.gen_length, n + 1 + int(torch.randint(4, (1,), generator=gen)))
 
@@ -217,10 +217,9 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
     prompts, answers = encode(hf_tok, problems, cfg.gen_length, args.eos_token_id)
 
     lengths = (answers != args.eos_token_id).sum(1).tolist()
-    groups: dict[int, list[int]] = {}
+    by_length: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    groups = {"all": list(range(len(lengths))), "by_length": [groups[n] for n in sorted(groups)], "lengths": lengths}
+        by_length.setdefault(n, []).append(i)
 
     net = Transformer(args)
     init_weights(net, cfg.seed, cfg.init_std)
@@ -241,7 +240,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        idx, G = draw_batch(cfg, groups, gen)
+        idx, G = draw_batch(cfg, lengths, by_length, gen)
         x0, real, P = make_batch(prompts, answers, idx, args, G)
         loss = diffusion_loss(net, x0, real, P, gen, cfg.eps)
         opt.zero_grad(set_to_none=True)

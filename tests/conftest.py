@@ -21,6 +21,15 @@ def offline_env(base: Path) -> dict[str, str]:
     return env
 
 
+def compose(*overrides: str):
+    """The run config of ``python run.py OVERRIDES`` (conf/config.yaml), without running it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
 def subprocess_env(base: Path) -> dict[str, str]:
     """The whole environment of a ``run.py`` subprocess: ours + the offline switches, one thread,
     and no code-execution opt-in inherited from the shell."""

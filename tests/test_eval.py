@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import offline_env
+from conftest import compose, offline_env
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +30,6 @@ def _offline(tmp_path_factory):
         mp.delenv("HF_ALLOW_CODE_EVAL", raising=False)
         yield
     torch.set_num_threads(threads)
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
 
 
 def rows(name: str) -> list[dict]:

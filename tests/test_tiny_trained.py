@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import offline_env, subprocess_env
+from conftest import compose, offline_env, subprocess_env
 from dllm.eval import arith_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,6 @@ def offline(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_committed_checkpoint_reaches_its_accuracy_floor(family, offline):
     """The whole default path (config -> model -> lm-eval task=arith -> record) on 50 problems."""
-    from hydra import compose, initialize_config_dir
-
     from dllm.eval import runner
 
     folder = ASSETS / f"tiny_{family}"
@@ -64,8 +62,7 @@ def test_committed_checkpoint_reaches_its_accuracy_floor(family, offline):
         assert (folder / name).is_file(), f"{folder} lacks {name}"
     overrides = [f"model=tiny_{family}", "cache=none", f"task.limit={SUBSET}", "batch_size=25", "device=cpu",
                  f"results_csv={offline / 'runs.csv'}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(*overrides)
     assert cfg.task.name == "arith"  # the embedded default task
     row = runner.run_eval(cfg)
     assert row["status"] == "ok" and row["n_samples"] == SUBSET
@@ -190,12 +187,9 @@ def test_generate_task_decodes_the_example_prompts(tmp_path):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_random_twins_are_built_on_first_use(family, offline):
     """``model=tiny_<family>_random``: no path, so the random-weight checkpoint is built into $DLLM_CACHE."""
-    from hydra import compose, initialize_config_dir
-
     from dllm.pipeline import load_model_and_tokenizer, plan_run
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model=tiny_{family}_random", "device=cpu"])
+    cfg = compose(f"model=tiny_{family}_random", "device=cpu")
     net, tokenizer = load_model_and_tokenizer(cfg, plan_run(cfg))
     assert net.args.family == family and net.args.dim == 64  # tiny.DEFAULT_SHAPE, not the trained 128
     assert list((offline / "dllm").iterdir()), "nothing was built under $DLLM_CACHE"

@@ -59,14 +59,19 @@ def test_rows_recomputed_per_layer_follow_the_intervals(monkeypatch):
     net = tiny_net(tiny_args("llada"), logit_scale=8.0, silent_ids=(MASK_ID,))
     out = generate(net, random_prompts((10,)), low_confidence(),
                    build_cache("dllm_cache", prompt_interval=8, response_interval=4, update_ratio=0.25), GEN)
-    L = net.args.n_layers
-    expected = []
+    a = net.args
+    L = a.n_layers
+    # Rows not recomputed still get their value projection: wv's share of the block's linear weights.
+    kv_width = a.n_kv_heads * a.head_dim
+    value_share = a.dim * kv_width / (2 * a.dim * a.dim + 2 * a.dim * kv_width + 3 * a.dim * a.ffn_dim)
+    expected, value_only = [], 0
     for step in range(GEN):
         prompt, response = step % 8 == 0, step % 4 == 0
         count = (10 if prompt else 0) + (16 if response else math.ceil(0.25 * 16))
         expected += [[prompt, response, layer, count] for layer in range(L)]
+        value_only += 0 if response else L * (16 - count)
     assert CountingHook.per_layer == expected
-    assert out.active_token_layers == sum(row[3] for row in expected)
+    assert out.active_token_layers == pytest.approx(sum(row[3] for row in expected) + value_only * value_share)
 
 
 def test_bad_settings():

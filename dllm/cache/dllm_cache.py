@@ -9,6 +9,11 @@ fraction with the lowest cosine similarity to its cached value is recomputed in 
 The prompt is read from the caches. Every response position gets a prediction each step
 (from mixed fresh and cached features), so every masked position is eligible to unmask.
 Unlike the reference code, padding is masked out of attention.
+
+Accounting: a row computed in full counts one token-layer; a row whose value projection alone
+is computed counts that projection's share of the layer's linear weights (wv / all linear
+layers of the block: 1/13 for an MHA LLaMA block with ffn = 3 x dim), so that ``ideal_speedup``
+stays the linear-layer bound it is for every other method.
 """
 from __future__ import annotations
 
@@ -17,9 +22,15 @@ from torch import Tensor
 
 from dllm.decoding.base import top_n_mask
 from dllm.decoding.loop import pack
-from dllm.models.transformer import Block, LayerHook, take_rows
+from dllm.models.transformer import Block, LayerHook, put_rows, take_rows
 
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
+
+
+def value_share(block: Block) -> float:
+    """The value projection's fraction of a row's linear-layer work in ``block``."""
+    linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    return block.attn.wv.weight.numel() / linear
 
 
 class FeatureReuse(LayerHook):
@@ -31,7 +42,7 @@ class FeatureReuse(LayerHook):
     def begin(self, rows: Tensor, rows_valid: Tensor) -> None:
         in_prompt = rows < self.cache.ctx.prompt_length
         refreshed = (in_prompt & self.refresh_prompt) | (~in_prompt & self.refresh_response)
-        self.rows = rows
+        self.rows, self.rows_valid = rows, rows_valid
         self.always = rows_valid & refreshed
         self.candidates = rows_valid & ~in_prompt & ~refreshed
         self.n_updates = torch.ceil(self.candidates.sum(1) * self.cache.update_ratio).long()
@@ -48,7 +59,8 @@ class FeatureReuse(LayerHook):
         self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, self.cache.ctx.length)
         picked_value = take_rows(value, picked)
         self.write(features["v"], picked_value)
-        self.token_layers += int(chosen.sum())
+        value_only = int((self.rows_valid & ~chosen).sum())
+        self.token_layers += int(chosen.sum()) + value_only * value_share(block)
         return picked, picked_valid, picked_value  # attention reuses them
 
     def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:
@@ -57,8 +69,7 @@ class FeatureReuse(LayerHook):
         return take_rows(stored, self.rows)
 
     def write(self, stored: Tensor, fresh: Tensor) -> None:
-        index = self.picked_positions[..., None].expand(-1, -1, stored.shape[-1])
-        stored.scatter_(1, index, fresh.to(stored.dtype))
+        put_rows(stored, self.picked_positions, fresh)
 
 
 @register_cache

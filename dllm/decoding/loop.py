@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
-from dllm.models.transformer import KVStore, Transformer
+from dllm.models.transformer import KVStore, Transformer, take_rows
 
 from .base import DecodeContext, Decoder
 
@@ -18,7 +18,7 @@ from .base import DecodeContext, Decoder
 class GenerationOutput:
     tokens: Tensor  # (B, G) response tokens
     nfe: int  # forwards (each over the active rows only)
-    active_token_layers: int  # sum over forwards of active positions x layers
+    active_token_layers: float  # sum over forwards of active positions x layers (see LayerHook)
     total_token_layers: int  # the same for full forwards: nfe x B x T x layers
     seconds: float
     peak_mem_gb: float
@@ -134,7 +134,7 @@ def generate(
             target = (rows + args.logit_shift).clamp(max=T)
             wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
             wanted_rows, wanted_valid = pack(wanted)
-            logits = net.output(hidden.gather(1, wanted_rows[..., None].expand(-1, -1, hidden.shape[-1])))
+            logits = net.output(take_rows(hidden, wanted_rows))
             # Committing [MASK] would leave the position masked and break every schedule.
             logits[..., args.mask_token_id] = float("-inf")
             tokens, confidence = decoder.propose(logits)

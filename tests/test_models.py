@@ -370,3 +370,16 @@ def test_dream_one_token_per_step_first_commit(make_args, make_net, make_prompts
     last = net(torch.tensor([prompt + [net.args.mask_token_id]]))[0, P - 1]
     last[net.args.mask_token_id] = float("-inf")
     assert int(out1.tokens[0, 0]) == int(last.argmax())
+
+
+def test_inference_forward_equals_the_autograd_forward(family, make_args, make_net, make_prompts):
+    """The in-place SwiGLU used without autograd gives the training path's logits bit for bit,
+    and the training path still backpropagates."""
+    net = make_net(make_args(family), seed=21).requires_grad_(True)
+    tokens = torch.tensor(make_prompts([9, 9], seed=22))
+    with torch.inference_mode():
+        inference = net(tokens)
+    training = net(tokens)
+    assert torch.equal(inference, training)
+    training.sum().backward()
+    assert net.layers[0].ffn.w_gate.weight.grad is not None

@@ -158,7 +158,13 @@ class FeedForward(nn.Module):
         self.w_down = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate(x), self.w_up(x)
+        if torch.is_grad_enabled():
+            return self.w_down(F.silu(gate) * up)
+        # Inference: in place, two fewer (rows x ffn_dim) buffers per layer. On CPU a fresh buffer
+        # of this size is page-faulted in on every forward, which at 1024 rows cost more than
+        # the SwiGLU arithmetic (same kernels, so the results are bit-identical).
+        return self.w_down(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):

@@ -5,7 +5,7 @@ Same prompts, same random weights (``Transformer(ModelArgs(...))`` built in memo
 seed, normal init std 0.02), each method with its paper decoding, and ``none`` timed with the
 *same* decoding as the method it is compared with (computed once per decoding and reused)::
 
-    python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model, 2 cores: minutes
+    python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model: ~10 min on 2 cores
     python scripts/bench.py --preset llada8b              # LLaDA-8B shapes, for a GPU (bf16)
     python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
 

@@ -30,6 +30,8 @@ def test_bench_smoke_writes_json_rows(tmp_path):
         assert row["repeats"] == 2
         assert row["tokens_per_s"] > 0 and row["ideal_speedup"] >= 1 and 0 <= row["agreement"] <= 1
         assert math.isclose(row["efficiency"], row["speedup"] / row["ideal_speedup"], rel_tol=1e-9)
+        # bare forward times at 1, 32 and all P + G = 48 active rows
+        assert set(row["bare_forward_ms"]) == {"1", "32", "48"} and min(row["bare_forward_ms"].values()) > 0
     methods = [r["method"] for r in rows]
     assert CORE <= set(methods)
     # one none per decoding, each compared method sits with the none of its own decoding

@@ -15,6 +15,19 @@ ideal_speedup (1 / recompute_ratio, the linear-layer bound), efficiency = speedu
 peak memory (CUDA: max allocated during the run; CPU: peak RSS of the whole process, so it is
 dominated by the weights and by earlier runs), agreement = fraction of generated tokens equal to
 ``none``'s (random weights give flat logits, so low agreement says little about accuracy).
+
+The linear-layer bound counts rows only, but on real hardware a forward also has a cost that
+does not shrink with its rows (every weight is read once per forward, kernels launch, small GEMMs
+run at a lower FLOP rate). So the bench also times bare model forwards over 1 ... P+G active rows,
+fits ``forward_ms = fixed_ms + per_row_ms x rows``, and reports attainable_speedup: the speedup
+if every forward cost exactly that fit, i.e. (nfe_none x fixed + rows_none x per_row) /
+(nfe x fixed + rows x per_row) with rows summed over forwards. attainable_efficiency = speedup /
+attainable_speedup is then the share of what this hardware allows that the implementation gets
+(the rest is the denoising loop, the LM head, attention statistics, cache bookkeeping).
+
+With ``--repeats N`` the runs go in N interleaved rounds (none, then each method, per decoding),
+so slow drift of the machine's speed hits ``none`` and the methods alike; times are medians over
+rounds and the speedup is the median of the per-round speedups.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,9 +74,6 @@ METHODS = {
                    dict(block_length=32)),
 }
 
-ROW_KEYS = ("method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
-            "peak_mem_gb", "agreement")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -85,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="one excluded warm-up generation per run: short (32 tokens, every code path), "
                          "full (the timed setting), none")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="timed generations per run; the median time is reported (helps on a shared machine)")
+                    help="interleaved rounds of timed generations (none, then each method); medians are "
+                         "reported (helps on a shared machine)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
@@ -145,8 +157,7 @@ def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed
 @torch.inference_mode()
 def forward_seconds(net: Transformer, args: argparse.Namespace, rows: int, repeats: int = 3) -> float:
     """Median time of one bare model forward over ``rows`` active positions per sequence, attending
-    over all P + G stored keys (no decoding, no LM head): the per-forward cost a cache method pays
-    however few rows it recomputes, which the linear-layer bound does not count."""
+    over all P + G stored keys (no decoding, no LM head)."""
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
     store = KVStore(net.args, B, T, device, net.output.weight.dtype)
@@ -159,6 +170,37 @@ def forward_seconds(net: Transformer, args: argparse.Namespace, rows: int, repea
             net.hidden(tokens, index, key_mask, store, index)
         times.append(cost.seconds)
     return sorted(times[1:])[(repeats - 1) // 2]
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Least-squares fit ``forward_ms = fixed_ms + per_row_ms x rows`` of bare forward times."""
+
+    fixed_ms: float
+    per_row_ms: float
+
+    @classmethod
+    def fit(cls, ms_by_rows: dict[int, float]) -> "ForwardCost":
+        rows, ms = list(ms_by_rows), list(ms_by_rows.values())
+        mean_r, mean_t = sum(rows) / len(rows), sum(ms) / len(ms)
+        spread = sum((r - mean_r) ** 2 for r in rows)
+        slope = sum((r - mean_r) * (t - mean_t) for r, t in zip(rows, ms)) / spread if spread else 0.0
+        # Timing noise must not give a negative cost (a forward never gets cheaper with more rows).
+        per_row = max(slope, 0.0)
+        return cls(fixed_ms=max(mean_t - per_row * mean_r, 0.0), per_row_ms=per_row)
+
+    def forward_ms(self, rows: float) -> float:
+        return self.fixed_ms + rows * self.per_row_ms
+
+    def run_ms(self, out: GenerationOutput, n_layers: int, batch: int) -> float:
+        """Modelled time of a generation's forwards (rows per sequence, summed over forwards)."""
+        rows = out.active_token_layers / (n_layers * batch)
+        return out.nfe * self.fixed_ms + rows * self.per_row_ms
+
+
+def forward_rows(total: int) -> list[int]:
+    """Active-row counts at which bare forwards are timed (the cached methods' typical sizes, and all)."""
+    return sorted({rows for rows in (1, 8, 32, 64, 128, 256) if rows < total} | {total})
 
 
 def make_prompts(args: argparse.Namespace, margs: ModelArgs) -> list[list[int]]:
@@ -175,21 +217,24 @@ def decoder_of(name: str, params: dict, steps: int, gen_length: int):
     return build_decoder(name, steps=steps, **params)
 
 
-def run_one(net, prompts, method: str, cache_params: dict, decoding: str, dparams: dict, args) -> GenerationOutput:
-    def once(gen_length: int, steps: int) -> GenerationOutput:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed + 2)  # same draws for every run
-        return generate(net, prompts, decoder_of(decoding, dparams, steps, gen_length),
-                        build_cache(method, **cache_params), gen_length, generator=generator)
+def generate_once(net, prompts, method: str, decoding: str, dparams: dict, args, gen_length: int | None = None
+                  ) -> GenerationOutput:
+    gen_length = gen_length or args.gen_length
+    steps = max(1, args.steps * gen_length // args.gen_length)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed + 2)  # same draws for every run
+    cache_params = METHODS[method][0] if method != "none" else {}
+    return generate(net, prompts, decoder_of(decoding, dparams, steps, gen_length),
+                    build_cache(method, **cache_params), gen_length, generator=generator)
 
-    if args.warmup == "full":
-        once(args.gen_length, args.steps)
-    elif args.warmup == "short":
-        g = min(32, args.gen_length)
-        once(g, max(1, args.steps * g // args.gen_length))
-    outs = [once(args.gen_length, args.steps) for _ in range(args.repeats)]
-    out = sorted(outs, key=lambda o: o.seconds)[(len(outs) - 1) // 2]  # the (lower) median
-    out.peak_mem_gb = max(o.peak_mem_gb for o in outs)
-    return out
+
+def warm_up(net, prompts, method: str, decoding: str, dparams: dict, args) -> None:
+    if args.warmup != "none":
+        short = args.gen_length if args.warmup == "full" else min(32, args.gen_length)
+        generate_once(net, prompts, method, decoding, dparams, args, short)
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]  # the lower median: always a measured value
 
 
 def describe(decoding: str, dparams: dict) -> str:
@@ -213,32 +258,42 @@ def main(argv=None) -> list[dict]:
           f"warmup={args.warmup} repeats={args.repeats} (model built in {time.perf_counter() - t0:.1f}s)",
           flush=True)
     T = args.prompt_length + args.gen_length
-    forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in sorted({1, min(32, T), T})}
+    forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
+    cost, small = ForwardCost.fit(forward_ms), min(32, T)
     print("# bare forward (ms) by active rows per sequence: "
           + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in forward_ms.items())
-          + f" -- 1 row costs {forward_ms[1] / forward_ms[T]:.1%} of a full forward, which the ideal bound ignores",
-          flush=True)
+          + f"\n# fit: {cost.fixed_ms:.1f} ms per forward + {cost.per_row_ms:.3f} ms per row; so a {small}-row "
+          f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
+          f"(the linear-layer bound says {small / T:.1%})", flush=True)
 
     rows: list[dict] = []
     n_tokens = args.batch_size * args.gen_length
 
-    def record(method, cache_params, decoding, dparams, out: GenerationOutput, ref: GenerationOutput) -> dict:
-        speedup = ref.seconds / out.seconds
+    def record(method, decoding, dparams, outs: list[GenerationOutput], refs: list[GenerationOutput]) -> dict:
+        out, ref = outs[0], refs[0]  # every round generates the same tokens; times differ
+        seconds = median([o.seconds for o in outs])
+        speedup = median([r.seconds / o.seconds for r, o in zip(refs, outs)])
+        attainable = cost.run_ms(ref, margs.n_layers, args.batch_size) / cost.run_ms(out, margs.n_layers, args.batch_size)
+        peak = max(o.peak_mem_gb for o in outs)
+        ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
-            method=method, decoding=describe(decoding, dparams), wall_s=out.seconds,
-            tokens_per_s=n_tokens / out.seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
-            efficiency=speedup / out.ideal_speedup, peak_mem_gb=out.peak_mem_gb,
-            mem_vs_none=out.peak_mem_gb / ref.peak_mem_gb if ref.peak_mem_gb else float("nan"),
+            method=method, decoding=describe(decoding, dparams), wall_s=seconds,
+            tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
+            efficiency=speedup / out.ideal_speedup, attainable_speedup=attainable,
+            attainable_efficiency=speedup / attainable, peak_mem_gb=peak,
+            mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
             agreement=float((out.tokens == ref.tokens).float().mean()),
-            nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=cache_params,
+            nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=METHODS.get(method, ({},))[0],
             decoding_params=dparams, preset=args.preset, family=args.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
-            threads=torch.get_num_threads(), repeats=args.repeats, torch=torch.__version__,
+            threads=torch.get_num_threads(), repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
+            forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms,
         )
-        print(f"  {method:<11} {row['decoding']:<34} {out.seconds:8.2f}s  {row['tokens_per_s']:8.1f} tok/s  "
-              f"x{speedup:.2f} (ideal x{out.ideal_speedup:.2f})  agree {row['agreement']:.3f}", flush=True)
+        print(f"  {method:<11} {row['decoding']:<34} {seconds:8.2f}s  {row['tokens_per_s']:8.1f} tok/s  "
+              f"x{speedup:.2f} (ideal x{out.ideal_speedup:.2f}, attainable x{attainable:.2f})  "
+              f"agree {row['agreement']:.3f}", flush=True)
         return row
 
     groups: dict[str, list[str]] = {}  # decoding -> methods, so that rows sharing a none sit together
@@ -246,19 +301,23 @@ def main(argv=None) -> list[dict]:
         _, decoding, dparams = METHODS[method]
         groups.setdefault(describe(decoding, dparams), []).append(method)
     failed = []
-    for key, methods in groups.items():
+    for methods in groups.values():
         _, decoding, dparams = METHODS[methods[0]]
-        ref = run_one(net, prompts, "none", {}, decoding, dparams, args)  # once per decoding, reused
-        rows.append(record("none", {}, decoding, dparams, ref, ref))
-        for method in methods:
-            cache_params = METHODS[method][0]
+        runs: dict[str, list[GenerationOutput]] = {}
+        for method in ["none", *methods]:
             try:
-                out = run_one(net, prompts, method, cache_params, decoding, dparams, args)
+                warm_up(net, prompts, method, decoding, dparams, args)
+                runs[method] = []
             except Exception as err:  # report and go on with the other methods
                 print(f"  {method:<11} FAILED: {type(err).__name__}: {err}", flush=True)
                 failed.append(method)
-                continue
-            rows.append(record(method, cache_params, decoding, dparams, out, ref))
+        if "none" not in runs:
+            continue
+        for _ in range(args.repeats):  # interleaved rounds: drift hits none and the methods alike
+            for method, outs in runs.items():
+                outs.append(generate_once(net, prompts, method, decoding, dparams, args))
+        for method, outs in runs.items():
+            rows.append(record(method, decoding, dparams, outs, runs["none"]))
 
     print()
     print(format_table(rows))
@@ -277,9 +336,11 @@ def format_table(rows: list[dict]) -> str:
     import pandas as pd
 
     cols = ["method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
-            "peak_mem_gb", "mem_vs_none", "agreement"]
+            "attainable_speedup", "attainable_efficiency", "peak_mem_gb", "mem_vs_none", "agreement"]
     df = pd.DataFrame(rows)[cols].rename(columns={"wall_s": "wall s", "tokens_per_s": "tokens/s",
-                                                  "speedup": "speedup vs none", "ideal_speedup": "ideal speedup"})
+                                                  "speedup": "speedup vs none", "ideal_speedup": "ideal speedup",
+                                                  "attainable_speedup": "attainable speedup",
+                                                  "attainable_efficiency": "attainable efficiency"})
     try:
         import tabulate  # noqa: F401
 

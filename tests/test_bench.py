@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"method", "decoding", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "peak_mem_gb", "agreement"}
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
+
+KEYS = {"method", "decoding", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "attainable_speedup",
+        "attainable_efficiency", "peak_mem_gb", "agreement"}
 CORE = {"dkv_decode", "dkv_greedy", "d2cache"}
 
 
@@ -30,8 +35,13 @@ def test_bench_smoke_writes_json_rows(tmp_path):
         assert row["repeats"] == 2
         assert row["tokens_per_s"] > 0 and row["ideal_speedup"] >= 1 and 0 <= row["agreement"] <= 1
         assert math.isclose(row["efficiency"], row["speedup"] / row["ideal_speedup"], rel_tol=1e-9)
-        # bare forward times at 1, 32 and all P + G = 48 active rows
-        assert set(row["bare_forward_ms"]) == {"1", "32", "48"} and min(row["bare_forward_ms"].values()) > 0
+        assert math.isclose(row["attainable_efficiency"], row["speedup"] / row["attainable_speedup"], rel_tol=1e-9)
+        # Same nfe as none (one token per step) and fewer rows: a fixed cost per forward can only
+        # pull the attainable speedup below the linear-layer bound, never above it or below 1.
+        assert row["nfe"] == 32 and 1 <= row["attainable_speedup"] <= row["ideal_speedup"] * (1 + 1e-9)
+        # bare forward times from 1 to all P + G = 48 active rows, and their affine fit
+        assert set(row["bare_forward_ms"]) == {"1", "8", "32", "48"} and min(row["bare_forward_ms"].values()) > 0
+        assert row["forward_fixed_ms"] >= 0 and row["forward_per_row_ms"] >= 0
     methods = [r["method"] for r in rows]
     assert CORE <= set(methods)
     # one none per decoding, each compared method sits with the none of its own decoding
@@ -41,6 +51,7 @@ def test_bench_smoke_writes_json_rows(tmp_path):
         assert row["decoding"] in nones
         if row["method"] == "none":
             assert row["speedup"] == 1 and row["agreement"] == 1 and row["ideal_speedup"] == 1
+            assert row["attainable_speedup"] == 1
         else:
             assert row["ideal_speedup"] > 1
     assert "low_confidence" in next(r for r in rows if r["method"] == "dkv_decode")["decoding"]
@@ -53,3 +64,47 @@ def test_bench_rejects_unknown_method(tmp_path):
     proc = run_bench("--methods", "dkv_decode,bogus", tmp_path=tmp_path)
     assert proc.returncode != 0
     assert "bogus" in proc.stderr and "d2cache" in proc.stderr
+
+
+def test_forward_cost_fit_recovers_an_affine_cost_and_never_goes_negative():
+    exact = bench.ForwardCost.fit({1: 10.5, 32: 26.0, 512: 266.0})
+    assert math.isclose(exact.fixed_ms, 10.0) and math.isclose(exact.per_row_ms, 0.5)
+    # noise that makes more rows look cheaper gives a flat cost, not a negative one
+    flat = bench.ForwardCost.fit({1: 5.0, 8: 4.0})
+    assert flat.per_row_ms == 0 and math.isclose(flat.fixed_ms, 4.5)
+    steep = bench.ForwardCost.fit({1: 0.1, 100: 100.0, 200: 220.0})
+    assert steep.fixed_ms == 0 and steep.per_row_ms > 0
+
+
+def test_attainable_speedup_is_the_modelled_time_ratio():
+    from dllm.decoding.loop import GenerationOutput
+
+    def run(nfe, rows_per_forward):
+        layers = 4
+        return GenerationOutput(tokens=None, nfe=nfe, active_token_layers=nfe * rows_per_forward * layers,
+                                total_token_layers=nfe * 512 * layers, seconds=1.0, peak_mem_gb=0.0)
+
+    cost = bench.ForwardCost(fixed_ms=20.0, per_row_ms=0.5)
+    full, cached = run(256, 512), run(256, 32)
+    assert math.isclose(cost.run_ms(full, 4, 1), 256 * (20 + 256))
+    attainable = cost.run_ms(full, 4, 1) / cost.run_ms(cached, 4, 1)
+    assert math.isclose(attainable, 276 / 36) and attainable < cached.ideal_speedup == 16
+    # without a fixed cost the attainable speedup is the linear-layer bound
+    assert math.isclose(bench.ForwardCost(0.0, 0.5).run_ms(full, 4, 1) / bench.ForwardCost(0.0, 0.5).run_ms(cached, 4, 1),
+                        cached.ideal_speedup)
+
+
+def test_repeats_run_in_interleaved_rounds(monkeypatch):
+    calls = []
+    real = bench.generate_once
+
+    def recording(net, prompts, method, decoding, dparams, args, gen_length=None):
+        calls.append((method, gen_length))
+        return real(net, prompts, method, decoding, dparams, args, gen_length)
+
+    monkeypatch.setattr(bench, "generate_once", recording)
+    rows = bench.main(["--preset", "smoke", "--repeats", "3", "--methods", "dual,prefix"])
+    timed = [method for method, gen_length in calls if gen_length is None]
+    assert [method for method, gen_length in calls if gen_length is not None] == ["none", "dual", "prefix"]  # warm-ups
+    assert timed == ["none", "dual", "prefix"] * 3
+    assert [r["method"] for r in rows] == ["none", "dual", "prefix"] and all(r["repeats"] == 3 for r in rows)

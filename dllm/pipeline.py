@@ -89,6 +89,7 @@ def local_or_repo_path(path: str) -> str:
 
 def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     from dllm.models.loading import load_model, resolve_checkpoint
+    from dllm.models.packed import pack_linear_weights
     from dllm.models.tokenization import load_tokenizer
 
     if cfg.model.tiny and not cfg.model.path:
@@ -99,6 +100,7 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     else:
         folder = resolve_checkpoint(local_or_repo_path(str(cfg.model.path)), cfg.model.revision)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
+    pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
     return net, load_tokenizer(folder, cfg.model.trust_remote_code)
 
 

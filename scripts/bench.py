@@ -48,6 +48,7 @@ from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
+from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.transformer import KVStore, ModelArgs, Transformer  # noqa: E402
 
 PRESETS = {
@@ -151,7 +152,7 @@ def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed
         # Real checkpoints never predict the mask token; with random weights it could win the argmax
         # and leave a "decoded" position masked. A zero row (logit 0) loses to the max of the others.
         net.output.weight[margs.mask_token_id] = 0
-    return net.eval()
+    return net.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
@@ -160,7 +161,7 @@ def forward_seconds(net: Transformer, args: argparse.Namespace, rows: int, repea
     over all P + G stored keys (no decoding, no LM head)."""
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
-    store = KVStore(net.args, B, T, device, net.output.weight.dtype)
+    store = KVStore(net.args, B, T, device, net.dtype)
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
     index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
     tokens = torch.full((B, rows), net.args.mask_token_id, device=device)
@@ -251,9 +252,11 @@ def main(argv=None) -> list[dict]:
     net = build_model(margs, args.device, dtype, args.seed)
     prompts = make_prompts(args, margs)
     n_params = sum(p.numel() for p in net.parameters())
+    packed = pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     print(f"# preset={args.preset} family={args.family} params={n_params / 1e6:.1f}M device={args.device} "
-          f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"packed_weights={packed}")
     print(f"# batch={args.batch_size} prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
           f"warmup={args.warmup} repeats={args.repeats} (model built in {time.perf_counter() - t0:.1f}s)",
           flush=True)
@@ -287,7 +290,7 @@ def main(argv=None) -> list[dict]:
             decoding_params=dparams, preset=args.preset, family=args.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
-            threads=torch.get_num_threads(), repeats=len(outs), torch=torch.__version__,
+            threads=torch.get_num_threads(), packed_weights=packed, repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
             forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dllm.models.packed import pack_linear_weights
 from dllm.models.transformer import ModelArgs, Transformer
 
 FAMILIES = ("llada", "dream")
@@ -120,4 +121,20 @@ def make_prompts():
 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
+    return request.param
+
+
+WEIGHTS = ("dense", "packed")
+
+
+def with_weights(net: Transformer, weights: str) -> Transformer:
+    """``net`` as is ("dense") or with its linear weights prepacked, as the pipeline runs a float32
+    model on CPU ("packed"; skips the test where oneDNN is not available)."""
+    if weights == "packed" and not pack_linear_weights(net):
+        pytest.skip("no oneDNN weight packing for this torch build / dtype")
+    return net
+
+
+@pytest.fixture(params=WEIGHTS)
+def weights(request) -> str:
     return request.param

@@ -17,6 +17,8 @@ from dllm.decoding.base import build_decoder
 from dllm.decoding.loop import generate
 from dllm.models.transformer import ModelArgs, Transformer
 
+from conftest import WEIGHTS, with_weights
+
 VOCAB, MASK, PAD, EOS = 64, 63, 0, 1
 FAMILIES = ("llada", "dream")
 PROMPT_1 = [[5, 9, 14, 3, 22, 7, 31, 12, 40, 8]]  # batch 1, 10 tokens
@@ -53,9 +55,10 @@ def make_net(family: str, seed: int = 0, n_layers: int = 2) -> Transformer:
     return net
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, w) for f in FAMILIES for w in WEIGHTS], ids="-".join)
 def net(request) -> Transformer:
-    return make_net(request.param)
+    family, weights = request.param
+    return with_weights(make_net(family), weights)
 
 
 def decoder_for(name: str, steps: int = 16, block_length: int | None = 8, **kw):

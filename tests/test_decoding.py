@@ -12,6 +12,8 @@ from dllm.decoding.base import DecodeContext, build_decoder, decoder_names, llad
 from dllm.decoding.density import certainty_density
 from dllm.decoding.loop import generate
 
+from conftest import with_weights
+
 @pytest.fixture
 def net_of(make_args, make_net):
     """A tiny model of each family with peaked predictions (built once per test)."""
@@ -176,9 +178,9 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", BATCHABLE, ids=[_id(c) for c in BATCHABLE])
-def test_left_padded_batch_equals_one_by_one(family, case, net_of, make_prompts):
+def test_left_padded_batch_equals_one_by_one(family, weights, case, net_of, make_prompts):
     name, params = case
-    net = net_of(family)
+    net = with_weights(net_of(family), weights)
     prompts = make_prompts([7, 3, 5], seed=11)
     batch = generate(net, prompts, build_decoder(name, **params), build_cache("none"), GEN).tokens
     for row, prompt in enumerate(prompts):

@@ -11,7 +11,7 @@ from dllm.cache.dllm_cache import FeatureReuse
 from dllm.decoding.base import build_decoder
 from dllm.decoding.loop import generate
 
-from conftest import MASK_ID, random_prompts, tiny_args, tiny_net
+from conftest import MASK_ID, random_prompts, tiny_args, tiny_net, with_weights
 
 GEN = 16
 
@@ -21,8 +21,8 @@ def low_confidence():
 
 
 @pytest.mark.parametrize("lengths", [(7,), (7, 3, 10)])
-def test_refresh_every_step_reproduces_none(family, lengths):
-    net = tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,))
+def test_refresh_every_step_reproduces_none(family, weights, lengths):
+    net = with_weights(tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,)), weights)
     prompts = random_prompts(lengths)
     base = generate(net, prompts, low_confidence(), build_cache("none"), GEN)
     forced = generate(net, prompts, low_confidence(), build_cache("dllm_cache", prompt_interval=1, response_interval=1), GEN)
@@ -30,9 +30,9 @@ def test_refresh_every_step_reproduces_none(family, lengths):
     assert forced.recompute_ratio == 1.0
 
 
-def test_padding_is_masked_batch_equals_one_by_one(family):
+def test_padding_is_masked_batch_equals_one_by_one(family, weights):
     """The reference never masks padding; here a padded row decodes exactly as it does alone."""
-    net = tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,))
+    net = with_weights(tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,)), weights)
     prompts = random_prompts((7, 3, 10))
     method = lambda: build_cache("dllm_cache", prompt_interval=8, response_interval=4)  # noqa: E731
     batch = generate(net, prompts, low_confidence(), method(), GEN)

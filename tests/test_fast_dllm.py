@@ -8,7 +8,7 @@ from dllm.cache.base import build_cache
 from dllm.decoding.base import StepPlan, build_decoder
 from dllm.decoding.loop import generate
 
-from conftest import MASK_ID, random_prompts, tiny_args, tiny_net
+from conftest import MASK_ID, random_prompts, tiny_args, tiny_net, with_weights
 
 GEN, BLOCK = 16, 8
 
@@ -23,8 +23,8 @@ def decoders():
 @pytest.mark.parametrize("method", ["prefix", "dual"])
 @pytest.mark.parametrize("decoding", ["low_confidence", "threshold"])
 @pytest.mark.parametrize("lengths", [(7,), (7, 3, 10)])
-def test_refresh_every_step_reproduces_none(family, method, decoding, lengths):
-    net = tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,))
+def test_refresh_every_step_reproduces_none(family, weights, method, decoding, lengths):
+    net = with_weights(tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,)), weights)
     prompts = random_prompts(lengths)
     make = decoders()[decoding]
     base = generate(net, prompts, make(), build_cache("none"), GEN)

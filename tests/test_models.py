@@ -12,7 +12,10 @@ from dllm.cache.base import build_cache
 from dllm.decoding.base import build_decoder
 from dllm.decoding.loop import generate, pack
 from dllm.models import dream, llada
+from dllm.models.packed import PackedLinear, pack_linear_weights
 from dllm.models.transformer import KVStore
+
+from conftest import with_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -234,9 +237,9 @@ def test_active_subset_equals_full_forward(family, make_args, make_net, make_pro
 
 
 @pytest.mark.parametrize("want_attention", [False, True])
-def test_ragged_active_subset_with_trash_slot(family, want_attention, make_args, make_net, make_prompts):
+def test_ragged_active_subset_with_trash_slot(family, weights, want_attention, make_args, make_net, make_prompts):
     """Rows with different active counts are padded to slot T (as loop.py does) without mixing."""
-    net = make_net(make_args(family), seed=16)
+    net = with_weights(make_net(make_args(family), seed=16), weights)
     args = net.args
     prompts = make_prompts([13, 9, 11], seed=17)
     tokens, mask = left_padded(prompts, args.pad_token_id)
@@ -383,3 +386,34 @@ def test_inference_forward_equals_the_autograd_forward(family, make_args, make_n
     assert torch.equal(inference, training)
     training.sum().backward()
     assert net.layers[0].ffn.w_gate.weight.grad is not None
+
+
+# ------------------------------------------------------------------ prepacked weights (CPU inference)
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_packed_weights_compute_the_dense_forward(family, tie, make_args, make_net, make_prompts):
+    """Every linear layer (Dream's q/k/v biases, a tied LM head included) prepacked for oneDNN gives
+    the dense model's logits to float32 rounding, on a left-padded batch and on a cached subset."""
+    dense = make_net(make_args(family, tie_embeddings=tie), seed=23)
+    packed = with_weights(make_net(make_args(family, tie_embeddings=tie), seed=23), "packed")
+    n_linear = 7 * dense.args.n_layers + 1
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == n_linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert packed.device == dense.device and packed.dtype == torch.float32
+    tokens, mask = left_padded(make_prompts([11, 6, 9], seed=24), dense.args.pad_token_id)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens, attention_mask=mask), dense(tokens, attention_mask=mask),
+                                   atol=1e-5, rtol=1e-5)
+        real = mask.bool()
+        store_d, full_d, x, positions, key_mask = filled_store(dense, tokens, real)
+        store_p, full_p, *_ = filled_store(packed, tokens, real)
+        index = torch.tensor([[10, 3], [10, 8], [2, 9]])
+        sub_d, _ = dense.hidden(x.gather(1, index), positions.gather(1, index), key_mask, store_d, index)
+        sub_p, _ = packed.hidden(x.gather(1, index), positions.gather(1, index), key_mask, store_p, index)
+    torch.testing.assert_close(sub_p, sub_d, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_leaves_other_dtypes_dense(make_args, make_net):
+    net = make_net(make_args("dream"), seed=25, dtype=torch.bfloat16)
+    assert pack_linear_weights(net) is False
+    assert not any(isinstance(m, PackedLinear) for m in net.modules())

@@ -194,3 +194,17 @@ def test_random_twins_are_built_on_first_use(family, offline):
     assert net.args.family == family and net.args.dim == 64  # tiny.DEFAULT_SHAPE, not the trained 128
     assert list((offline / "dllm").iterdir()), "nothing was built under $DLLM_CACHE"
     assert tokenizer.chat_template
+
+
+@pytest.mark.parametrize("dtype,packed", [("float32", True), ("bfloat16", False)])
+def test_pipeline_prepacks_float32_weights_on_cpu(dtype, packed):
+    """The run's model: linear weights prepacked for oneDNN in float32 on CPU, dense otherwise."""
+    from dllm.models.packed import PackedLinear, can_pack
+    from dllm.pipeline import load_model_and_tokenizer, plan_run
+
+    if packed and not can_pack(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN weight packing in this torch build")
+    cfg = compose("model=tiny_llada", "device=cpu", f"dtype={dtype}")
+    net, _ = load_model_and_tokenizer(cfg, plan_run(cfg))
+    assert any(isinstance(m, PackedLinear) for m in net.modules()) is packed
+    assert any(isinstance(m, torch.nn.Linear) for m in net.modules()) is not packed

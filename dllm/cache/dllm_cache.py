@@ -22,15 +22,17 @@ from torch import Tensor
 
 from dllm.decoding.base import top_n_mask
 from dllm.decoding.loop import pack
-from dllm.models.transformer import Block, LayerHook, put_rows, take_rows
+from dllm.models.transformer import Block, LayerHook, ModelArgs, put_rows, take_rows
 
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
 
 
-def value_share(block: Block) -> float:
-    """The value projection's fraction of a row's linear-layer work in ``block``."""
-    linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    return block.attn.wv.weight.numel() / linear
+def value_share(args: ModelArgs) -> float:
+    """The value projection's fraction of a row's linear-layer work in one block (from the shapes,
+    so that it holds for dense and prepacked weights alike)."""
+    q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    linear = args.dim * (q_width + 2 * kv_width) + q_width * args.dim + 3 * args.dim * args.ffn_dim
+    return args.dim * kv_width / linear
 
 
 class FeatureReuse(LayerHook):
@@ -60,7 +62,7 @@ class FeatureReuse(LayerHook):
         picked_value = take_rows(value, picked)
         self.write(features["v"], picked_value)
         value_only = int((self.rows_valid & ~chosen).sum())
-        self.token_layers += int(chosen.sum()) + value_only * value_share(block)
+        self.token_layers += int(chosen.sum()) + value_only * value_share(block.attn.args)
         return picked, picked_valid, picked_value  # attention reuses them
 
     def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:

@@ -81,7 +81,7 @@ def generate(
 ) -> GenerationOutput:
     """Decode ``gen_length`` tokens after each prompt (a batch, left-padded here)."""
     args = net.args
-    device = net.output.weight.device
+    device = net.device
     decoder.check(gen_length)
     cache.check(decoder)
     x, real = left_pad(prompts, gen_length, args.mask_token_id, args.pad_token_id, device)
@@ -97,7 +97,7 @@ def generate(
     positions = torch.cat([(real.long().cumsum(1) - 1).clamp(min=0), torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
     key_mask = torch.cat([real, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)[:, None, None, :]
     all_rows = torch.arange(T, device=device).expand(B, T)
-    store = KVStore(args, B, T, device, net.output.weight.dtype)
+    store = KVStore(args, B, T, device, net.dtype)
     nfe = active_token_layers = 0
     trace: list[Tensor] = []
 

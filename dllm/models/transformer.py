@@ -247,6 +247,16 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    # Read off the embedding, which stays a dense parameter even when the linear weights are
+    # prepacked for CPU inference (dllm.models.packed).
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
     def hidden(
         self,
         tokens: Tensor,
@@ -267,7 +277,7 @@ class Transformer(nn.Module):
         a per-layer subset of the rows and reuse cached features for the rest.
         Returns hidden (B, A, dim) and, if asked, per-layer head-averaged attention (B, A, K).
         """
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.tok_embeddings.weight.dtype)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.dtype)
         h = self.tok_embeddings(tokens)
         attention = [] if want_attention else None
         if layer_hook is not None:

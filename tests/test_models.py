@@ -413,6 +413,15 @@ def test_packed_weights_compute_the_dense_forward(family, tie, make_args, make_n
     torch.testing.assert_close(sub_p, sub_d, atol=1e-5, rtol=1e-5)
 
 
+def test_a_packed_model_is_not_saved(tmp_path, make_args, make_net):
+    from dllm.models.loading import save_checkpoint
+
+    net = with_weights(make_net(make_args("llada"), seed=26), "packed")
+    with pytest.raises(ValueError, match="prepacked"):
+        save_checkpoint(net, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_packing_leaves_other_dtypes_dense(make_args, make_net):
     net = make_net(make_args("dream"), seed=25, dtype=torch.bfloat16)
     assert pack_linear_weights(net) is False

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from . import dream, llada
+from .packed import PackedLinear
 from .transformer import ModelArgs, Transformer
 
 FAMILIES: dict[str, ModuleType] = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
@@ -144,6 +145,9 @@ def save_checkpoint(net: Transformer, folder: str | Path, max_shard_bytes: int =
     """Write config.json + (sharded) safetensors with the family's real key names."""
     from safetensors.torch import save_file
 
+    if any(isinstance(m, PackedLinear) for m in net.modules()):
+        raise ValueError("this model's linear weights are prepacked for CPU inference (dllm.models.packed); "
+                         "save the model before pack_linear_weights, or load it again")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = net.args

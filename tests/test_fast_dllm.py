@@ -121,3 +121,28 @@ def test_bad_threshold_settings():
         build_cache("dual", refresh_interval=0)
     with pytest.raises(ValueError, match="gen_length=20 is not divisible by block_length=8"):
         build_decoder("threshold", block_length=8).check(20)
+
+
+COMPOSABLE = ["none", "dkv_decode", "d2cache", "prefix", "dual", "dllm_cache"]
+
+
+@pytest.mark.parametrize("method", COMPOSABLE)
+def test_threshold_decoding_composes_with_cache_methods(family, method):
+    """Parallel decoding under every cache method that can run it: the response is fully decoded,
+    and with the method's refresh forced every step the tokens are none's."""
+    net = tiny_net(tiny_args(family), logit_scale=8.0, silent_ids=(MASK_ID,))
+    prompts = random_prompts((6, 9))
+    make = lambda: build_decoder("threshold", block_length=BLOCK, threshold=0.3)  # noqa: E731
+    out = generate(net, prompts, make(), build_cache(method), GEN)
+    assert not (out.tokens == MASK_ID).any() and out.nfe < GEN
+    forced = {"dkv_decode": dict(refresh_interval=1), "d2cache": dict(refresh_interval=1),
+              "prefix": dict(refresh_interval=1), "dual": dict(refresh_interval=1),
+              "dllm_cache": dict(prompt_interval=1, response_interval=1)}.get(method, {})
+    base = generate(net, prompts, make(), build_cache("none"), GEN)
+    assert torch.equal(generate(net, prompts, make(), build_cache(method, **forced), GEN).tokens, base.tokens)
+
+
+def test_dkv_greedy_refuses_threshold_decoding():
+    """dKV-Cache-Greedy needs the step's positions before the forward; threshold picks them after."""
+    with pytest.raises(ValueError, match="threshold"):
+        build_cache("dkv_greedy").check(build_decoder("threshold", block_length=BLOCK))

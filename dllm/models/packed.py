@@ -7,6 +7,11 @@ that copy; oneDNN with weights reordered once at load time does not. On the 2-co
 ~15 ms instead of 19-26 ms, over 512 rows the same ~170 ms as MKL's; every method, ``none``
 included, runs on the same packed weights.
 
+oneDNN builds (JIT-compiles) a GEMM kernel the first time it sees a row count for a weight
+shape, ~0.5 ms each here, and keeps it in its primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY,
+1024 by default): the first forwards over new row counts are a little slower, and the cache adds
+to the process's resident memory. These are the ops torch's own inductor uses for CPU linears.
+
 The packed weights replace the dense ones (no second copy in memory), so a packed model is for
 inference only: no autograd, no ``state_dict`` of those weights, no ``.to()``. A tied LM head
 gets its own packed copy (the embedding stays dense). Models on other devices or in other dtypes

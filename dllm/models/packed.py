@@ -1,11 +1,12 @@
 """Prepacked linear weights for float32 inference on CPU (oneDNN's blocked weight layout).
 
-Why: a cached denoising step runs every layer on a few dozen rows. At that size MKL's float32
-GEMM, which lays each weight matrix out anew on every call, spends a large share of the call on
-that copy; oneDNN with weights reordered once at load time does not. On the 2-core CPU of
-``scripts/bench.py --preset cpu`` (8 layers, d 512, ffn 1536) the layers' GEMMs over 32 rows take
-~15 ms instead of 19-26 ms, over 512 rows the same ~170 ms as MKL's; every method, ``none``
-included, runs on the same packed weights.
+Why: a cached denoising step runs every layer on a few dozen rows, where a GEMM is bound by
+reading its weights rather than by arithmetic. MKL's float32 GEMM (torch's default on CPU) packs
+panels of the weight matrix inside every call; oneDNN with the weights reordered once at load time
+reads them as they lie. On the 2-core CPU of ``scripts/bench.py --preset cpu`` (8 layers, d 512,
+ffn 1536) the layers' GEMMs over 32 rows take ~15 ms instead of 19-26 ms (a gap of ~4 ms per
+forward at any small row count, about one more pass over the 110 MB of weights), over 512 rows
+the same ~170 ms as MKL's. Every method, ``none`` included, runs on the same packed weights.
 
 oneDNN builds (JIT-compiles) a GEMM kernel the first time it sees a row count for a weight
 shape, ~0.5 ms each here, and keeps it in its primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY,

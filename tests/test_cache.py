@@ -208,6 +208,7 @@ def test_dkv_decode_hand_traced_active_counts():
     assert [int(a.sum()) for a in out.trace] == expected
     assert [int(s["transferred"].sum()) for s in rec.steps] == [1] * 16
     assert out.active_token_layers == sum(expected) * net.args.n_layers
+    assert out.token_layers_per_forward == [n * net.args.n_layers for n in expected] and out.nfe == 16
     # And the sets, not only the counts: masked (all blocks) + decoded last step.
     for s in range(2, 16):
         if s in (4, 8, 9, 12):

@@ -23,6 +23,8 @@ class GenerationOutput:
     seconds: float
     peak_mem_gb: float
     trace: list[Tensor] = field(default_factory=list)  # per step (B, T) bool active positions, if asked
+    #: per forward, its active positions x layers summed over the batch (what the total adds up)
+    token_layers_per_forward: list[float] = field(default_factory=list)
 
     @property
     def recompute_ratio(self) -> float:
@@ -98,7 +100,7 @@ def generate(
     key_mask = torch.cat([real, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)[:, None, None, :]
     all_rows = torch.arange(T, device=device).expand(B, T)
     store = KVStore(args, B, T, device, net.dtype)
-    nfe = active_token_layers = 0
+    per_forward: list[float] = []
     trace: list[Tensor] = []
 
     with measure(device) as cost:
@@ -147,16 +149,16 @@ def generate(
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
-            nfe += 1
-            active_token_layers += hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers
+            per_forward.append(hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers)
             if record_trace:
                 trace.append(active.cpu())
     return GenerationOutput(
         tokens=x[:, ctx.prompt_length : T].clone(),
-        nfe=nfe,
-        active_token_layers=active_token_layers,
-        total_token_layers=nfe * B * T * args.n_layers,
+        nfe=len(per_forward),
+        active_token_layers=sum(per_forward),
+        total_token_layers=len(per_forward) * B * T * args.n_layers,
         seconds=cost.seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,
+        token_layers_per_forward=per_forward,
     )

@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1,
                     help="interleaved rounds of timed generations (none, then each method); medians are "
                          "reported (helps on a shared machine)")
+    ap.add_argument("--dense-weights", action="store_true",
+                    help="keep torch's dense linear weights on CPU instead of prepacking them for oneDNN "
+                         "as the pipeline does (to see what the prepacking buys)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
@@ -252,7 +255,7 @@ def main(argv=None) -> list[dict]:
     net = build_model(margs, args.device, dtype, args.seed)
     prompts = make_prompts(args, margs)
     n_params = sum(p.numel() for p in net.parameters())
-    packed = pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
+    packed = not args.dense_weights and pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     print(f"# preset={args.preset} family={args.family} params={n_params / 1e6:.1f}M device={args.device} "
           f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "

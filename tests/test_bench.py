@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402
+import torch  # noqa: E402
+
+from dllm.models.packed import can_pack  # noqa: E402
 
 KEYS = {"method", "decoding", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "attainable_speedup",
         "attainable_efficiency", "peak_mem_gb", "agreement"}
@@ -108,3 +111,21 @@ def test_repeats_run_in_interleaved_rounds(monkeypatch):
     assert [method for method, gen_length in calls if gen_length is not None] == ["none", "dual", "prefix"]  # warm-ups
     assert timed == ["none", "dual", "prefix"] * 3
     assert [r["method"] for r in rows] == ["none", "dual", "prefix"] and all(r["repeats"] == 3 for r in rows)
+
+
+def test_dense_weights_flag_keeps_torch_linear_layers(monkeypatch):
+    """--dense-weights runs every generation on nn.Linear; by default they run on prepacked weights."""
+    dense_layers = []
+    real = bench.generate_once
+
+    def recording(net, *args, **kwargs):
+        dense_layers.append(any(isinstance(m, torch.nn.Linear) for m in net.modules()))
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "generate_once", recording)
+    rows = bench.main(["--preset", "smoke", "--methods", "dual", "--dense-weights"])
+    assert all(dense_layers) and all(r["packed_weights"] is False for r in rows)
+    if can_pack(torch.device("cpu"), torch.float32):
+        dense_layers.clear()
+        rows = bench.main(["--preset", "smoke", "--methods", "dual"])
+        assert not any(dense_layers) and all(r["packed_weights"] is True for r in rows)

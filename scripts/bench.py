@@ -2,10 +2,12 @@
 """Side-by-side speed of every cache method against ``cache=none``, in one process.
 
 Same prompts, same random weights (``Transformer(ModelArgs(...))`` built in memory with a fixed
-seed, normal init std 0.02), each method with its paper decoding, and ``none`` timed with the
-*same* decoding as the method it is compared with (computed once per decoding and reused)::
+seed, normal init std 0.02; on CPU in float32 the linear weights are prepacked for oneDNN as the
+pipeline does, unless ``--dense-weights``), each method with its paper decoding, and ``none`` timed
+with the *same* decoding as the method it is compared with (computed once per decoding and reused)::
 
-    python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model: ~10 min on 2 cores
+    python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model: ~6 min on 2 cores
+    python scripts/bench.py --preset cpu --repeats 3      # three interleaved rounds, medians: ~16 min
     python scripts/bench.py --preset llada8b              # LLaDA-8B shapes, for a GPU (bf16)
     python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
 

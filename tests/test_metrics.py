@@ -146,3 +146,16 @@ def test_summary_keys_are_run_record_fields():
     from dllm.logging.record import RunRecord
 
     assert set(ThroughputMeter().summary()) <= {f.name for f in fields(RunRecord)}
+
+
+def test_mask_tokens_left_are_counted_per_sample_and_run():
+    """A [MASK] left in a response would vanish from the decoded text (a special token): the
+    record counts them (0 in every valid run; the loop refuses to return any)."""
+    from conftest import MASK_ID
+
+    meter = ThroughputMeter()
+    out = output([[5, MASK_ID, 7, MASK_ID, EOS_ID, EOS_ID], [5, 7, 8, 9, 10, EOS_ID]])
+    stats = meter.add_batch(out, useful_lengths(out.tokens, STOPS), mask_token_id=MASK_ID)
+    assert [s.mask_tokens for s in stats] == [2, 0]
+    meter.add_batch(output([[MASK_ID] * G]), [G], warmup=True, mask_token_id=MASK_ID)  # not counted
+    assert meter.summary()["mask_tokens_left"] == 2

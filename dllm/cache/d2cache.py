@@ -8,7 +8,11 @@ Step 0 is a full forward. After each step the next forward recomputes S1 | S_new
         attention-rollout importance of this step's forward.
 ``refresh_interval`` (off by default, as in the paper) forces periodic full forwards.
 S1 holds max(k, tokens unmasked this step) positions, so a schedule committing more than k
-tokens per step still finds enough freshly predicted candidates.
+tokens per step still finds enough freshly predicted candidates, and it is drawn from the
+decoder's window (the positions it may commit this step): with a block decoder the paper's
+whole-response rule would pick masked positions of later blocks that this step cannot commit
+and leave masks behind. With one block (certainty-prior decoding, the paper's setting) the
+window is the whole response and the rule is the paper's.
 """
 from __future__ import annotations
 
@@ -87,11 +91,14 @@ class D2Cache(CacheMethod):
         if self.refresh_next is None or (self.refresh_interval and view.step % self.refresh_interval == 0):
             return ActiveRequest.everything()
         # Stage 1 is chosen here, not in observe(), so that it covers at least the tokens this
-        # step will unmask (k below the per-step count would otherwise leave masks behind).
+        # step will unmask, where it may unmask them (see the module docstring).
         ctx, masked = self.ctx, view.masked
         known = ctx.real & ~masked
         stage1 = (self.confidence * certainty_density(known, ctx.real, self.sigma, self.density)).float()
-        stage1 = stage1.masked_fill(~masked, float("-inf"))
+        lo, hi = view.plan.window
+        committable = torch.zeros_like(masked)
+        committable[:, lo:hi] = masked[:, lo:hi]
+        stage1 = stage1.masked_fill(~committable, float("-inf"))
         width = min(max(self.k, int(view.plan.n_transfer.max())), stage1.shape[1])
         top = stage1.topk(width, dim=1)
         s1 = torch.zeros_like(masked).scatter(1, top.indices, torch.isfinite(top.values))

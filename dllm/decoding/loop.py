@@ -35,6 +35,30 @@ class GenerationOutput:
         return 1.0 / self.recompute_ratio
 
 
+class IncompleteDecoding(RuntimeError):
+    """A step could not commit what its schedule asks: the generation would keep [MASK] tokens."""
+
+
+def check_committed(step: int, plan, transferred: Tensor, fresh: Tensor, decoder: Decoder, cache: CacheMethod) -> None:
+    """Raise :class:`IncompleteDecoding` if a row committed fewer tokens than ``plan.n_transfer``.
+
+    Only positions with a fresh prediction may be committed; a cache method that recomputes too
+    few of them inside the decoder's window would otherwise end the generation with [MASK]
+    tokens, which the tokenizer drops silently from the scored text.
+    """
+    committed = transferred.sum(1)
+    short = (committed < plan.n_transfer).nonzero().flatten().tolist()
+    if short:
+        row = short[0]
+        lo, hi = plan.window
+        raise IncompleteDecoding(
+            f"step {step}: decoding={decoder.name!r} must commit {int(plan.n_transfer[row])} token(s) in batch row "
+            f"{row}, but cache={cache.name!r} left {int(fresh[row, lo:hi].sum())} freshly predicted masked "
+            f"position(s) in its window [{lo}, {hi}) (rows short: {short}); this combination would end with "
+            "[MASK] tokens in the response"
+        )
+
+
 def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Indices (B, K) of each row's True entries, first ones first, K = the largest count.
 
@@ -146,12 +170,18 @@ def generate(
             proposal = x.scatter(1, target, tokens)[:, :T]
             score = decoder.priority(fresh_conf, masked).masked_fill(fresh_conf.isnan(), float("-inf"))
             transferred = decoder.select(score, plan)
+            check_committed(step, plan, transferred, ~fresh_conf.isnan() & masked, decoder, cache)
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
             per_forward.append(hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers)
             if record_trace:
                 trace.append(active.cpu())
+    left = int((x[:, ctx.prompt_length : T] == args.mask_token_id).sum())
+    if left:
+        raise IncompleteDecoding(
+            f"decoding={decoder.name!r} with cache={cache.name!r} ended with {left} [MASK] token(s) in the response"
+        )
     return GenerationOutput(
         tokens=x[:, ctx.prompt_length : T].clone(),
         nfe=len(per_forward),

@@ -241,11 +241,11 @@ class DllmLM(LM):
             if not self._warmed_up:
                 out = self.generate_batch(prompts, batch_index)
                 _, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
-                self.meter.add_batch(out, useful, warmup=True)
+                self.meter.add_batch(out, useful, warmup=True, mask_token_id=self.net.args.mask_token_id)
                 self._warmed_up = True
             out = self.generate_batch(prompts, batch_index)
             texts, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
-            stats = self.meter.add_batch(out, useful)
+            stats = self.meter.add_batch(out, useful, mask_token_id=self.net.args.mask_token_id)
             for it, raw, st in zip(batch, texts, stats):
                 text = cut_at_stops(raw, it.until)
                 results[it.index] = text
@@ -256,6 +256,7 @@ class DllmLM(LM):
                     "raw_generation": raw,
                     "useful_tokens": st.useful_tokens,
                     "all_tokens": st.all_tokens,
+                    "mask_tokens": st.mask_tokens,
                     "seconds": st.seconds,
                     "batch_nfe": out.nfe,
                     "batch_recompute_ratio": out.recompute_ratio,

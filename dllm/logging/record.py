@@ -85,6 +85,7 @@ class RunRecord:
     recompute_ratio: float | None = None
     ideal_speedup: float | None = None
     peak_mem_gb: float | None = None
+    mask_tokens_left: int | None = None
     status: str = "ok"
     experiment: str | None = None
     run_dir: str | None = None

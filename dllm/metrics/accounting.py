@@ -17,6 +17,7 @@ class SampleStats:
     useful_tokens: int  # response tokens up to and including the first EOS
     all_tokens: int  # response tokens generated for the row (= gen_length G)
     seconds: float  # wall time of the batch the sample was generated in (its latency)
+    mask_tokens: int = 0  # [MASK] tokens left in the response (0 unless a method/decoder is broken)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,6 +48,8 @@ class ThroughputMeter:
     - ``recompute_ratio``: sum of active token-layers / sum of full-forward token-layers over
       batches; ``ideal_speedup`` = 1 / recompute_ratio.
     - ``peak_mem_gb``: max over batches.
+    - ``mask_tokens_left``: [MASK] tokens left in the responses (the denoising loop refuses to
+      return any, so this is 0 in every valid run; the tokenizer would drop them from the text).
 
     Warm-up batches (``warmup=True``) are generated but left out of every total. Fields that
     are undefined while nothing was counted (rates, latencies, ratios, memory) are ``None``.
@@ -61,14 +64,16 @@ class ThroughputMeter:
         self.total_token_layers = 0
         self.peak_mem_gb: float | None = None
 
-    def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False) -> list[SampleStats]:
+    def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False,
+                  mask_token_id: int | None = None) -> list[SampleStats]:
         """Per-row stats of one batch; counted in the totals unless ``warmup``."""
         rows, gen_length = out.tokens.shape
         if len(useful) != rows:
             raise ValueError(f"{len(useful)} useful lengths for a batch of {rows} rows")
         if any(not 0 <= n <= gen_length for n in useful):
             raise ValueError(f"useful lengths {useful} outside [0, {gen_length}]")
-        stats = [SampleStats(int(n), gen_length, out.seconds) for n in useful]
+        masks = (out.tokens == mask_token_id).sum(1).tolist() if mask_token_id is not None else [0] * rows
+        stats = [SampleStats(int(n), gen_length, out.seconds, int(m)) for n, m in zip(useful, masks)]
         if warmup:
             return stats
         self.samples.extend(stats)
@@ -101,4 +106,5 @@ class ThroughputMeter:
             "recompute_ratio": ratio,
             "ideal_speedup": 1 / ratio if ratio else None,
             "peak_mem_gb": self.peak_mem_gb,
+            "mask_tokens_left": sum(s.mask_tokens for s in self.samples),
         }

@@ -147,7 +147,7 @@ class Attention(nn.Module):
             out = probs.to(v.dtype) @ v.reshape(B * a.n_kv_heads, K, a.head_dim)
             out = out.view(B, a.n_heads, A, a.head_dim)
             head_mean = probs.view(B, a.n_heads, A, K).mean(1)
-        return self.wo(out.transpose(1, 2).reshape(B, A, -1)), head_mean
+        return self.wo(out.transpose(1, 2).reshape(B, A, a.n_heads * a.head_dim)), head_mean
 
 
 class FeedForward(nn.Module):

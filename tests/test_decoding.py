@@ -105,6 +105,56 @@ def test_dream_schedule_hand_computed():
     assert not left.any()
 
 
+# --------------------------------------------------------------------------- confidences
+
+# Logits over a 4-token vocabulary whose last id is [MASK]; softmax denominators by hand:
+# row 0: e^2 + e^1 + e^0 + e^1 (the [MASK] logit counts, as in LLaDA's and Dream's code);
+# row 1: [MASK] has the largest logit but is never chosen: the token is id 1 (logit 2).
+REF_LOGITS = torch.tensor([[2.0, 1.0, 0.0, 1.0], [0.0, 2.0, 1.0, 3.0]])
+REF_MASK = 3
+
+
+def _probs(row):
+    z = sum(math.exp(v) for v in row)
+    return [math.exp(v) / z for v in row]
+
+
+def _propose(name, **params):
+    decoder = build_decoder(name, steps=1, **params)
+    decoder.start(context(2, 1, 1, mask_id=REF_MASK))
+    return decoder.propose(REF_LOGITS.clone())
+
+
+@pytest.mark.parametrize("name", ["low_confidence", "certainty_prior", "threshold"])
+def test_llada_confidence_is_the_full_softmax(name):
+    tokens, confidence = _propose(name, **({"block_length": 1} if name == "threshold" else {}))
+    p0, p1 = _probs([2, 1, 0, 1]), _probs([0, 2, 1, 3])
+    assert tokens.tolist() == [0, 1]
+    assert confidence.tolist() == pytest.approx([p0[0], p1[1]], rel=1e-12)
+    assert confidence[0] < 1 / (1 + math.exp(-1) + math.exp(-2))  # not p / (1 - p_mask)
+
+
+def test_dream_confidences_are_the_full_softmax():
+    p0, p1 = _probs([2, 1, 0, 1]), _probs([0, 2, 1, 3])
+    tokens, chosen = _propose("dream", alg="maskgit_plus")
+    assert tokens.tolist() == [0, 1]
+    assert chosen.tolist() == pytest.approx([p0[0], p1[1]], rel=1e-6)
+    _, margin = _propose("dream", alg="topk_margin")  # top-1 minus top-2 of the whole distribution
+    assert margin.tolist() == pytest.approx([p0[0] - p0[1], p1[3] - p1[1]], rel=1e-6)
+    _, neg_entropy = _propose("dream", alg="entropy")
+    expected = [sum(q * math.log(q + 1e-10) for q in p) for p in (p0, p1)]
+    assert neg_entropy.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dream_top_k_filters_before_the_softmax():
+    """top_k=2 keeps the logits >= the 2nd largest: {2, 1, 1} of row 0 (a tie: [MASK]'s 1 stays) and
+    {3, 2} of row 1, as Dream's top_k_logits does; the softmax runs over what is kept."""
+    _, chosen = _propose("dream", alg="maskgit_plus", top_k=2)
+    z0 = math.exp(2) + 2 * math.exp(1)
+    z1 = math.exp(3) + math.exp(2)
+    assert chosen.tolist() == pytest.approx([math.exp(2) / z0, math.exp(2) / z1], rel=1e-6)
+
+
 # --------------------------------------------------------------------------- certainty density
 
 

@@ -91,7 +91,12 @@ class Decoder(ABC):
 
     @abstractmethod
     def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokens (…,) and confidences (…,) from logits (…, V) of masked positions."""
+        """Tokens (…,) and confidences (…,) from logits (…, V) of masked positions.
+
+        As in LLaDA's and Dream's own generation code, confidences come from the softmax over the
+        whole vocabulary, [MASK] included; only the token choice excludes [MASK] (committing it
+        would leave the position masked and break every schedule).
+        """
 
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         """Ranking score (B, T) of positions given their fresh confidence (NaN where stale)."""
@@ -117,6 +122,13 @@ def llada_transfer_counts(n_masked: Tensor, steps: int) -> Tensor:
     remainder = n_masked % steps
     extra = torch.arange(steps, device=n_masked.device)[None, :] < remainder[:, None]
     return base[:, None] + extra.long()
+
+
+def exclude_token(logits: Tensor, token: int) -> Tensor:
+    """A copy of ``logits`` in which ``token`` can never be chosen (its logit -inf)."""
+    logits = logits.clone()
+    logits[..., token] = float("-inf")
+    return logits
 
 
 def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

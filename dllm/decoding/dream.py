@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, register_decoder
+from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -74,6 +74,8 @@ class DreamDecoder(Decoder):
         return StepPlan(window, n_transfer, 0, step)
 
     def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        # Dream's sample_tokens: temperature, top-p, top-k and the softmax over the whole
+        # vocabulary ([MASK] included); only the choice of the token excludes [MASK].
         logits = logits.float()
         if self.temperature > 0:
             logits = logits / self.temperature
@@ -82,11 +84,12 @@ class DreamDecoder(Decoder):
         if self.top_k is not None:
             logits = filter_top_k(logits, self.top_k)
         probs = logits.softmax(-1)
+        choosable = exclude_token(logits, self.ctx.mask_token_id)
         if self.temperature > 0:
-            flat = probs.reshape(-1, probs.shape[-1])
+            flat = choosable.softmax(-1).reshape(-1, probs.shape[-1])
             tokens = torch.multinomial(flat, 1, generator=self.ctx.generator).view(probs.shape[:-1])
         else:
-            tokens = probs.argmax(-1)
+            tokens = choosable.argmax(-1)
         chosen = probs.gather(-1, tokens[..., None]).squeeze(-1)
         if self.alg == "topk_margin":
             top2 = probs.topk(2, dim=-1).values

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, gumbel_argmax, llada_transfer_counts, register_decoder, top_n_mask
+from .base import DecodeContext, Decoder, StepPlan, exclude_token, gumbel_argmax, llada_transfer_counts, register_decoder, top_n_mask
 
 
 class BlockDecoder(Decoder):
@@ -29,7 +29,8 @@ class BlockDecoder(Decoder):
         """Hook for policies that fix something per block (the random order)."""
 
     def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = gumbel_argmax(logits, self.temperature, self.ctx.generator)
+        tokens = gumbel_argmax(exclude_token(logits, self.ctx.mask_token_id), self.temperature, self.ctx.generator)
+        # LLaDA's confidence: the noise-free float64 softmax over the whole vocabulary.
         probs = torch.softmax(logits.double(), dim=-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
 

@@ -161,8 +161,6 @@ def generate(
             wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
             wanted_rows, wanted_valid = pack(wanted)
             logits = net.output(take_rows(hidden, wanted_rows))
-            # Committing [MASK] would leave the position masked and break every schedule.
-            logits[..., args.mask_token_id] = float("-inf")
             tokens, confidence = decoder.propose(logits)
             target = target.gather(1, wanted_rows).masked_fill(~wanted_valid, T)
             fresh_conf = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=device)

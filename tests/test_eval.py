@@ -152,12 +152,34 @@ def test_humaneval_local_runs_code_only_with_opt_in(monkeypatch, tmp_path):
         return body + "\ndef broken(:\n"
 
     row, samples = run_scripted(
-        monkeypatch, tmp_path, respond, "task=humaneval_local", "task.allow_code_execution=true", "task.gen_length=256"
+        monkeypatch, tmp_path, respond, "task=humaneval_local", "task.allow_code_execution=true", "task.gen_length=256",
+        "task.code_scoring=raw",
     )
     assert row["accuracy_metric"] == "pass@1,create_test"
+    assert row["lm_eval_task"] == "humaneval_local" and row["code_scoring"] == "raw"
     assert row["accuracy"] == pytest.approx(0.6)
     assert sorted((s["doc_id"], s["correct"]) for s in samples) == [
         (0, True), (1, True), (2, True), (3, False), (4, False)
+    ]
+
+
+def test_humaneval_local_scores_chat_answers_of_instruct_models(monkeypatch, tmp_path):
+    """An instruct model (code_scoring auto -> sanitize) answering the chat way: prose, the whole
+    function in a python fence, an example call; no stop string may cut it at "\ndef"."""
+    docs = rows("humaneval_test")
+
+    def respond(prompt):
+        i = doc_in(prompt, docs, "prompt")
+        body = docs[i]["canonical_solution"] if i != 1 else "    pass\n"
+        return f"Here is the completed function:\n```python\n{docs[i]['prompt']}{body}\n\nprint(1)\n```\nDone."
+
+    row, samples = run_scripted(
+        monkeypatch, tmp_path, respond, "task=humaneval_local", "task.allow_code_execution=true", "task.gen_length=384"
+    )
+    assert row["lm_eval_task"] == "humaneval_local_sanitized" and row["code_scoring"] == "sanitize"
+    assert row["accuracy"] == pytest.approx(0.8)
+    assert sorted((s["doc_id"], s["correct"]) for s in samples) == [
+        (0, True), (1, False), (2, True), (3, True), (4, True)
     ]
 
 
@@ -336,17 +358,11 @@ def test_every_task_config_names_a_known_lm_eval_task():
     assert "dllm_minerva_math" in math_tasks.all_tasks  # the full-MATH option of task=math
 
 
-def test_math_verify_is_reported_only_when_installed(monkeypatch):
-    import types
-
+def test_math_verify_is_always_reported():
     from dllm.eval import math_scoring
 
     doc = math_scoring.process_doc({"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$"})
-    right = "Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct."
-    monkeypatch.setitem(sys.modules, "math_verify", None)  # not installed: import fails
-    assert math_scoring.process_results(doc, [right]) == {"exact_match": 1}
-    fake = types.SimpleNamespace(parse=lambda s: s, verify=lambda gold, target: "frac{1}{2}" in target)
-    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    right = "Final Answer: The final answer is $0.5$. I hope it is correct."
     assert math_scoring.process_results(doc, [right]) == {"exact_match": 1, "math_verify": 1}
     assert math_scoring.process_results(doc, ["Final Answer: The final answer is $3$."]) == {
         "exact_match": 0, "math_verify": 0

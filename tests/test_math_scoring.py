@@ -168,8 +168,22 @@ def test_time_limit_keeps_an_outer_timer():
             signal.setitimer(signal.ITIMER_REAL, *saved)
 
 
+# Equivalent answer pairs a string match misses (the default install scores them with
+# latex2sympy2_extended and math-verify, both dependencies).
+EQUIVALENT = [
+    ("0.5", "\\frac12"), ("\\dfrac12", "\\frac{1}{2}"), ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"),
+    ("\\frac{-2}{3}", "-\\frac{2}{3}"), ("\\pi/2", "\\frac{\\pi}{2}"), ("(x+1)^2", "x^2+2x+1"), ("\\frac{3}{4}", "0.75"),
+    ("2\\sqrt{3}", "\\sqrt{12}"), ("\\tfrac{1}{3}", "\\frac13"), ("-\\frac{1}{4}", "-0.25"), ("\\frac{\\pi}{6}", "\\pi/6"),
+]
+
+
+@pytest.mark.parametrize("answer, gold", EQUIVALENT)
+def test_equivalent_answers_score_by_default(answer, gold):
+    doc = ms.process_doc({"problem": "p", "solution": f"so $\\boxed{{{gold}}}$"})
+    assert ms.process_results(doc, [FINAL.format(f"${answer}$")]) == {"exact_match": 1, "math_verify": 1}
+
+
 def test_latex2sympy_equivalences():
-    pytest.importorskip("latex2sympy2_extended")
     assert ms.answers_match("0.5", "\\frac{1}{2}")
     assert ms.answers_match("\\dfrac{1}{2}", "\\frac{1}{2}")
     assert ms.answers_match("0.50", "0.5")
@@ -204,18 +218,17 @@ def test_doc_to_text_and_process_doc():
         ("", 0),
     ],
 )
-def test_process_results(monkeypatch, generation, correct):
-    monkeypatch.setitem(sys.modules, "math_verify", None)  # math-verify absent: exact_match only
+def test_process_results(generation, correct):
     doc = ms.process_doc({"problem": "p", "solution": "The total is $\\boxed{10,000}$."})
-    assert ms.process_results(doc, [generation]) == {"exact_match": correct}
+    scores = ms.process_results(doc, [generation])
+    assert scores["exact_match"] == correct and set(scores) == {"exact_match", "math_verify"}
 
 
-def test_process_results_fraction(monkeypatch):
-    monkeypatch.setitem(sys.modules, "math_verify", None)
+def test_process_results_fraction():
     doc = ms.process_doc({"problem": "p", "solution": "So $p = \\boxed{\\dfrac{2}{3}}$."})
     assert doc["answer"] == "\\dfrac{2}{3}"
-    assert ms.process_results(doc, [FINAL.format("$\\dfrac23$")]) == {"exact_match": 1}
-    assert ms.process_results(doc, [FINAL.format("$\\dfrac{3}{2}$")]) == {"exact_match": 0}
+    assert ms.process_results(doc, [FINAL.format("$\\dfrac23$")]) == {"exact_match": 1, "math_verify": 1}
+    assert ms.process_results(doc, [FINAL.format("$\\dfrac{3}{2}$")]) == {"exact_match": 0, "math_verify": 0}
 
 
 # --- agreement with lm-eval's minerva_math functions -----------------------------------------

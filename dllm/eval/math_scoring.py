@@ -17,11 +17,11 @@ How an answer is scored:
    ``\\frac12`` / ``\\sqrt2`` shorthands and remove thousands separators.
 3. *Equivalence* (:func:`answers_match`): equal normalised strings, else sympy finds the
    difference of the two parsed expressions to be zero. lm-eval parses with sympy's
-   ``parse_latex`` (antlr 4.11); we use ``latex2sympy2_extended`` (the ``math`` extra, antlr
-   4.9.3). Without it, only equal strings match.
+   ``parse_latex`` (antlr 4.11); we use ``latex2sympy2_extended`` (a dependency, antlr
+   4.9.3, which installs beside hydra-core).
 
-``math_verify`` (Hugging Face's math-verify, also the ``math`` extra) is reported beside
-``exact_match`` when installed, on the raw generation and solution, as lm-eval does.
+``math_verify`` (Hugging Face's math-verify, a dependency) is reported beside ``exact_match``,
+on the raw generation and solution, as lm-eval does.
 
 Where ``exact_match`` can differ from lm-eval's (extraction and normalisation agree exactly;
 tests/test_math_scoring.py checks them against lm-eval's installed functions):
@@ -31,7 +31,6 @@ tests/test_math_scoring.py checks them against lm-eval's installed functions):
   2 * 1/2 and ``\\tfrac{8\\pi}5``; latex2sympy2_extended reads lists as sets (never equal to a
   different string: sets and tuples do not subtract to 0), mixed numbers as 5/2, and cannot
   read that ``\\tfrac``; it accepts base-n subscripts like ``3032_5`` and ``.5``;
-* without latex2sympy2_extended there is no symbolic step at all (0.5 vs \\frac{1}{2} fails);
 * a gold solution without ``\\boxed{}`` (or with only ``\\fbox{}``) crashes lm-eval's
   ``process_docs``; here it gets the gold "" (never matched) or the ``\\fbox`` content;
 * off the main thread lm-eval's SIGALRM timeout fails and every non-identical pair scores 0;
@@ -233,12 +232,9 @@ def _time_limit(seconds: float):
 
 @functools.lru_cache(maxsize=1)
 def _latex_parser():
-    """``latex2sympy2_extended``'s parser, or None when the ``math`` extra is not installed."""
-    try:
-        from latex2sympy2_extended import NormalizationConfig, latex2sympy
-    except Exception:  # noqa: BLE001 - missing, or an antlr runtime it cannot use
-        log.info("latex2sympy2_extended unavailable: MATH answers match only as equal strings")
-        return None
+    """``latex2sympy2_extended``'s parser, configured as close to sympy's ``parse_latex`` as it goes."""
+    from latex2sympy2_extended import NormalizationConfig, latex2sympy
+
     # Closest to sympy's parse_latex, which lm-eval uses: only the package's basic clean-up
     # (\left( -> (, \dfrac -> \frac, ...), no unboxing or unit stripping of its own (Minerva's
     # rules did that already), and case-sensitive symbols (X is not x).
@@ -258,10 +254,8 @@ def _latex_parser():
 
 def symbolically_equal(a: str, b: str, timeout_s: int = SYMBOLIC_TIMEOUT_S) -> bool:
     """sympy simplifies parse(a) - parse(b) to 0 within ``timeout_s``; False on any failure
-    (unparsable, not subtractable such as tuples or sets, timeout, parser not installed)."""
+    (unparsable, not subtractable such as tuples or sets, timeout)."""
     parse = _latex_parser()
-    if parse is None:
-        return False
     import sympy
 
     try:
@@ -309,12 +303,10 @@ def list_fewshot_samples() -> list[dict]:
     return [{"problem": p, "solution": s, "few_shot": "1"} for p, s in FEWSHOT_EXAMPLES]
 
 
-def math_verify_score(solution: str, candidate: str) -> int | None:
-    """math-verify's verdict (1/0), or None when the ``math`` extra is not installed."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        return None
+def math_verify_score(solution: str, candidate: str) -> int:
+    """math-verify's verdict (1/0) on the raw solution and generation."""
+    from math_verify import parse, verify
+
     try:
         return int(bool(verify(gold=parse(solution), target=parse(candidate))))
     except Exception as err:  # noqa: BLE001 - a parser failure scores 0
@@ -326,8 +318,4 @@ def process_results(doc: dict, results: list[str]) -> dict[str, int]:
     generation = results[0]
     answer = extract_final_answer(generation)
     matched = answer != INVALID_ANSWER and answers_match(normalize_answer(answer), doc["answer"])
-    out = {"exact_match": int(matched)}
-    verified = math_verify_score(doc["solution"], generation)
-    if verified is not None:
-        out["math_verify"] = verified
-    return out
+    return {"exact_match": int(matched), "math_verify": math_verify_score(doc["solution"], generation)}

@@ -51,3 +51,9 @@ def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] 
 
 def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def humaneval_sanitized(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    from dllm.eval.code_postprocess import humaneval_program
+
+    return [[humaneval_program(doc, r) for r in resp] for resp, doc in zip(resps, docs)]

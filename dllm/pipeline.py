@@ -5,6 +5,7 @@ is read, so a typo costs seconds, not a model load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -59,11 +60,22 @@ def component(node: DictConfig, what: str) -> tuple[str, dict]:
     return params.pop("name"), params
 
 
+def integer_setting(cfg: DictConfig, key: str, minimum: int) -> int:
+    """``cfg.<key>`` checked to be an integer >= ``minimum`` (a bool, float or text is refused)."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
 def plan_run(cfg: DictConfig) -> RunPlan:
+    """The validated run settings (no file or network is read; see :func:`check_checkpoint`)."""
     if cfg.model.family not in FAMILY_OF_NAME:
         raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
     if not cfg.model.tiny and not cfg.model.path:
         raise ValueError(f"model={cfg.model.name}: model.path is empty (a Hub id or a local folder)")
+    for key, minimum in (("seed", 0), ("batch_size", 1), ("gen_length", 1)):
+        integer_setting(cfg, key, minimum)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
     decoder = build_decoder(decoding_name, **decoding_params)
@@ -71,10 +83,51 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     gen_length = int(cfg.gen_length)
     decoder.check(gen_length)
     cache.check(decoder)
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
     device = resolve_device(cfg.device)
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device))
+
+
+def check_checkpoint(cfg: DictConfig, gen_length: int) -> None:
+    """Before any weight is read: the checkpoint's config.json is found (a local folder, or fetched
+    alone from the Hub / its cache), describes the configured family, and leaves room for a prompt
+    of at least one token before ``gen_length`` generated ones; a local folder's safetensors
+    headers match it (a Hub checkpoint's shards are checked when they are fetched, at load)."""
+    from dllm.models.loading import CheckpointError, model_args, plan_loading
+
+    if cfg.model.tiny and not cfg.model.path:
+        return  # the random-weight tiny checkpoint is built by this project on first use
+    path = local_or_repo_path(str(cfg.model.path))
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        folder = local
+        if not folder.is_dir():
+            raise CheckpointError(f"model.path={path!r} is not a folder")
+    else:
+        folder = _hub_config_folder(path, cfg.model.revision)
+    args = model_args(folder, cfg.model.family)
+    if local.is_dir():
+        plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
+    if gen_length >= args.max_seq_len:
+        raise ValueError(
+            f"gen_length={gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="
+            f"{args.max_seq_len} (config.json in {folder})"
+        )
+
+
+def _hub_config_folder(repo: str, revision: str | None) -> Path:
+    """The folder of a Hub checkpoint's config.json, fetched alone (or found in the HF cache)."""
+    from huggingface_hub import hf_hub_download
+
+    from dllm.models.loading import CheckpointError
+
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=revision)).parent
+    except Exception as err:  # offline and not cached, unknown repo, no access
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"model.path={repo!r}: cannot get its config.json from the Hugging Face Hub ({reason}). Download it first "
+            f"where there is network (huggingface-cli download {repo}) or point at a local copy: model.path=/local/folder"
+        ) from err
 
 
 def local_or_repo_path(path: str) -> str:
@@ -87,18 +140,43 @@ def local_or_repo_path(path: str) -> str:
     return path
 
 
-def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
-    from dllm.models.loading import load_model, resolve_checkpoint
-    from dllm.models.packed import pack_linear_weights
-    from dllm.models.tokenization import load_tokenizer
+def config_sha256(folder: Path) -> str | None:
+    """sha256 of a checkpoint folder's config.json (None where it has none)."""
+    path = Path(folder) / "config.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def checkpoint_identity(cfg: DictConfig) -> dict:
+    """What identifies the weights, known before they load: a local folder's absolute path and
+    its config.json's hash, or a Hub id and revision (its config hash follows once it is fetched,
+    see :func:`checkpoint_folder`)."""
+    if cfg.model.tiny and not cfg.model.path:
+        return {"checkpoint": f"tiny-random:{cfg.model.family}", "checkpoint_revision": None, "checkpoint_config_sha256": None}
+    path = local_or_repo_path(str(cfg.model.path))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return {"checkpoint": str(local.resolve()), "checkpoint_revision": None, "checkpoint_config_sha256": config_sha256(local)}
+    return {"checkpoint": path, "checkpoint_revision": cfg.model.revision, "checkpoint_config_sha256": None}
+
+
+def checkpoint_folder(cfg: DictConfig) -> Path:
+    """The local folder of the checkpoint (a Hub id is fetched, or found in the HF cache)."""
+    from dllm.models.loading import resolve_checkpoint
 
     if cfg.model.tiny and not cfg.model.path:
         # A tiny model without a path: the random-weight checkpoint, built on first use.
         from dllm.models.tiny import ensure_tiny
 
-        folder = ensure_tiny(cfg.model.family)
-    else:
-        folder = resolve_checkpoint(local_or_repo_path(str(cfg.model.path)), cfg.model.revision)
+        return ensure_tiny(cfg.model.family)
+    return resolve_checkpoint(local_or_repo_path(str(cfg.model.path)), cfg.model.revision)
+
+
+def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
+    from dllm.models.loading import load_model
+    from dllm.models.packed import pack_linear_weights
+    from dllm.models.tokenization import load_tokenizer
+
+    folder = checkpoint_folder(cfg)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
     return net, load_tokenizer(folder, cfg.model.trust_remote_code)
@@ -108,15 +186,19 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt is not None and cfg.prompts_file is not None:
         raise ValueError("give either prompt=... or prompts_file=..., not both")
     if cfg.prompt is not None:
-        return [str(cfg.prompt)]
-    if cfg.prompts_file is None:
-        return list(cfg.task.prompts)
-    path = Path(cfg.prompts_file)
-    if not path.is_file():
-        raise ValueError(f"prompts_file={str(path)!r} does not exist")
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts_file={str(path)!r} holds no prompts")
+        prompts, source = [str(cfg.prompt)], "prompt"
+    elif cfg.prompts_file is None:
+        prompts, source = list(cfg.task.prompts), "task.prompts"
+    else:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"prompts_file={str(path)!r} does not exist")
+        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file={str(path)!r} holds no prompts")
+        source = f"prompts_file={str(path)!r}"
+    if any(not str(p).strip() for p in prompts):
+        raise ValueError(f"{source}: an empty prompt (give the text to continue, e.g. prompt='What is 7 * 6?')")
     return prompts
 
 
@@ -134,6 +216,7 @@ def run_generate(cfg: DictConfig) -> list[dict]:
 
     plan = plan_run(cfg)
     prompts = read_prompts(cfg)
+    check_checkpoint(cfg, plan.gen_length)
     torch.manual_seed(cfg.seed)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     stops = stop_token_ids(tokenizer, net.args)

@@ -2,7 +2,9 @@
 so adding a cache method or a decoder is one new file."""
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import pkgutil
 from typing import Generic, TypeVar
 
@@ -24,10 +26,21 @@ class Registry(Generic[T]):
 
     def build(self, name: str, **params) -> T:
         if name not in self.names():
-            raise ValueError(f"unknown {self.kind} {name!r} (allowed: {self.names()})")
+            close = difflib.get_close_matches(str(name), self.names(), n=3)
+            raise ValueError(f"unknown {self.kind} {name!r} (allowed: {self.names()}; close: {close or 'none'})")
+        cls = self.classes[name]
+        allowed = [
+            p.name for p in inspect.signature(cls).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        for key in params:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=3)
+                raise ValueError(
+                    f"{self.kind}={name} has no parameter {self.kind}.{key} (close: {close or 'none'}; allowed: {allowed})"
+                )
         try:
-            return self.classes[name](**params)
-        except TypeError as err:  # an unknown or missing parameter
+            return cls(**params)
+        except TypeError as err:  # a missing parameter, or a value of the wrong type
             raise ValueError(f"{self.kind}={name}: {err}") from err
 
     def _import_package(self) -> None:

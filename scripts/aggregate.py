@@ -1,22 +1,29 @@
 """Results CSV -> one table per (model, task, setting): accuracy, throughput, speedup, latency.
 
+    python scripts/aggregate.py results/runs.csv                      # prints the tables, writes nothing
     python scripts/aggregate.py results/runs.csv --out results/tables
     python scripts/aggregate.py results/runs.csv --published results/published.csv --experiment d2cache_table1
 
-Writes ``tables.md`` (Markdown), ``tables.tex`` (LaTeX, booktabs, one ``table`` per group) and
-``summary.csv`` (every table row, machine-readable) under ``--out``, and prints the Markdown.
+Prints the Markdown tables. Only with ``--out`` does it write files there: ``tables.md`` (Markdown),
+``tables.tex`` (LaTeX, booktabs, one ``table`` per group) and ``summary.csv`` (every table row,
+machine-readable).
 
 - Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
   ``force=true``) counts once, the latest.
 - A table is one (model, task, n_shot, gen_length, limit, batch_size, seed, hardware): numbers of
   different settings or machines are never mixed. Each method is one row, labelled like the
   papers (``dkv_decode R=8``, ``dkv_greedy R=2 w=4``...), with more detail only where two rows of
-  a table would otherwise share a label.
+  a table would otherwise share a label (cache / decoding parameters, then the checkpoint, lm-eval
+  task or code scoring, then the run's start time).
 - accuracy: the task's primary metric in % (± stderr). tok/s: useful tokens (up to the first EOS)
-  per second of generation. speedup: the ``none`` row's generation time over this row's for the
-  same samples (= ratio of all-token throughputs, so shorter answers do not count as speed);
-  the baseline is the ``none`` row with the same decoding, else the one with low-confidence
-  decoding, else any. latency: mean seconds per sample. ideal: 1 / recompute ratio.
+  per second of generation (± std over timing repeats where the run recorded them). speedup: the
+  ``none`` row's generation time over this row's for the same samples (= ratio of all-token
+  throughputs, so shorter answers do not count as speed; ± the two throughputs' relative stds
+  combined); the baseline is the ``none`` row with the same decoding, else the one with
+  low-confidence decoding, else any. latency: mean seconds per sample. ideal: 1 / recompute ratio.
+- A speedup is marked ``(noisy)``, with the reason in a note under its table, where it exceeds the
+  ideal bound by more than 2 % (caching cannot beat skipping the work, so the timing is off) or
+  the throughput of its run or of its baseline varied by more than 10 % over the timing repeats.
 - ``--published``: the papers' numbers for the same model, task, method and shot count beside ours.
 """
 from __future__ import annotations
@@ -41,7 +48,13 @@ NUMERIC = [  # the table keys stay text (as written in the CSV): they only group
     "accuracy", "accuracy_stderr", "n_samples",
     "useful_tokens", "all_tokens", "gen_seconds", "throughput_useful_tok_s", "throughput_all_tok_s",
     "latency_s_mean", "latency_s_p50", "nfe", "recompute_ratio", "ideal_speedup",
+    "throughput_useful_tok_s_std", "throughput_all_tok_s_std",  # absent in older CSVs; empty for one timing
 ]
+# Where rows of one table still share a label after their cache / decoding parameters: what else
+# can tell two runs of one method apart (checkpoint of the same preset, scoring rule...).
+IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring"]
+IDEAL_TOLERANCE = 0.02  # a speedup this far above 1 / recompute ratio is timing noise, not caching
+NOISY_RELATIVE_STD = 0.10  # a throughput spread above this over the timing repeats is not a clean number
 # Our model / task names -> the names in results/published.csv.
 PUBLISHED_MODEL = {
     "llada": "llada-8b-instruct", "llada_base": "llada-8b-base", "llada_1_5": "llada-1.5",
@@ -121,27 +134,29 @@ def _detail(row: dict, columns: list[str]) -> str:
 
 
 def method_labels(table: pd.DataFrame) -> list[str]:
-    """One label per row: the paper-style name, plus the decoding where one cache ran under
-    several, plus whatever else differs where labels still collide."""
+    """One label per row: the paper-style name, plus, only among rows that still share a label,
+    what differs between them: the decoding, then cache / decoding parameters, then the run's
+    identity (checkpoint, lm-eval task, code scoring), then its start time. The last one keeps
+    apart rows nothing else does (e.g. the same run written before and after ``run_key`` existed:
+    two resume keys), rather than merging them."""
     rows = table.to_dict("records")
-    labels = [display_method(r) for r in rows]
-    for label in set(labels):
-        same = [i for i, l in enumerate(labels) if l == label]
-        if len(same) < 2:
-            continue
-        decodings = {rows[i]["decoding"] for i in same}
-        differing = [
-            c for c in table.columns
-            if c.startswith(("cache.", "decoding.")) and len({_clean(rows[i].get(c)) for i in same}) > 1
-        ]
-        for i in same:
-            extra = [rows[i]["decoding"]] if len(decodings) > 1 else []
-            detail = _detail(rows[i], [c for c in differing if not (len(decodings) > 1 and c == "decoding")])
-            if detail:
-                extra.append(detail)
-            if extra:
-                labels[i] = f"{label} ({'; '.join(extra)})"
-    return labels
+    names = [display_method(r) for r in rows]
+    extras: list[list[str]] = [[] for _ in rows]
+    params = [c for c in table.columns if c.startswith(("cache.", "decoding."))]
+    for columns in (["decoding"], params, IDENTITY_COLUMNS, ["started_at"]):
+        labels = [_label(n, e) for n, e in zip(names, extras)]
+        for label in set(labels):
+            same = [i for i, l in enumerate(labels) if l == label]
+            differing = [c for c in columns if len({_clean(rows[i].get(c)) for i in same}) > 1]
+            for i in same:
+                detail = _detail(rows[i], differing)
+                if detail:
+                    extras[i].append(detail)
+    return [_label(n, e) for n, e in zip(names, extras)]
+
+
+def _label(name: str, extras: list[str]) -> str:
+    return f"{name} ({'; '.join(extras)})" if extras else name
 
 
 def _order(row: dict) -> tuple:
@@ -195,16 +210,16 @@ def build_tables(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> l
         out = []
         for r in rows:
             base = baseline_of(r, nones)
-            speedup = None
-            if base is not None and r.get("gen_seconds") and base.get("gen_seconds"):
-                # Same samples, same gen_length: the ratio of generation times (all-token throughputs).
-                speedup = r["throughput_all_tok_s"] / base["throughput_all_tok_s"]
+            speedup, speedup_std, noisy = _speedup(r, base)
             entry = {
                 "method": r["label"],
                 "accuracy": _pct(r.get("accuracy")),
                 "accuracy_stderr": _pct(r.get("accuracy_stderr")),
                 "tok/s": _num(r.get("throughput_useful_tok_s")),
+                "tok/s std": _num(r.get("throughput_useful_tok_s_std")),
                 "speedup": speedup,
+                "speedup std": speedup_std,
+                "noisy": noisy,
                 "latency (s)": _num(r.get("latency_s_mean")),
                 "ideal": _num(r.get("ideal_speedup")),
                 "n": _num(r.get("n_samples")),
@@ -218,6 +233,32 @@ def build_tables(runs: pd.DataFrame, published: pd.DataFrame | None = None) -> l
             out.append(entry)
         tables.append((key, pd.DataFrame(out)))
     return tables
+
+
+def _relative_std(row: dict) -> float | None:
+    """Std / mean of the run's all-token throughput over its timing repeats (None: one timing)."""
+    std, mean = _num(row.get("throughput_all_tok_s_std")), _num(row.get("throughput_all_tok_s"))
+    return std / mean if std is not None and mean else None
+
+
+def _speedup(row: dict, base: dict | None) -> tuple[float | None, float | None, str]:
+    """(speedup over the baseline, its std, why it is noisy or "")."""
+    if base is None or not row.get("gen_seconds") or not base.get("gen_seconds"):
+        return None, None, ""
+    if base is row:  # the baseline itself: 1 by definition, whatever its timing spread
+        return 1.0, None, ""
+    # Same samples, same gen_length: the ratio of generation times (all-token throughputs).
+    speedup = row["throughput_all_tok_s"] / base["throughput_all_tok_s"]
+    spreads = {"throughput": _relative_std(row), "baseline throughput": _relative_std(base)}
+    known = [s for s in spreads.values() if s is not None]
+    # Independent timings: the relative stds of a ratio add in quadrature.
+    std = speedup * math.sqrt(sum(s * s for s in known)) if known else None
+    reasons = []
+    ideal = _num(row.get("ideal_speedup"))
+    if ideal is not None and speedup > ideal * (1 + IDEAL_TOLERANCE):
+        reasons.append(f"above its ideal {ideal:.2f}×")
+    reasons += [f"{name} ± {s:.1%}" for name, s in spreads.items() if s is not None and s > NOISY_RELATIVE_STD]
+    return speedup, std, "; ".join(reasons)
 
 
 def _natural(text: str) -> tuple:
@@ -280,25 +321,41 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None or pd.isna(value) else format(value, spec)
 
 
+def _spread(value, std, spec: str) -> str:
+    """The value, followed by " ± std" where the std is known."""
+    return _fmt(value, spec) + ("" if std is None or pd.isna(std) else f" ± {format(std, spec)}")
+
+
+def _times(value, std=None) -> str:
+    return "–" if value is None or pd.isna(value) else _spread(value, std, ".2f") + "×"
+
+
 def display_frame(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as text cells (accuracy with stderr, speedups with x)."""
+    """The table as text cells (accuracy with stderr, tok/s and speedup with their spread where
+    recorded, noisy speedups marked)."""
     out = pd.DataFrame({
         "method": table["method"],
-        "accuracy": [
-            _fmt(a, ".1f") + ("" if s is None or pd.isna(s) else f" ± {s:.1f}")
-            for a, s in zip(table["accuracy"], table["accuracy_stderr"])
+        "accuracy": [_spread(a, s, ".1f") for a, s in zip(table["accuracy"], table["accuracy_stderr"])],
+        "tok/s": [_spread(v, s, ".1f") for v, s in zip(table["tok/s"], table["tok/s std"])],
+        "speedup": [
+            _times(v, s) + (" (noisy)" if noisy else "")
+            for v, s, noisy in zip(table["speedup"], table["speedup std"], table["noisy"])
         ],
-        "tok/s": [_fmt(v, ".1f") for v in table["tok/s"]],
-        "speedup": [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["speedup"]],
         "latency (s)": [_fmt(v, ".3g") for v in table["latency (s)"]],
-        "ideal": [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["ideal"]],
+        "ideal": [_times(v) for v in table["ideal"]],
         "n": [_fmt(v, ".0f") for v in table["n"]],
     })
     if "paper acc" in table:
         out["paper acc"] = [_fmt(v, ".1f") for v in table["paper acc"]]
         out["paper tok/s"] = [_fmt(v, ".2f") for v in table["paper tok/s"]]
-        out["paper speedup"] = [_fmt(v, ".2f") + ("×" if v is not None and not pd.isna(v) else "") for v in table["paper speedup"]]
+        out["paper speedup"] = [_times(v) for v in table["paper speedup"]]
     return out
+
+
+def noisy_note(table: pd.DataFrame) -> str:
+    """The line under a table saying why each of its noisy speedups is one ("" if none is)."""
+    reasons = [f"{method}: {why}" for method, why in zip(table["method"], table["noisy"]) if why]
+    return "(noisy) speedup not a clean number — " + "; ".join(reasons) + "." if reasons else ""
 
 
 def title_of(key: dict) -> str:
@@ -314,54 +371,76 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
 
 
-def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
+def _latex_text(text: str) -> str:
+    """Plain text (a caption, a note) as LaTeX."""
+    for plain, latex in (("_", r"\_"), ("%", r"\%"), ("×", r"$\times$"), ("±", r"$\pm$")):
+        text = text.replace(plain, latex)
+    return text
+
+
+def to_latex(frame: pd.DataFrame, caption: str, label: str, note: str = "") -> str:
     latex_frame = frame.copy()
     for column in latex_frame.columns:
         latex_frame[column] = latex_frame[column].str.replace("×", r"$\times$", regex=False).str.replace("±", r"$\pm$", regex=False)
     styler = latex_frame.style.hide(axis="index")
     styler = styler.format(escape="latex", subset=["method"])
-    return styler.to_latex(
-        hrules=True, caption=caption.replace("_", r"\_"), label=label, position_float="centering",
+    latex = styler.to_latex(
+        hrules=True, caption=_latex_text(caption), label=label, position_float="centering",
         column_format="l" + "r" * (len(frame.columns) - 1),
     )
+    if note:  # under the tabular, inside the table float
+        latex = latex.replace("\\end{table}", f"\\par\\footnotesize {_latex_text(note)}\n\\end{{table}}")
+    return latex
 
 
-def write_outputs(tables: list[tuple[dict, pd.DataFrame]], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    md, tex, rows = [], [], []
+NOTES = (
+    "accuracy: primary metric in % (± stderr); tok/s: useful tokens per second of generation "
+    "(± std over timing repeats, where recorded); speedup: generation time of the `none` row over "
+    "this row's for the same samples (± both throughputs' spreads combined); latency: mean seconds "
+    "per sample; ideal: 1 / recompute ratio; (noisy): the speedup exceeds its ideal by more than "
+    f"{IDEAL_TOLERANCE:.0%} or a throughput it comes from varied by more than {NOISY_RELATIVE_STD:.0%}."
+)
+
+
+def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFrame]:
+    """(Markdown, LaTeX, summary rows) of the tables."""
+    md, tex, rows = [NOTES + "\n"], ["% " + NOTES + "\n% needs \\usepackage{booktabs}\n"], []
     for key, table in tables:
-        frame = display_frame(table)
+        frame, note = display_frame(table), noisy_note(table)
         title = title_of(key)
-        md.append(f"### {title}\n\n{to_markdown(frame)}\n")
+        md.append(f"### {title}\n\n{to_markdown(frame)}\n" + (f"\n{note}\n" if note else ""))
         label = "tab:" + re.sub(r"[^A-Za-z0-9]+", "-", f"{key['model']}-{key['task']}-{key['n_shot']}-{key['gen_length']}").strip("-")
-        tex.append(to_latex(frame, title, label))
+        tex.append(to_latex(frame, title, label, note))
         rows.append(table.assign(**{k: key[k] for k in TABLE_KEYS}))
-    notes = (
-        "accuracy: primary metric in % (± stderr); tok/s: useful tokens per second of generation; "
-        "speedup: generation time of the `none` row over this row's for the same samples; "
-        "latency: mean seconds per sample; ideal: 1 / recompute ratio."
-    )
-    paths = {"md": out / "tables.md", "tex": out / "tables.tex", "csv": out / "summary.csv"}
-    paths["md"].write_text(notes + "\n\n" + "\n".join(md))
-    paths["tex"].write_text("% " + notes + "\n% needs \\usepackage{booktabs}\n\n" + "\n".join(tex))
     summary = pd.concat(rows, ignore_index=True)
-    summary[TABLE_KEYS + [c for c in summary.columns if c not in TABLE_KEYS]].to_csv(paths["csv"], index=False)
+    summary = summary[TABLE_KEYS + [c for c in summary.columns if c not in TABLE_KEYS]]
+    return "\n".join(md), "\n".join(tex), summary
+
+
+def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "tables.md", "tex": out / "tables.tex", "csv": out / "summary.csv"}
+    paths["md"].write_text(md)
+    paths["tex"].write_text(tex)
+    summary.to_csv(paths["csv"], index=False)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", help="results CSV written by run.py (results_csv)")
-    parser.add_argument("--out", default="results/tables", help="folder for tables.md, tables.tex, summary.csv")
+    parser.add_argument("--out", help="folder to write tables.md, tables.tex, summary.csv to (without it: print only)")
     parser.add_argument("--published", default=None, help="results/published.csv: the papers' numbers side by side")
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
     args = parser.parse_args(argv)
     runs = load_runs(args.csv, args.experiment)
     published = load_published(args.published) if args.published else None
     tables = build_tables(runs, published)
-    paths = write_outputs(tables, Path(args.out))
-    print(paths["md"].read_text())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    md, tex, summary = render(tables)
+    print(md)
+    if args.out is not None:
+        paths = write_outputs(md, tex, summary, Path(args.out))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 
 

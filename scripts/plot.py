@@ -1,17 +1,24 @@
 """Paper figures from a results CSV, and the per-step recompute map of every cache method.
 
-    python scripts/plot.py results/runs.csv --out results/figures              # from a sweep's rows
-    python scripts/plot.py --trace --out results/figures                       # tiny model, one generation
+    python scripts/plot.py results/runs.csv                                    # -> outputs/figures/
+    python scripts/plot.py results/example_runs.csv --trace --out results/figures  # the committed figures
     python scripts/plot.py results/runs.csv --published results/published.csv # + the papers' points
 
-Every figure is written as PDF (vector, fonts embedded) and PNG. Colours are fixed per cache
-method across all figures (``METHOD_COLOURS``).
+Every figure is written as PDF (vector, fonts embedded) and PNG under ``--out`` (default
+``outputs/figures``, not committed: the committed figures change only when asked for). Each cache
+method has one colour of the Okabe–Ito palette (colour-blind safe) and one marker shape across all
+figures (``METHOD_STYLE``), so methods stay apart without colour too.
 
-- ``accuracy_vs_throughput``: one panel per table of scripts/aggregate.py (model, task, setting):
-  accuracy (%) against useful tokens per second, one point per method, the Pareto front (no other
-  method is both faster and more accurate) drawn as a line through ringed points.
-- ``speedup``: one panel per (task, setting): bars per model and method, the measured speedup over
-  ``none`` (generation time ratio) with the ideal speedup (1 / recompute ratio) as a tick.
+- ``accuracy_vs_throughput``: one panel per table of scripts/aggregate.py (model, task, setting),
+  all on one accuracy axis (and one throughput axis where all ran on the same hardware): accuracy
+  (%, ± stderr) against useful tokens per second (± std over timing repeats, where recorded), one
+  point per method, the Pareto front (no other method is both faster and more accurate) drawn as a
+  line through ringed points.
+- ``speedup``: one panel per (task, setting), one speedup axis: bars per model and method, the
+  measured speedup over ``none`` (generation time ratio, ± its spread where recorded), the ideal
+  speedup (1 / recompute ratio) as a black line across the bar, the method's marker at the bar's
+  foot, the value written inside the bar's top (above the bar, or its ideal line, where it would
+  not fit or would touch that line).
 - ``recompute_map`` (``--trace``): positions x denoising steps, one panel per method: the fraction
   of layers that recompute each position at each step, for one generation of the tiny model
   (``generate(..., record_trace=True)``; dLLM-Cache's per-layer choices are recorded from its layer hook).
@@ -28,6 +35,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +47,27 @@ for path in (ROOT, ROOT / "scripts"):
 
 import aggregate  # noqa: E402
 
-METHOD_COLOURS = {
-    "none": "#4d4d4d",
-    "dkv_decode": "#1f77b4",
-    "dkv_greedy": "#ff7f0e",
-    "d2cache": "#d62728",
-    "prefix": "#2ca02c",
-    "dual": "#17becf",
-    "dllm_cache": "#9467bd",
+# cache method -> (colour, marker). Colours: Okabe & Ito's palette, told apart under the common
+# colour-vision deficiencies (its yellow is too faint on white for points); the marker shape keeps
+# methods apart in greyscale print and for readers who cannot tell two colours apart.
+METHOD_STYLE = {
+    "none": ("#000000", "o"),
+    "dllm_cache": ("#E69F00", "s"),
+    "prefix": ("#56B4E9", "^"),
+    "dual": ("#009E73", "v"),
+    "dkv_decode": ("#0072B2", "D"),
+    "dkv_greedy": ("#CC79A7", "P"),
+    "d2cache": ("#D55E00", "X"),
 }
-OTHER_COLOURS = ["#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
-MARKERS = ["o", "s", "^", "D", "v", "P"]
+OTHER_COLOUR = "#7f7f7f"  # methods added later: grey, told apart by marker
+OTHER_MARKERS = ["*", "h", "p", "<", ">"]
+# Several variants of one cache in a table (e.g. dkv_greedy without / with window): same colour and
+# marker, told apart by fill (points: full, hollow, half) or hatch (bars). The papers' numbers are
+# faded points.
+FILLS = ["full", "hollow", "left", "bottom"]
 HATCHES = ["", "//", "..", "xx", "\\\\"]
+FOOT_MARKER_Y, FOOT_MARKER_SIZE = 6, 4  # points: the method's marker drawn at the foot of its speedup bar
+PROMPT_LINE = "#E69F00"  # visible on both ends of the Blues colour map
 TRACE_METHODS = ["none", "dkv_decode", "dkv_greedy", "d2cache", "prefix", "dual", "dllm_cache"]
 TRACE_PROMPT = "Question: Tom has 9 marbles. He buys 3 more and loses 5. How many marbles does Tom have now?\nAnswer:"
 
@@ -59,10 +78,25 @@ plt.rcParams.update({
 })
 
 
-def colour_of(cache: str) -> str:
-    if cache in METHOD_COLOURS:
-        return METHOD_COLOURS[cache]
-    return OTHER_COLOURS[sum(map(ord, cache)) % len(OTHER_COLOURS)]
+def style_of(cache: str) -> tuple[str, str]:
+    """(colour, marker) of a cache method."""
+    if cache in METHOD_STYLE:
+        return METHOD_STYLE[cache]
+    return OTHER_COLOUR, OTHER_MARKERS[sum(map(ord, cache)) % len(OTHER_MARKERS)]
+
+
+def _fill(variant: int, colour: str) -> dict:
+    """Marker fill of the n-th variant of a cache in one table: full, hollow (white inside, so
+    that error bars do not show through), then half filled."""
+    fill = FILLS[variant % len(FILLS)]
+    if fill == "hollow":
+        return {"fillstyle": "full", "mfc": "white"}
+    return {"fillstyle": fill, "mfc": colour, "markerfacecoloralt": "white"}
+
+
+def _value(value) -> float | None:
+    """A table cell as a number; None where it is empty (e.g. no std recorded)."""
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def save(fig, out: Path, name: str) -> list[Path]:
@@ -74,7 +108,10 @@ def save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _grid(n: int, width: float = 7.0, height: float = 2.4, cols: int = 3):
+def _grid(n: int, sharex: bool = False, sharey: bool = True, width: float = 7.0, height: float = 2.4, cols: int = 3):
+    """n panels that show the same quantity: one y axis (and x axis) for all, so heights compare.
+    Shared after creation, not by plt.subplots, so that every panel keeps its tick labels (a
+    panel above an empty slot would lose its x labels)."""
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(
@@ -82,7 +119,13 @@ def _grid(n: int, width: float = 7.0, height: float = 2.4, cols: int = 3):
     )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    return fig, list(axes.flat[:n])
+    panels = list(axes.flat[:n])
+    for ax in panels[1:]:
+        if sharex:
+            ax.sharex(panels[0])
+        if sharey:
+            ax.sharey(panels[0])
+    return fig, panels
 
 
 def _variants(table: pd.DataFrame) -> dict[str, int]:
@@ -109,15 +152,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- from the CSV
 def plot_accuracy_vs_throughput(tables, out: Path) -> list[Path]:
-    fig, axes = _grid(len(tables))
+    # Throughputs compare across panels only when measured on one machine.
+    fig, axes = _grid(len(tables), sharex=len({key["hardware"] for key, _ in tables}) == 1)
     handles = {}
     for ax, (key, table) in zip(axes, tables):
         table = table.dropna(subset=["accuracy", "tok/s"])
         variants = _variants(table)
         points = list(zip(table["tok/s"], table["accuracy"]))
-        for (x, y), cache, label in zip(points, table["cache"], table["method"]):
-            h = ax.scatter(x, y, s=28, color=colour_of(cache), marker=MARKERS[variants[label] % len(MARKERS)], zorder=3)
-            handles.setdefault(label, h)
+        for row in table.to_dict("records"):
+            colour, marker = style_of(row["cache"])
+            look = {"marker": marker, "color": colour, "ms": 5, "mec": colour, "mew": 1.0,
+                    **_fill(variants[row["method"]], colour)}
+            ax.errorbar(row["tok/s"], row["accuracy"], yerr=_value(row["accuracy_stderr"]), xerr=_value(row["tok/s std"]),
+                        ls="none", elinewidth=0.7, capsize=1.5, zorder=3, **look)
+            # The legend shows the marker alone: error bars drawn across it would hide its fill.
+            handles.setdefault(row["method"], Line2D([], [], ls="none", **look))
         front = pareto_front(points)
         if front:
             xs, ys = [points[i][0] for i in front], [points[i][1] for i in front]
@@ -127,11 +176,12 @@ def plot_accuracy_vs_throughput(tables, out: Path) -> list[Path]:
         if "paper acc" in table and table["paper acc"].notna().any():
             paper = table.dropna(subset=["paper acc", "paper tok/s"])
             for x, y, cache in zip(paper["paper tok/s"], paper["paper acc"], paper["cache"]):
-                h = ax.scatter(x, y, s=28, facecolors="none", edgecolors=colour_of(cache), marker="o", zorder=3)
-                handles.setdefault("published (hollow)", h)
+                colour, marker = style_of(cache)
+                h = ax.scatter(x, y, s=28, color=colour, marker=marker, alpha=0.35, lw=0, zorder=2.5)
+                handles.setdefault("published (faded)", h)
         ax.set_title(f"{key['model']} · {key['task']}\n{aggregate.setting_text(key)}")
         ax.set_xlabel("throughput (useful tokens / s)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%, ± stderr)")
         ax.margins(x=0.15, y=0.15)
         ax.grid(alpha=0.3, lw=0.5)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside upper center", ncol=min(4, len(handles)), frameon=False)
@@ -143,28 +193,35 @@ def plot_speedup(tables, out: Path) -> list[Path]:
     for key, table in tables:
         setting = {k: v for k, v in key.items() if k != "model"}
         panels.setdefault(tuple(sorted(setting.items())), []).append((key, table))
-    fig, axes = _grid(len(panels))
-    handles = {}
+    fig, axes = _grid(len(panels), height=3.0)  # tall enough for most values to fit inside their bars
+    handles, top, values, ideal_handle = {}, 1.0, [], None
     for ax, (setting, entries) in zip(axes, panels.items()):
         labels = []  # every method label of the panel, in table order
         for _, table in entries:
             labels += [label for label in table["method"] if label not in labels]
         width = 0.8 / max(1, len(labels))
+        # The method's marker at the foot of its bar: bars are told apart without colour too.
+        foot = offset_copy(ax.transData, fig=fig, y=FOOT_MARKER_Y, units="points")
         for m, (key, table) in enumerate(entries):
             variants = _variants(table)
             rows = {label: row for label, row in zip(table["method"], table.to_dict("records"))}
             for i, label in enumerate(labels):
                 row = rows.get(label)
-                if row is None or row["speedup"] is None or pd.isna(row["speedup"]):
+                speedup = _value(row["speedup"]) if row is not None else None
+                if speedup is None:
                     continue
                 x = m + (i - (len(labels) - 1) / 2) * width
-                bar = ax.bar(x, row["speedup"], width * 0.92, color=colour_of(row["cache"]),
-                             hatch=HATCHES[variants[label] % len(HATCHES)], edgecolor="white", lw=0.3, zorder=3)
-                handles.setdefault(label, bar)
-                ax.text(x, row["speedup"], f"{row['speedup']:.2f}", ha="center", va="bottom", fontsize=6)
-                if row["ideal"] is not None and not pd.isna(row["ideal"]):
-                    tick = ax.scatter(x, row["ideal"], marker="_", s=60, color="black", lw=1.2, zorder=4)
-                    handles.setdefault("ideal (1 / recompute ratio)", tick)
+                colour, marker = style_of(row["cache"])
+                std, ideal = _value(row["speedup std"]), _value(row["ideal"])
+                bar = ax.bar(x, speedup, width * 0.92, yerr=std, color=colour, hatch=HATCHES[variants[label] % len(HATCHES)],
+                             edgecolor="white", lw=0.3, zorder=3, error_kw={"elinewidth": 0.7, "capsize": 1.5, "zorder": 5})
+                symbol = ax.plot([x], [0], ls="none", marker=marker, ms=FOOT_MARKER_SIZE, mfc="white", mec="black",
+                                 mew=0.5, transform=foot, zorder=4)[0]
+                handles.setdefault(label, (bar.patches[0], symbol))
+                if ideal is not None:
+                    ideal_handle = ax.hlines(ideal, x - width * 0.5, x + width * 0.5, color="black", lw=1.2, zorder=4)
+                values.append((ax, x, speedup, std, ideal, colour))
+                top = max(top, speedup + (std or 0.0), ideal or 0.0)
         ax.axhline(1.0, color="black", lw=0.6, ls=":")
         ax.set_xticks(range(len(entries)), [key["model"] for key, _ in entries])
         first = entries[0][0]
@@ -172,8 +229,45 @@ def plot_speedup(tables, out: Path) -> list[Path]:
         ax.set_ylabel("speedup over none (×)")
         ax.set_xlabel("model")
         ax.grid(axis="y", alpha=0.3, lw=0.5)
+    axes[0].set_ylim(0, top * 1.3)  # shared: room for a value above the highest bar or ideal line
+    if ideal_handle is not None:  # after the methods in the legend
+        handles["ideal (1 / recompute ratio)"] = ideal_handle
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside upper center", ncol=min(4, len(handles)), frameon=False)
+    fig.canvas.draw()  # the final layout: where a value fits depends on its bar's height in points
+    for value in values:
+        _place_value(*value)
     return save(fig, out, "speedup")
+
+
+def _place_value(ax, x: float, speedup: float, std: float | None, ideal: float | None, colour: str) -> None:
+    """Write a bar's speedup where it touches neither the ideal line nor the method's marker:
+    inside the bar under its top (and under its error bar), else just above the bar, else above
+    the ideal line (or the bar, whichever is higher). Rotated, so that it stays within its own
+    bar's column."""
+    points = ax.figure.dpi / 72  # display units per point
+    foot = ax.transData.transform((x, 0))[1] + (FOOT_MARKER_Y + FOOT_MARKER_SIZE) * points  # marker top + a gap
+    ideal_y = None if ideal is None else ax.transData.transform((x, ideal))[1]
+    spread = std or 0.0
+    tries = [
+        {"xy": (x, speedup - spread), "xytext": (0, -2), "va": "top", "color": _ink_on(colour)},
+        {"xy": (x, speedup + spread), "xytext": (0, 2), "va": "bottom", "color": "black"},
+    ]
+    if ideal is not None:
+        tries.append({"xy": (x, max(ideal, speedup + spread)), "xytext": (0, 2), "va": "bottom", "color": "black"})
+    for place in tries:
+        text = ax.annotate(f"{speedup:.2f}", textcoords="offset points", rotation=90, ha="center", fontsize=6, **place)
+        box = text.get_window_extent()
+        clear = box.y0 >= foot and (ideal_y is None or not box.y0 - 2 * points <= ideal_y <= box.y1 + 2 * points)
+        if clear or place is tries[-1]:
+            return
+        text.remove()
+
+
+def _ink_on(colour: str) -> str:
+    """Black or white, whichever contrasts more with the colour (WCAG relative luminance)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(colour)]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > 0.179 else "white"
 
 
 # ----------------------------------------------------------------------------------------------- trace
@@ -243,8 +337,8 @@ def plot_recompute_map(maps: dict, out: Path, model: str) -> list[Path]:
     image = None
     for ax, (method, (grid, prompt_length, ratio)) in zip(axes.flat, maps.items()):
         image = ax.imshow(grid.T, aspect="auto", origin="upper", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        ax.axhline(prompt_length - 0.5, color=colour_of(method), lw=1.0, ls="--")
-        ax.set_title(f"{method}\n{ratio:.0%} of token-layers", color=colour_of(method))
+        ax.axhline(prompt_length - 0.5, color=PROMPT_LINE, lw=1.0, ls="--")
+        ax.set_title(f"{method}\n{ratio:.0%} of token-layers")
         ax.set_xlabel("denoising step")
         ax.spines[:].set_visible(True)
     for ax in axes[:, 0]:
@@ -262,8 +356,9 @@ def plot_recompute_map(maps: dict, out: Path, model: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", nargs="?", help="results CSV written by run.py")
-    parser.add_argument("--out", default="results/figures", help="folder for the PDF + PNG files")
-    parser.add_argument("--published", default=None, help="results/published.csv: the papers' points, hollow")
+    parser.add_argument("--out", default="outputs/figures",
+                        help="folder for the PDF + PNG files (default outputs/figures; the committed ones: results/figures)")
+    parser.add_argument("--published", default=None, help="results/published.csv: the papers' points, faded")
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
     parser.add_argument("--trace", action="store_true", help="also draw the per-step recompute map (tiny model, CPU)")
     parser.add_argument("--model", default="tiny_llada", help="--trace: model config (default tiny_llada)")

@@ -6,11 +6,15 @@ Workers run in spawned processes (the way SLURM array jobs share one CSV). Heavy
 from __future__ import annotations
 
 import csv
+import io
 import json
 import multiprocessing as mp
 import os
 import signal
+import stat
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -18,9 +22,12 @@ from pathlib import Path
 import pytest
 
 from dllm.logging.record import RunRecord, git_commit, new_run_id, record_key
-from dllm.logging.sinks import WandbSink, append_csv, existing_keys, write_run_dir
+from dllm.logging.sinks import (
+    ResultsCsvError, WandbSink, append_csv, check_results_csv, existing_keys, write_run_dir,
+)
 
 SPAWN = mp.get_context("spawn")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +44,10 @@ def offline_wandb(tmp_path, monkeypatch):
 def make_record(**overrides) -> RunRecord:
     gen_seconds = 1 / 3  # awkward floats: the round trip through CSV and JSON must be exact
     settings = dict(
-        model="tiny_llada", cache="d2cache", cache_params={"rollout_p": 0.1, "sizes": [1, 2]},
+        model="tiny_llada", checkpoint="/ckpt/tiny_llada", checkpoint_revision="main", checkpoint_config_sha256="ab" * 32,
+        cache="d2cache", cache_params={"rollout_p": 0.1, "sizes": [1, 2]},
         decoding="low_confidence", decoding_params={"steps": 8, "block_length": 4, "temperature": 0.0},
-        task="arith", n_shot=4, limit=8, batch_size=2, gen_length=8, steps=8, block_length=4, seed=0,
+        task="arith", lm_eval_task="arith", code_scoring="raw", run_key="0123abcd0123abcd", n_shot=4, limit=8, batch_size=2, gen_length=8, steps=8, block_length=4, seed=0,
         device="cpu", dtype="float32", accuracy_metric="exact_match", accuracy=0.625, accuracy_stderr=0.1830,
         n_samples=8, useful_tokens=41, all_tokens=64, gen_seconds=gen_seconds,
         throughput_useful_tok_s=41 / gen_seconds, throughput_all_tok_s=64 / gen_seconds,
@@ -57,12 +65,12 @@ def read_rows(path: Path) -> list[dict]:
 def test_row_is_flat_and_ordered():
     row = make_record(experiment="table1", run_dir="outputs/x").to_row()
     names = [f.name for f in fields(RunRecord)]
-    assert list(row)[:5] == names[:5]
-    assert list(row)[5:12] == [
+    assert list(row)[:8] == names[:8]  # run_id ... model, checkpoint identity, cache
+    assert list(row)[8:15] == [
         "cache.rollout_p", "cache.sizes", "decoding", "decoding.block_length", "decoding.steps",
         "decoding.temperature", "task",
     ]
-    assert list(row)[-3:] == ["status", "experiment", "run_dir"]
+    assert list(row)[-4:] == ["status", "experiment", "run_dir", "run_key"]
     assert [k for k in row if "." not in k] == [n for n in names if not n.endswith("_params")]
     assert row["cache.sizes"] == "[1, 2]"  # lists become JSON text: one CSV cell
     assert json.loads(json.dumps(row)) == row
@@ -183,22 +191,24 @@ def test_new_columns_rewrite_keeps_old_rows(tmp_path):
 
 
 def test_existing_keys_round_trip(tmp_path):
+    """Resume reads the run_key of every ok row (the runner hashes the run's whole settings into
+    it, tests/test_sweeps.py); rows from before that column are keyed by their settings columns."""
     path = tmp_path / "runs.csv"
     assert existing_keys(path) == set()
-    done = make_record(seed=0)
+    done = make_record(seed=0, run_key="a" * 16)
     append_csv(path, done.to_row())
-    append_csv(path, make_record(seed=1, status="failed").to_row())
-    # another run brings a column the first row lacks: its key must not change
-    append_csv(path, make_record(seed=2, cache_params={"rollout_p": 0.1, "window": 3}).to_row())
+    append_csv(path, make_record(seed=1, run_key="b" * 16, status="failed").to_row())
+    # another run brings a column the first row lacks: the keys read back must not change
+    append_csv(path, make_record(seed=2, run_key="c" * 16, cache_params={"rollout_p": 0.1, "window": 3}).to_row())
+    legacy = {k: v for k, v in make_record(seed=3).to_row().items() if k != "run_key"}
+    append_csv(path, legacy)
     keys = existing_keys(path)
-    assert len(keys) == 2
-    # same settings, different run: another id, time, hardware and numbers -> same key
-    again = make_record(seed=0, device="cuda", gpu_name="H100", accuracy=0.0, gen_seconds=9.0)
+    assert keys == {"a" * 16, "c" * 16, record_key(legacy)}
+    assert record_key(legacy).startswith("legacy-")  # never equal to a run_key: such runs run again
+    again = make_record(seed=0, run_key="a" * 16, accuracy=0.0, gen_seconds=9.0)
     assert again.run_id != done.run_id and record_key(again.to_row()) in keys
-    assert record_key(make_record(seed=1).to_row()) not in keys  # failed: run it again
-    assert record_key(make_record(seed=0, cache_params={"rollout_p": 0.15, "sizes": [1, 2]}).to_row()) not in keys
-    assert record_key(make_record(seed=0, experiment="table2").to_row()) not in keys
-    assert record_key(make_record(seed=0, limit=None).to_row()) not in keys
+    assert record_key(make_record(seed=1, run_key="b" * 16).to_row()) not in keys  # failed: run it again
+    assert record_key({**legacy, "limit": ""}) != record_key(legacy)  # a legacy key still covers its columns
 
 
 def test_run_dir_files_match_csv_row(tmp_path):
@@ -298,3 +308,125 @@ def test_wandb_modes(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "wandb").exists()
     with pytest.raises(ValueError, match="allowed: online, offline, disabled"):
         WandbSink("p", mode="dryrun")
+
+
+# --- A results CSV that cannot be appended to safely is refused, never silently merged or replaced ---
+
+
+def csv_line(path: Path, **overrides) -> str:
+    """One row as append_csv would write it under the file's header."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=header, lineterminator="\n").writerow(make_record(**overrides).to_row())
+    return buf.getvalue()
+
+
+def repair(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/repair_csv.py", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def assert_refused(path: Path, *words: str) -> None:
+    """check_results_csv and append_csv both refuse with one line naming the file; the file stays."""
+    before, mode = path.read_bytes(), path.stat().st_mode
+    with pytest.raises(ResultsCsvError) as error:
+        check_results_csv(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message, message
+    for word in words:
+        assert word in message, message
+    with pytest.raises(ResultsCsvError, match=path.name):
+        append_csv(path, make_record(seed=99).to_row())
+    assert path.read_bytes() == before and path.stat().st_mode == mode
+
+
+def test_absent_or_empty_csv_is_fine(tmp_path):
+    path = tmp_path / "new" / "runs.csv"
+    check_results_csv(path)  # creates the folder, writes nothing
+    assert path.parent.is_dir() and not path.exists()
+    path.write_bytes(b"")
+    check_results_csv(path)
+    append_csv(path, make_record().to_row())
+    check_results_csv(path)
+    assert len(read_rows(path)) == 1
+
+
+@pytest.mark.parametrize("corruption", ["cut_inside_quotes", "extra_cells", "not_utf8"])
+def test_unreadable_tail_is_refused_then_moved_aside(tmp_path, corruption):
+    path = tmp_path / "runs.csv"
+    for seed in (0, 1):
+        append_csv(path, make_record(seed=seed).to_row())
+    good = path.read_bytes()
+    line = csv_line(path, seed=2)
+    if corruption == "cut_inside_quotes":  # a crash or a short copy inside '"[1, 2]"' (cache.sizes)
+        tail = line[: line.index('"[1, 2]"') + 3].encode()
+    elif corruption == "extra_cells":  # then a good row: it is moved aside too (all from the first bad row)
+        tail = (line.rstrip("\n") + ",extra\n" + csv_line(path, seed=3)).encode()
+    else:
+        tail = line.encode().replace(b"tiny_llada", b"tiny\xffllada", 1)
+    path.write_bytes(good + tail)
+    assert_refused(path, "unreadable from line 4", "repair_csv.py", "runs.csv.rejected")
+
+    rejected = path.with_name("runs.csv.rejected")
+    rejected.write_bytes(b"earlier\n")  # an earlier repair's tail: appended to, never replaced
+    result = repair(path)
+    assert result.returncode == 0, result.stderr
+    assert "(rows: 2)" in result.stdout and f"{len(tail)} bytes from there on moved" in result.stdout
+    assert path.read_bytes() == good and rejected.read_bytes() == b"earlier\n" + tail
+    check_results_csv(path)
+    import pandas as pd
+
+    assert list(pd.read_csv(path)["seed"]) == [0, 1]
+    append_csv(path, make_record(seed=9).to_row())
+    assert list(pd.read_csv(path)["seed"]) == [0, 1, 9]
+    assert "nothing to repair" in repair(path).stdout
+
+
+def test_foreign_csv_is_refused(tmp_path):
+    ours = make_record().to_row()
+    files = {
+        "scores.csv": "name,score\nx,1\n",
+        "semicolon.csv": ";".join(ours) + "\n" + ";".join(str(v) for v in ours.values()) + "\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert_refused(path, "not a results CSV of this project", "run_id")
+        result = repair(path)
+        assert result.returncode == 2 and "not a results CSV of this project" in result.stderr
+        assert path.read_text() == text and not path.with_name(f"{name}.rejected").exists()
+
+
+def test_write_protected_csv_is_refused(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_csv(path, make_record().to_row())
+    path.chmod(0o444)  # tests may run as root, which os.access lets write anyway
+    assert_refused(path, "write-protected", "0o444")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+
+
+def test_append_keeps_the_file_mode(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_csv(path, make_record(seed=0).to_row())
+    path.chmod(0o640)
+    append_csv(path, make_record(seed=1).to_row())  # plain append
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    append_csv(path, make_record(seed=2, cache_params={"window": 3}).to_row())  # rewrite with a new column
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [r["seed"] for r in read_rows(path)] == ["0", "1", "2"]
+
+
+def test_append_removes_dead_writers_temp_files(tmp_path):
+    path = tmp_path / "runs.csv"
+    append_csv(path, make_record(seed=0).to_row())
+    dead = tmp_path / ".runs.csv.deadbeef.tmp"
+    dead.write_text("half a file")
+    unrelated = [".runs.csv.backup.tmp", ".other.csv.deadbeef.tmp", "runs.csv.deadbeef.tmp", ".runs.csv.deadbeef.tmp.keep"]
+    for name in unrelated:
+        (tmp_path / name).write_text("keep")
+    append_csv(path, make_record(seed=1).to_row())
+    assert not dead.exists()
+    assert all((tmp_path / name).read_text() == "keep" for name in unrelated)
+    assert len(read_rows(path)) == 2

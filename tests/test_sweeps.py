@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "conf" / "experiment"
 PUBLISHED = ROOT / "results" / "published.csv"
-EXAMPLE_RUNS = ROOT / "results" / "example_runs.csv"
+EXAMPLE_RUNS = ROOT / "results" / "reference" / "example_runs.csv"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import aggregate  # noqa: E402
@@ -246,17 +246,54 @@ def test_resume_skips_existing_rows_before_loading_and_force_reruns(monkeypatch,
     assert len(read_rows(csv_path)) == 3
 
 
-def test_expected_n_shot_follows_lm_eval(composer):
-    from dllm.eval.runner import check_task, expected_n_shot, task_manager
+# Every override here can change a number: each must give another resume key.
+KEY_CHANGES = [
+    ["model.revision=v2"], ["model.instruct=false"], ["task.metric='exact_match,strict-match'"],
+    ["task.lm_eval_task=gsm8k_local_cot"], ["task.include_path=arith"], ["+task.mc_num=2"], ["task.n_shot=3"],
+    ["dtype=bfloat16"], ["gen_length=32", "decoding.block_length=32"], ["batch_size=2"], ["seed=1"],
+    ["cache=dkv_decode"], ["decoding.temperature=0.5"], ["task.limit=3"], ["model=tiny_llada_random"],
+]
+# ... and these cannot: the key stays.
+KEY_KEEPS = [["results_csv=/elsewhere/runs.csv"], ["force=true"], ["logger=wandb"], ["device=cpu"], ["dtype=float32"]]
 
-    def predicted(*overrides):
-        settings = check_task(composer("config", overrides=list(overrides)))
-        return expected_n_shot(task_manager(settings), settings)
 
-    assert predicted("task=humaneval_local", "task.n_shot=3", "task.allow_code_execution=true") == 0  # fixed at 0
-    assert predicted("task=gsm8k_local", "task.n_shot=2") == 2
-    assert predicted("task=gsm8k_local", "task.n_shot=null") == 5  # the task YAML's default
-    assert predicted("task=mmlu_local", "task.n_shot=1") == 1  # a group: the request
+def _key(composer, *overrides) -> str:
+    from dllm.eval.runner import _identity, check_task
+    from dllm.pipeline import plan_run
+
+    cfg = composer("config", overrides=["task=gsm8k_local", "device=auto", *overrides])
+    return _identity(cfg, check_task(cfg), plan_run(cfg))["run_key"]
+
+
+def test_resume_key_covers_every_setting_that_can_change_a_number(composer, tmp_path):
+    base = _key(composer)
+    changed = {" ".join(change): _key(composer, *change) for change in KEY_CHANGES}
+    assert [name for name, key in changed.items() if key == base] == []
+    assert len(set(changed.values())) == len(changed)
+    assert [keep for keep in KEY_KEEPS if _key(composer, *keep) != base] == []
+
+    # Another checkpoint under the same preset name: another folder, or the same folder whose
+    # config.json changed (retrained with other shapes, say).
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ROOT / "assets" / "tiny_llada", folder)
+    copied = _key(composer, f"model.path={folder}")
+    assert copied not in (base, *changed.values())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0}))
+    assert _key(composer, f"model.path={folder}") != copied
+
+
+def test_record_names_the_lm_eval_task_and_the_checkpoint(composer):
+    from dllm.eval.runner import _identity, check_task
+    from dllm.pipeline import config_sha256, plan_run
+
+    cfg = composer("config", overrides=["task=humaneval_local", "task.allow_code_execution=true"])
+    identity = _identity(cfg, check_task(cfg), plan_run(cfg))
+    folder = ROOT / "assets" / "tiny_llada"
+    assert identity["task"] == "humaneval_local" and identity["lm_eval_task"] == "humaneval_local_sanitized"
+    assert identity["code_scoring"] == "sanitize"  # tiny_llada is an instruct model
+    assert identity["checkpoint"] == str(folder.resolve())
+    assert identity["checkpoint_config_sha256"] == config_sha256(folder) and len(config_sha256(folder)) == 64
 
 
 FAIL_ONE_JOB = """
@@ -328,7 +365,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 # aggregate.py and plot.py on the committed example results
 # ----------------------------------------------------------------------------------------------
 def test_aggregate_writes_one_row_per_method(tmp_path):
-    assert EXAMPLE_RUNS.exists(), "results/example_runs.csv is committed (README: Results and figures)"
+    assert EXAMPLE_RUNS.exists(), "results/reference/example_runs.csv is committed (README: Results and figures)"
     assert aggregate.main([str(EXAMPLE_RUNS), "--out", str(tmp_path), "--published", str(PUBLISHED)]) == 0
     for name in ("tables.md", "tables.tex", "summary.csv"):
         assert (tmp_path / name).stat().st_size > 0
@@ -467,3 +504,16 @@ def test_tiny_sweep_on_slurm(slurm_cluster, tmp_path):
             break
         time.sleep(0.5)
     assert set(states.stdout.split()) == {"COMPLETED"}, states.stdout
+
+
+@pytest.mark.parametrize("experiment, scoring", [("d2cache_table1", "sanitize"), ("dkv_table1", "sanitize"), ("dkv_table2", "raw")])
+def test_paper_experiments_pin_their_code_scoring(composer, experiment, scoring):
+    from dllm.eval.runner import check_task
+
+    for task, lm_eval_task in (("humaneval", {"sanitize": "dllm_humaneval_sanitized", "raw": "humaneval"}),
+                               ("mbpp", {"sanitize": "dllm_mbpp_sanitized", "raw": "mbpp"})):
+        cfg = composer("config", overrides=[f"+experiment={experiment}", f"task={task}", "task.allow_code_execution=true"])
+        settings = check_task(cfg)
+        assert (settings.code_scoring, settings.lm_eval_task) == (scoring, lm_eval_task[scoring])
+    gsm8k = check_task(composer("config", overrides=[f"+experiment={experiment}", "task=gsm8k"]))
+    assert gsm8k.code_scoring is None and gsm8k.lm_eval_task == "gsm8k"

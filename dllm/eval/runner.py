@@ -37,6 +37,7 @@ class TaskSettings:
     allow_code_execution: bool
     mc_num: int
     fewshot_as_multiturn: bool
+    code_scoring: str | None = None  # code tasks: the convention that turns answers into programs
 
 
 def _get(node: DictConfig, key: str, default=None):
@@ -61,11 +62,28 @@ def resolve_include_path(value) -> list[str]:
     return out
 
 
+def code_scoring_task(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """(code_scoring, lm-eval task) of a code task: ``auto`` is ``sanitize`` for instruct models
+    (the papers' convention) and ``raw`` for base models; (None, None) for other tasks."""
+    t = cfg.task
+    scoring = _get(t, "code_scoring")
+    if scoring is None:
+        return None, None
+    tasks = OmegaConf.to_container(t.lm_eval_tasks) if _get(t, "lm_eval_tasks") is not None else {}
+    if scoring == "auto":
+        scoring = "sanitize" if bool(cfg.model.instruct) else "raw"
+    if scoring not in tasks:
+        raise ValueError(f"task.code_scoring={scoring!r} (allowed: auto, {', '.join(tasks)})")
+    return scoring, str(tasks[scoring])
+
+
 def check_task(cfg: DictConfig) -> TaskSettings:
     """Everything about the task that can be checked without lm-eval or the model."""
     t = cfg.task
     name = str(t.name)
-    lm_eval_task = _get(t, "lm_eval_task")
+    code_scoring, lm_eval_task = code_scoring_task(cfg)
+    if _get(t, "lm_eval_task"):  # an explicit lm-eval task wins; its scoring is its own
+        code_scoring, lm_eval_task = None, _get(t, "lm_eval_task")
     if not lm_eval_task:
         raise ValueError(f"task={name}: task.lm_eval_task is empty (the lm-eval task or group to run)")
     n_shot = _get(t, "n_shot")
@@ -109,6 +127,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         allow_code_execution=allow,
         mc_num=mc_num,
         fewshot_as_multiturn=bool(_get(t, "fewshot_as_multiturn", False)),
+        code_scoring=code_scoring,
     )
 
 
@@ -199,37 +218,42 @@ def _experiment(cfg: DictConfig) -> str | None:
     return None if value is None else str(value)
 
 
-def expected_n_shot(manager, settings: TaskSettings) -> int | None:
-    """The few-shot count lm-eval will run, from the task's YAML (no data is loaded): a task fixed
-    at ``num_fewshot: 0`` (HumanEval) ignores the request; ``task.n_shot=null`` takes the task's
-    default (0 if it has none). Groups pass the request through (their recorded count is the
-    children's common one)."""
-    from lm_eval.tasks._index import Kind
-
-    entry = manager.task_index.get(settings.lm_eval_task)
-    if entry is None or entry.kind is not Kind.TASK or not isinstance(entry.cfg, dict):
-        return settings.n_shot
-    fixed = entry.cfg.get("num_fewshot")
-    if settings.n_shot is None:
-        return fixed if isinstance(fixed, int) else 0
-    return 0 if fixed == 0 else settings.n_shot
+# Config keys that cannot change a number: where records go, how they are logged, resume itself.
+# device and dtype enter the key resolved (auto -> the device type and dtype that run).
+NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "device", "dtype")
 
 
-def _identity(cfg: DictConfig, settings: TaskSettings, plan, n_shot) -> dict:
-    """The RunRecord fields that say *what* was measured: the same dict builds the resume key
-    before the model loads and the record written after the run (record_key hashes these)."""
-    from dllm.pipeline import component
+def run_settings(cfg: DictConfig, plan) -> dict:
+    """Everything that can change a number of this run (its resume key hashes this): the resolved
+    config minus ``NOT_IN_KEY``, plus the device type, dtype and the checkpoint's identity."""
+    from dllm.pipeline import checkpoint_identity
+
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_KEY:
+        tree.pop(key, None)
+    return {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."),
+            **checkpoint_identity(cfg)}
+
+
+def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
+    """The RunRecord fields that say *what* was measured, known before the model loads; their
+    ``run_key`` is the hash of :func:`run_settings`."""
+    from dllm.logging.record import settings_key
+    from dllm.pipeline import checkpoint_identity, component
 
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
     return dict(
         model=str(cfg.model.name),
+        **checkpoint_identity(cfg),
         cache=cache_name,
         cache_params=cache_params,
         decoding=decoding_name,
         decoding_params=decoding_params,
         task=settings.name,
-        n_shot=n_shot,
+        lm_eval_task=settings.lm_eval_task,
+        code_scoring=settings.code_scoring,
+        n_shot=settings.n_shot,
         limit=settings.limit,
         batch_size=int(cfg.batch_size),
         gen_length=plan.gen_length,
@@ -237,14 +261,8 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan, n_shot) -> dict:
         block_length=decoding_params.get("block_length", plan.gen_length),
         seed=int(cfg.seed),
         experiment=_experiment(cfg),
+        run_key=settings_key(run_settings(cfg, plan)),
     )
-
-
-def run_key(identity: dict) -> str:
-    """``record_key`` of the row a run with these settings writes."""
-    from dllm.logging.record import RunRecord, record_key
-
-    return record_key(RunRecord(run_id="", started_at="", git_commit="", **identity).to_row())
 
 
 def _done(cfg: DictConfig, key: str, dp) -> bool:
@@ -270,29 +288,27 @@ def run_eval(cfg: DictConfig) -> dict | None:
     Under torchrun (WORLD_SIZE > 1) every rank evaluates its share and rank 0 writes the record
     (the other ranks return None)."""
     from dllm.logging.record import new_run_id
-    from dllm.pipeline import plan_run, run_dir_of
+    from dllm.logging.sinks import check_results_csv
+    from dllm.pipeline import check_checkpoint, plan_run, run_dir_of
 
     from .distributed import DataParallel
 
     run_id, started_at = new_run_id(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     settings = check_task(cfg)
+    check_results_csv(cfg.results_csv)  # a foreign, cut or write-protected file: refused before the load
     dp = DataParallel.from_env()
     if dp is not None:
         dp.pin_device(str(cfg.device))
     plan = plan_run(cfg)
+    check_checkpoint(cfg, plan.gen_length)  # config.json and safetensors headers, before any weight
     wandb_settings = check_logger(cfg)
     if dp is not None:
         dp.init(plan.device)
     try:
-        identity = _identity(cfg, settings, plan, settings.n_shot)
-        if _done(cfg, key := run_key(identity), dp):  # fast path: before indexing lm-eval's tasks
-            return _skip_message(cfg, identity, key)
+        identity = _identity(cfg, settings, plan)
+        if _done(cfg, identity["run_key"], dp):  # fast path: before indexing lm-eval's tasks
+            return _skip_message(cfg, identity, identity["run_key"])
         manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
-        n_shot = expected_n_shot(manager, settings)
-        if n_shot != settings.n_shot:
-            identity = _identity(cfg, settings, plan, n_shot)
-            if _done(cfg, key := run_key(identity), dp):
-                return _skip_message(cfg, identity, key)
         run_dir = run_dir_of(cfg)
         previous = os.environ.get(CODE_EVAL_ENV)
         if settings.allow_code_execution:
@@ -316,7 +332,7 @@ def _evaluate(
 
     from dllm.logging.record import RunRecord, git_commit
     from dllm.logging.sinks import WandbSink, append_csv, write_run_dir
-    from dllm.pipeline import load_model_and_tokenizer
+    from dllm.pipeline import checkpoint_folder, config_sha256, load_model_and_tokenizer
 
     from .lm import DllmLM
 
@@ -355,15 +371,15 @@ def _evaluate(
     n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, identity["n_shot"])
     if settings.n_shot is not None and n_shot != settings.n_shot:
         log.warning("task.n_shot=%s requested, but %s ran %s-shot (fixed by the task)", settings.n_shot, settings.lm_eval_task, n_shot)
-    if n_shot != identity["n_shot"]:
-        log.warning("%s ran %s-shot, not the expected %s: resume will not recognise this row", settings.lm_eval_task, n_shot, identity["n_shot"])
     speed = lm.meter.summary()
     speed["n_samples"] = len(samples)
+    # A Hub checkpoint's config hash is known once it is fetched (a local one's before the load).
+    config_hash = identity["checkpoint_config_sha256"] or config_sha256(checkpoint_folder(cfg))
     record = RunRecord(
         run_id=run_id,
         started_at=started_at,
         git_commit=git_commit(),
-        **{**identity, "n_shot": n_shot},
+        **{**identity, "n_shot": n_shot, "checkpoint_config_sha256": config_hash},
         device=str(plan.device),
         gpu_name=torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None,
         dtype=str(plan.dtype).removeprefix("torch."),

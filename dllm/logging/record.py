@@ -12,14 +12,13 @@ from dataclasses import dataclass, field, fields
 
 from dllm import REPO_ROOT
 
-# The settings that identify a run for resume: two rows with equal values here measure the same
-# thing. Params of the cache and decoding groups join as their flattened ``cache.*`` /
-# ``decoding.*`` columns. Hardware (device, dtype) is deliberately not part of it.
-KEY_FIELDS = (
+# Rows written before the ``run_key`` column existed are keyed by these columns (their settings as
+# far as the row shows them); such a key never equals a ``run_key``, so resume re-runs those runs.
+LEGACY_KEY_FIELDS = (
     "model", "cache", "decoding", "task", "n_shot", "limit", "batch_size", "gen_length",
     "steps", "block_length", "seed", "experiment",
 )
-KEY_PREFIXES = ("cache.", "decoding.")
+LEGACY_KEY_PREFIXES = ("cache.", "decoding.")
 
 
 def utc_now() -> str:
@@ -53,11 +52,16 @@ class RunRecord:
     started_at: str = field(default_factory=utc_now)
     git_commit: str = field(default_factory=git_commit)
     model: str
+    checkpoint: str | None = None  # the local folder (absolute) or the Hub id the weights came from
+    checkpoint_revision: str | None = None
+    checkpoint_config_sha256: str | None = None  # of the checkpoint's config.json
     cache: str
     cache_params: dict = field(default_factory=dict)
     decoding: str
     decoding_params: dict = field(default_factory=dict)
     task: str
+    lm_eval_task: str | None = None  # the lm-eval task or group that ran (task is the Hydra preset)
+    code_scoring: str | None = None  # code tasks: raw | sanitize (README "Tasks and records")
     n_shot: int | None = None
     limit: int | float | None = None
     batch_size: int | None = None
@@ -89,6 +93,7 @@ class RunRecord:
     status: str = "ok"
     experiment: str | None = None
     run_dir: str | None = None
+    run_key: str | None = None  # settings_key of everything that can change a number (resume)
 
     def to_row(self) -> dict:
         """Flat dict in field order; params become ``cache.<key>`` / ``decoding.<key>`` columns
@@ -126,15 +131,22 @@ def _scalar(value):
     return str(value)
 
 
+def settings_key(settings: dict) -> str:
+    """Hash of a run's settings: a nested dict of plain values (canonical JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def record_key(row: dict) -> str:
-    """Hash of a row's settings (KEY_FIELDS + cache.* / decoding.* columns).
+    """The resume key of a row: its ``run_key``; for rows written before that column existed, a
+    hash of ``LEGACY_KEY_FIELDS`` + the cache.* / decoding.* columns (never equal to a run_key).
 
     Values are compared as their CSV text and empty cells are dropped, so a freshly built
-    ``to_row()`` and the same row read back from the CSV (all strings; with blank cells for
-    params that only other runs have) give the same key.
+    ``to_row()`` and the same row read back from the CSV give the same key.
     """
+    if row.get("run_key"):
+        return str(row["run_key"])
     settings = {
         k: str(v) for k, v in row.items()
-        if (k in KEY_FIELDS or k.startswith(KEY_PREFIXES)) and v is not None and v != ""
+        if (k in LEGACY_KEY_FIELDS or k.startswith(LEGACY_KEY_PREFIXES)) and v is not None and v != ""
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return "legacy-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

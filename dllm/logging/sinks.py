@@ -8,14 +8,26 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
+import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from filelock import FileLock
 
 from .record import RunRecord, record_key
 
 WANDB_MODES = ("online", "offline", "disabled")
+# Columns every row of ``RunRecord.to_row()`` has: a header without them is another tool's file.
+REQUIRED_COLUMNS = ("run_id", "model", "cache", "decoding", "task", "status")
+_TMP_TOKEN_BYTES = 4  # random part of a temp file's name: ``.<name>.<8 hex digits>.tmp``
+# Bytes that are not UTF-8, as decoded with errors="surrogateescape".
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+class ResultsCsvError(ValueError):
+    """The results CSV cannot be appended to safely; the message is one line: file, problem, fix."""
 
 
 def _csv_text(header: list[str], rows: list[dict], with_header: bool) -> str:
@@ -36,12 +48,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _replace_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never a mix; only SIGKILL or power loss mid-write leaves a stray
-    ``.<name>.*.tmp`` beside it. Created with 0o666 & ~umask (not mkstemp's 0600), so a shared
-    results file stays readable by the group."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    ``.<name>.*.tmp`` beside it. A new file gets 0o666 & ~umask (not mkstemp's 0600), so a shared
+    results file stays readable by the group; a replaced one keeps its mode (os.replace swaps in
+    the temp file's inode, so the mode must be copied onto it)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TMP_TOKEN_BYTES)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         try:
+            if path.exists():
+                os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
             _write_all(fd, text.encode())
         finally:
             os.close(fd)
@@ -49,6 +64,15 @@ def _replace_atomic(path: Path, text: str) -> None:
     except BaseException:  # e.g. a full disk: the old file stays, drop the partial copy
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Call under ``<path>.lock``: only the lock holder writes ``path``'s temp files, so any that
+    exists now was left by a writer killed mid-write."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TMP_TOKEN_BYTES}}}\.tmp")
+    for entry in path.parent.iterdir():
+        if pattern.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
 
 
 def _read_text(path: Path) -> str:
@@ -60,6 +84,142 @@ def _rows(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
+class _Scan(NamedTuple):
+    header: list[str]
+    rows: int  # complete data rows after the header
+    end: int  # characters of the text that the header and those rows span
+    end_line: int  # lines they span
+    problem: str | None  # why the rest of the text cannot be read; None: all of it can
+
+
+def _scan(text: str) -> _Scan:
+    """Parse ``text`` as ``append_csv`` writes it and find where it stops being readable.
+
+    ``strict=True``: without it the csv module silently closes a quoted field left open at the
+    end of the file, and the next appended row would vanish into that field. Rows must have as
+    many cells as the header (blank lines are skipped, as by every CSV reader).
+    """
+    consumed = 0
+
+    def lines():  # the reader pulls one line at a time and never reads past the row it returns
+        nonlocal consumed
+        for line in io.StringIO(text, newline=""):
+            consumed += len(line)
+            yield line
+
+    reader = csv.reader(lines(), strict=True)
+    header: list[str] | None = None
+    rows = end = end_line = 0
+
+    def stop(problem: str | None) -> _Scan:
+        return _Scan(header or [], rows, end, end_line, problem)
+
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return stop(None)
+        except csv.Error as e:
+            cut = str(e) == "unexpected end of data"
+            return stop("a quoted field is never closed (the file was cut short?)" if cut else f"csv error: {e}")
+        if _UNDECODABLE.search(text, end, consumed):
+            return stop("bytes that are not UTF-8")
+        if header is None:
+            header = cells
+        elif cells and len(cells) != len(header):
+            return stop(f"a row of {len(cells)} cells under a header of {len(header)}")
+        else:
+            rows += bool(cells)
+        end, end_line = consumed, reader.line_num
+
+
+def _check_writable(path: Path) -> None:
+    """``path`` is about to be replaced by a new file in its folder (and a lock file made there)."""
+    folder = path.parent
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        # root may write anything: the owner's write bit is what says "do not replace"
+        if not os.access(path, os.W_OK) or not mode & stat.S_IWUSR:
+            raise ResultsCsvError(
+                f"{path}: write-protected (mode {mode:#o}), so it is never replaced. "
+                f"Fix: chmod u+w {path}, or set results_csv to another file"
+            )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ResultsCsvError(f"{path}: its folder is not writable. Fix: set results_csv to a file in a writable folder")
+
+
+def _check_header(path: Path, text: str, header: list[str]) -> None:
+    if missing := [c for c in REQUIRED_COLUMNS if c not in header]:
+        first_line = text.splitlines()[0] if text else ""
+        raise ResultsCsvError(
+            f"{path}: not a results CSV of this project (its first line {first_line[:60]!r} lacks the columns "
+            f"{', '.join(missing)}; another tool's file, or another separator than ','). "
+            f"Fix: set results_csv to another file, or move this one away"
+        )
+
+
+def _checked_text(path: Path) -> str:
+    """The text of ``path`` ("" when absent or blank) after checking that rows can be appended to it."""
+    _check_writable(path)
+    if not path.exists():
+        return ""
+    try:
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as e:
+        raise ResultsCsvError(f"{path}: cannot be read ({e.strerror}). Fix: set results_csv to a readable file") from e
+    if not text.strip():
+        return ""
+    scan = _scan(text)
+    _check_header(path, text, scan.header)
+    if scan.problem:
+        raise ResultsCsvError(
+            f"{path}: unreadable from line {scan.end_line + 1} on: {scan.problem}; readers (pandas, resume) "
+            f"fail there, so nothing is appended. Fix: python scripts/repair_csv.py {path} (keeps the header and the rows before line "
+            f"{scan.end_line + 1}, moves the rest to {path}.rejected)"
+        )
+    return text
+
+
+def check_results_csv(path: str | os.PathLike) -> None:
+    """Raise ``ResultsCsvError`` (one line: file, problem, fix) unless rows can be appended to
+    ``path``: absent or empty, or a readable CSV with this project's header, and writable.
+    Creates the folder if missing. Call it before a run loads anything; ``append_csv`` checks again."""
+    path = Path(path).resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResultsCsvError(f"{path}: cannot create its folder ({e.strerror}). Fix: set results_csv to another file") from e
+    _checked_text(path)
+
+
+def repair_results_csv(path: str | os.PathLike) -> tuple[int, int]:
+    """Move the unreadable tail of a results CSV (from the first row that cannot be read on) byte
+    for byte to ``<path>.rejected`` (appended to it if it exists) and keep the header and the rows
+    before it. Returns (rows kept, bytes moved); (rows, 0) when every row is readable. Refuses
+    (``ResultsCsvError``) a file that is not this project's or is write-protected, moving nothing."""
+    path = Path(path).resolve()
+    with FileLock(f"{path}.lock"):  # an append must neither race the rewrite nor delete its temp file
+        _check_writable(path)
+        data = path.read_bytes()
+        text = data.decode("utf-8", "surrogateescape")  # every byte survives into the .rejected file
+        if not text.strip():
+            return 0, 0
+        scan = _scan(text)
+        _check_header(path, text, scan.header)
+        if scan.problem is None:
+            return scan.rows, 0
+        good = text[: scan.end]
+        tail = data[len(good.encode()) :]  # the readable part is valid UTF-8: its length in bytes is exact
+        # The tail is saved (fsynced) before the file is cut: a crash in between duplicates it, loses nothing.
+        fd = os.open(f"{path}.rejected", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            _write_all(fd, tail)
+        finally:
+            os.close(fd)
+        _replace_atomic(path, good)
+        return scan.rows, len(tail)
+
+
 def append_csv(path: str | os.PathLike, row: dict) -> None:
     """Append one row under ``<path>.lock`` (safe for concurrent SLURM jobs).
 
@@ -68,12 +228,19 @@ def append_csv(path: str | os.PathLike, row: dict) -> None:
     old rows blank there. Every change is a whole new file written in one write + fsync and
     swapped in by ``os.replace``: an O_APPEND write is not enough, since the kernel may cut a
     write to a regular file short when SIGKILL arrives mid-copy, leaving half a row. The old
-    rows are copied byte for byte, so appending costs one read and one write of the file.
+    rows are copied byte for byte, so appending costs one read and one write of the file; the
+    file keeps its mode.
+
+    Under the lock, temp files of killed writers are removed and the file is checked as by
+    ``check_results_csv`` (it may have changed since the run's own check): a file that is not
+    readable to its end, another tool's, or write-protected raises ``ResultsCsvError`` and stays
+    as it is.
     """
     path = Path(path).resolve()  # through a symlink, so os.replace swaps the target, not the link
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
-        old = _read_text(path) if path.exists() else ""
+        _remove_dead_temps(path)
+        old = _checked_text(path)
         header = next(csv.reader(io.StringIO(old, newline="")), [])
         if not header:
             text = _csv_text(list(row), [row], with_header=True)

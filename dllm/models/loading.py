@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import dream, llada
 from .packed import PackedLinear
@@ -86,6 +88,16 @@ def shard_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
 
 
+@contextmanager
+def open_shard(shard: Path, device: str = "cpu") -> Iterator:
+    """``safe_open`` whose errors (a truncated or garbage file) name the file."""
+    try:
+        with safe_open(shard, framework="pt", device=device) as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
 def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, str]]]:
     """Which (checkpoint key, native key) pairs to read from which shard; raises on any mismatch."""
     with torch.device("meta"):
@@ -97,7 +109,7 @@ def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, st
     for shard in shard_files(folder):
         if not shard.is_file():
             raise CheckpointError(f"missing shard {shard}")
-        with safe_open(shard, framework="pt") as f:
+        with open_shard(shard) as f:
             for key in f.keys():
                 native = to_native.get(key)
                 if native is None:
@@ -133,7 +145,7 @@ def load_model(
     net.to_empty(device=device)
     params = net.state_dict()
     for shard, pairs in plan.items():
-        with safe_open(shard, framework="pt", device=str(device)) as f:
+        with open_shard(shard, str(device)) as f:
             for key, native in pairs:
                 params[native].copy_(f.get_tensor(key).to(dtype))
     if args.tie_embeddings:

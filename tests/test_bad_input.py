@@ -1,0 +1,116 @@
+"""Bad input is refused before any model loads, with one message naming the key, the value and
+what is allowed; ``python run.py`` prints it as one line (no traceback) and exits 2."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import dllm.pipeline
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(dllm.pipeline, "load_model_and_tokenizer", refuse)
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny checkpoint with a truncated and a garbage model.safetensors."""
+    base = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, cut in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"not safetensors" * 8)):
+        folder = base / name
+        shutil.copytree(ROOT / "assets" / "tiny_llada", folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(cut(weights.read_bytes()))
+        out[name] = folder
+    return out
+
+
+CASES = [
+    (["seed=1.5"], r"seed=1\.5 must be an integer >= 0"),
+    (["batch_size=0"], r"batch_size=0 must be an integer >= 1"),
+    (["gen_length=sixty"], r"gen_length='sixty' must be an integer >= 1"),
+    (["gen_length=-64"], r"gen_length=-64 must be an integer >= 1"),
+    (["gen_length=0"], r"gen_length=0 must be an integer >= 1"),
+    (["gen_length=8192"], r"gen_length=8192 leaves no room for a prompt: model=tiny_llada has max_seq_len=4096"),
+    (["task=generate", "prompt=''"], r"prompt: an empty prompt"),
+    (["+cache.kk=3"], r"cache=none has no parameter cache\.kk .*allowed: \[\]"),
+    (["cache=d2cache", "+cache.kk=3"], r"cache=d2cache has no parameter cache\.kk \(close: \['k'\]"),
+    (["+decoding.step=8"], r"decoding=low_confidence has no parameter decoding\.step \(close: \['steps'\]"),
+    (["cache=d2cahe"], None),  # Hydra refuses an unknown group option itself (tested by the subprocess case)
+    (["model=tiny_dream", "model.family=llada"], r"family"),
+    (["model=llada"], r"huggingface-cli download GSAI-ML/LLaDA-8B-Instruct.*model\.path=/local/folder"),
+    (["model.path=/nonexistent/folder"], r"model\.path='/nonexistent/folder' is not a folder"),
+    (["model.path={truncated}"], r"truncated/model\.safetensors is not a readable safetensors file"),
+    (["model.path={garbage}"], r"garbage/model\.safetensors is not a readable safetensors file"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", [c for c in CASES if c[1] is not None], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_refused_before_the_model_loads(no_model, broken_checkpoints, overrides, message, tmp_path, monkeypatch):
+    from dllm.pipeline import run
+
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    overrides = [o.format(**broken_checkpoints) for o in overrides]
+    cfg = compose(f"results_csv={tmp_path / 'runs.csv'}", *overrides)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (tmp_path / "runs.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["seed=1.5"], "seed=1.5 must be an integer"), (["gen_length=8192"], "max_seq_len=4096")])
+def test_run_py_prints_one_line_and_exits_2(tmp_path, args, message):
+    env = subprocess_env(tmp_path)
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"results_csv={tmp_path / 'runs.csv'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and message in done.stderr
+    assert done.stderr.count("\n") <= 3  # the message and the hint on how to see the traceback
+    debug = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "debug=true"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("problem", ["read-only folder", "foreign csv", "cut csv"])
+def test_a_results_csv_that_cannot_take_the_row_is_refused_first(no_model, tmp_path, monkeypatch, problem):
+    """Checked before the model loads, not after the whole run."""
+    from dllm.pipeline import run
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    csv_path = folder / "runs.csv"
+    if problem == "read-only folder":
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):  # root ignores the mode bits: simulate with a protected file
+            folder.chmod(0o755)
+            csv_path.write_text("run_id,model,cache,decoding,task,status\n")
+            csv_path.chmod(0o444)
+    elif problem == "foreign csv":
+        csv_path.write_text("name,score\nx,1\n")
+    else:
+        csv_path.write_text('run_id,model,cache,decoding,task,status\n1,m,c,d,t,"ok\n')
+    before = csv_path.read_bytes() if csv_path.exists() else None
+    try:
+        with pytest.raises(ValueError, match=re.escape(str(csv_path))):
+            run(compose(f"results_csv={csv_path}"))
+    finally:
+        folder.chmod(0o755)
+    assert (csv_path.read_bytes() if csv_path.exists() else None) == before

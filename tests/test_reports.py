@@ -1,0 +1,202 @@
+"""scripts/aggregate.py and scripts/plot.py on small hand-written results CSVs: aggregate prints and
+writes only where --out says, marks noisy speedups, shows the timing spread; plot draws error bars,
+one marker shape per method, shared axes, and speedup values clear of the ideal lines."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import aggregate  # noqa: E402
+
+# The columns aggregate reads, plus the record's newer ones that must not disturb the tables.
+BASE = {
+    "status": "ok", "model": "llada", "task": "gsm8k", "n_shot": "4", "limit": "", "batch_size": "1",
+    "gen_length": "256", "steps": "256", "block_length": "32", "seed": "0", "device": "cuda", "gpu_name": "H100",
+    "accuracy": "0.78", "accuracy_stderr": "0.011", "n_samples": "1319", "all_tokens": "337664",
+    "latency_s_mean": "1.0", "lm_eval_task": "gsm8k", "checkpoint": "GSAI-ML/LLaDA-8B-Instruct",
+    "code_scoring": "", "mask_tokens_left": "0",
+}
+
+
+def run_row(cache: str, tok_s: float, ideal: float, rel_std: float | None = None, **extra) -> dict:
+    """One ok row: ``tok_s`` all-token (= useful) throughput, ``rel_std`` its relative std over
+    timing repeats (None: one timing, std cells empty)."""
+    std = "" if rel_std is None else str(tok_s * rel_std)
+    row = dict(BASE, cache=cache, decoding="low_confidence", started_at=f"2026-01-01T00:00:{len(cache):02d}",
+               run_key=f"key-{cache}-{tok_s}", gen_seconds=str(337664 / tok_s),
+               throughput_useful_tok_s=str(tok_s), throughput_all_tok_s=str(tok_s), ideal_speedup=str(ideal),
+               timing_repeats="1" if rel_std is None else "5",
+               throughput_useful_tok_s_std=std, throughput_all_tok_s_std=std)
+    row.update(extra)
+    return row
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).fillna("").to_csv(path, index=False)
+    return path
+
+
+def table_of(path: Path) -> pd.DataFrame:
+    ((_, table),) = aggregate.build_tables(aggregate.load_runs(path))
+    return table.set_index("method")
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------- aggregate
+def test_aggregate_without_out_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    csv = write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)])
+    monkeypatch.chdir(tmp_path)
+    before = files_under(tmp_path)
+    assert aggregate.main([str(csv)]) == 0
+    assert files_under(tmp_path) == before
+    printed = capsys.readouterr().out
+    assert "### llada · gsm8k · 4-shot L=256 H100" in printed
+    assert "| prefix" in printed and "3.00×" in printed
+
+
+def test_aggregate_with_out_writes_the_three_files(tmp_path, monkeypatch, capsys):
+    csv = write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)])
+    monkeypatch.chdir(tmp_path)
+    assert aggregate.main([str(csv), "--out", "tables"]) == 0
+    assert {p.name for p in files_under(tmp_path / "tables")} == {"tables.md", "tables.tex", "summary.csv"}
+    assert (tmp_path / "tables" / "tables.md").read_text() in capsys.readouterr().out
+
+
+def test_speedup_above_its_ideal_is_noisy(tmp_path):
+    csv = write_csv(tmp_path / "runs.csv", [
+        run_row("none", 10.0, 1.0),
+        run_row("prefix", 35.0, 3.2),  # 3.5x > 3.2x: caching cannot beat skipping the work
+        run_row("dual", 32.5, 3.2),  # 3.25x: within 2 % of the bound, timing jitter
+    ])
+    table = table_of(csv)
+    assert table.loc["prefix", "noisy"] == "above its ideal 3.20×"
+    assert table.loc["dual", "noisy"] == "" and table.loc["none", "noisy"] == ""
+    md = aggregate.render(aggregate.build_tables(aggregate.load_runs(csv)))[0]
+    assert "3.50× (noisy)" in md and "3.25× |" in md
+    assert "prefix: above its ideal 3.20×" in md  # the note under the table says why
+
+
+def test_throughput_spread_is_shown_and_above_ten_percent_is_noisy(tmp_path):
+    csv = write_csv(tmp_path / "runs.csv", [
+        run_row("none", 10.0, 1.0, rel_std=0.05),
+        run_row("prefix", 30.0, 3.2, rel_std=0.15),
+        run_row("dual", 25.0, 3.2, rel_std=0.02),
+    ])
+    table = table_of(csv)
+    # The std of a ratio of independent timings: relative stds in quadrature.
+    assert table.loc["prefix", "speedup std"] == pytest.approx(3.0 * math.hypot(0.15, 0.05))
+    assert table.loc["prefix", "noisy"] == "throughput ± 15.0%"
+    assert table.loc["dual", "noisy"] == ""
+    assert pd.isna(table.loc["none", "speedup std"])  # the baseline against itself: exactly 1
+    frame = aggregate.display_frame(table.reset_index()).set_index("method")
+    assert frame.loc["prefix", "tok/s"] == "30.0 ± 4.5"
+    assert frame.loc["prefix", "speedup"] == "3.00 ± 0.47× (noisy)"
+    assert frame.loc["dual", "speedup"] == "2.50 ± 0.13×"
+
+
+def test_noisy_baseline_makes_every_speedup_noisy(tmp_path):
+    csv = write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0, rel_std=0.2), run_row("prefix", 30.0, 3.2)])
+    assert table_of(csv).loc["prefix", "noisy"] == "baseline throughput ± 20.0%"
+
+
+def test_old_csv_without_spread_columns():
+    """The committed example predates the std columns: no ± on tok/s, no speedup spread."""
+    for _, table in aggregate.build_tables(aggregate.load_runs(ROOT / "results" / "example_runs.csv")):
+        frame = aggregate.display_frame(table)
+        assert not frame["tok/s"].str.contains("±").any()
+        assert not frame["speedup"].str.contains("±").any()
+        assert table["speedup std"].isna().all()
+
+
+def test_new_record_columns_neither_split_nor_merge_tables(tmp_path):
+    """lm_eval_task, checkpoint... are not table keys: one table; two runs of one method that differ
+    only in them stay two rows, labelled by what differs."""
+    csv = write_csv(tmp_path / "runs.csv", [
+        run_row("none", 10.0, 1.0, lm_eval_task="gsm8k_cot"),
+        run_row("prefix", 30.0, 3.2),
+        run_row("prefix", 28.0, 3.2, checkpoint="/ckpt/llada-finetuned"),
+        run_row("dual", 40.0, 3.2, run_key=""),  # a row written before run_key existed
+    ])
+    tables = aggregate.build_tables(aggregate.load_runs(csv))
+    assert len(tables) == 1
+    assert set(tables[0][1]["method"]) == {
+        "none", "prefix (GSAI-ML/LLaDA-8B-Instruct)", "prefix (/ckpt/llada-finetuned)", "dual",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- plot
+@pytest.fixture
+def figures(tmp_path, monkeypatch):
+    """plot.main on two models x three methods with timing spreads, each ideal line just above its
+    bar (where a value written on top of the bar would cross it); {figure name: Figure}."""
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    rows = []
+    for model, speed in (("llada", 1.0), ("dream", 1.2)):
+        rows += [run_row(cache, tok_s * speed, ideal, rel_std=0.04, model=model)
+                 for cache, tok_s, ideal in (("none", 10.0, 1.0), ("prefix", 20.0, 2.2), ("dual", 29.0, 3.1))]
+    csv = write_csv(tmp_path / "runs.csv", rows)
+    drawn, save = {}, plot.save
+
+    def keep(fig, out, name):
+        drawn[name] = fig
+        return save(fig, out, name)
+
+    monkeypatch.setattr(plot, "save", keep)
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([str(csv)]) == 0
+    # No --out: under outputs/ (not committed), never into results/.
+    assert {p.name for p in files_under(tmp_path / "outputs" / "figures")} == {
+        f"{n}.{e}" for n in ("accuracy_vs_throughput", "speedup") for e in ("pdf", "png")
+    }
+    return drawn
+
+
+def test_accuracy_plot_has_error_bars_one_marker_per_method_and_shared_axes(figures):
+    import plot
+    from matplotlib.container import ErrorbarContainer
+
+    fig = figures["accuracy_vs_throughput"]
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    for ax in axes:
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 3 and all(c.has_xerr and c.has_yerr for c in bars)
+        assert len({c.lines[0].get_marker() for c in bars}) == 3
+    assert axes[0].get_ylim() == axes[1].get_ylim() and axes[0].get_xlim() == axes[1].get_xlim()
+    legend = fig.legends[0]
+    markers = {t.get_text(): h for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    shapes = {method: markers[method].get_marker() for method in ("none", "prefix", "dual")}
+    assert shapes == {method: plot.METHOD_STYLE[method][1] for method in shapes}
+    assert len(set(shapes.values())) == 3
+
+
+def test_speedup_plot_values_clear_of_ideal_lines(figures):
+    from matplotlib.collections import LineCollection
+
+    fig = figures["speedup"]
+    fig.canvas.draw()
+    (ax,) = [ax for ax in fig.axes if ax.get_visible()]
+    # Every bar but the two baselines (1 by definition) has a spread.
+    assert sum(1 for c in ax.containers if getattr(c, "errorbar", None) is not None) == 4
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 6
+    ideals = [  # the horizontal segments (the vertical ones are error bars)
+        seg for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments() if seg[0][1] == seg[1][1]
+    ]
+    assert len(ideals) == 6
+    for (x0, y), (x1, _) in ideals:
+        (dx0, dy), (dx1, _) = ax.transData.transform([(x0, y), (x1, y)])
+        for box in boxes:
+            assert not (box.x0 < dx1 and dx0 < box.x1 and box.y0 <= dy <= box.y1), (box, dy)

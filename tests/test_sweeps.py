@@ -481,8 +481,8 @@ def test_tiny_sweep_on_slurm(slurm_cluster, tmp_path):
     env = subprocess_env(tmp_path)
     csv_path = tmp_path / "runs.csv"
     command = [
-        sys.executable, "run.py", "-m", "+experiment=tiny_sweep", "hydra/launcher=slurm",
-        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3",
+        sys.executable, "run.py", "-m", "+experiment=tiny_sweep", "hydra/launcher=slurm_cpu", "device=cpu",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3",
         "hydra.launcher.timeout_min=10", f"results_csv={csv_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     done = run(command, env, timeout=540)
@@ -492,6 +492,8 @@ def test_tiny_sweep_on_slurm(slurm_cluster, tmp_path):
         ("dkv_decode", "16", "ok"), ("dkv_decode", "32", "ok"), ("none", "16", "ok"), ("none", "32", "ok"),
     ]
     assert {r["experiment"] for r in rows} == {"tiny_sweep"}
+    assert "SLURM sweep: each job appends its row to" in done.stdout  # where the rows will arrive
+    assert "sweep done: 4 row(s) written to" in done.stdout  # the summary table at the end
     scripts = list((tmp_path / "sweep" / ".submitit").glob("*/*_submission.sh"))
     assert scripts, "no sbatch scripts: the jobs did not go through SLURM"
     for script in scripts:
@@ -517,3 +519,33 @@ def test_paper_experiments_pin_their_code_scoring(composer, experiment, scoring)
         assert (settings.code_scoring, settings.lm_eval_task) == (scoring, lm_eval_task[scoring])
     gsm8k = check_task(composer("config", overrides=[f"+experiment={experiment}", "task=gsm8k"]))
     assert gsm8k.code_scoring is None and gsm8k.lm_eval_task == "gsm8k"
+
+
+def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
+    """The multirun-end callback: only this sweep's rows, accuracy ± stderr, speedup over none."""
+    from omegaconf import OmegaConf
+
+    from dllm.logging.sinks import append_csv
+    from dllm.logging.sweep_summary import SweepSummary
+
+    csv_path, sweep = tmp_path / "runs.csv", tmp_path / "sweep"
+    base = dict(run_id="x", model="tiny_llada", decoding="low_confidence", task="arith", status="ok",
+                accuracy_stderr=0.05, throughput_useful_tok_s=100.0)
+    append_csv(csv_path, {**base, "cache": "none", "accuracy": 0.75, "throughput_all_tok_s": 200.0, "run_dir": str(sweep / "0")})
+    append_csv(csv_path, {**base, "cache": "dual", "accuracy": 0.7, "throughput_all_tok_s": 500.0, "run_dir": str(sweep / "1")})
+    append_csv(csv_path, {**base, "cache": "prefix", "accuracy": 0.1, "throughput_all_tok_s": 1.0, "run_dir": str(tmp_path / "other")})
+    config = OmegaConf.create({"results_csv": str(csv_path), "hydra": {"sweep": {"dir": str(sweep)}}})
+    SweepSummary().on_multirun_end(config)
+    out = capsys.readouterr().out
+    assert f"sweep done: 2 row(s) written to {csv_path}" in out
+    lines = [line for line in out.splitlines() if line.startswith("tiny_llada")]
+    assert len(lines) == 2 and "prefix" not in out
+    assert "75.0 ± 5.0" in lines[0] and "1.00x" in lines[0]
+    assert "70.0 ± 5.0" in lines[1] and "2.50x" in lines[1] and lines[1].endswith("ok")
+
+
+def test_slurm_cpu_preset_requests_no_gpu(composer):
+    """A CPU-only cluster rejects any GPU request (sbatch: Invalid generic resource)."""
+    launcher = composer("config", overrides=["hydra/launcher=slurm_cpu"], return_hydra_config=True).hydra.launcher
+    assert launcher.gpus_per_node is None and "SlurmLauncher" in launcher._target_
+    assert launcher.timeout_min == 360 and launcher.submitit_folder.endswith("/.submitit/%j")  # the rest of slurm

@@ -74,7 +74,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
     if not cfg.model.tiny and not cfg.model.path:
         raise ValueError(f"model={cfg.model.name}: model.path is empty (a Hub id or a local folder)")
-    for key, minimum in (("seed", 0), ("batch_size", 1), ("gen_length", 1)):
+    for key, minimum in (("seed", 0), ("batch_size", 1), ("gen_length", 1), ("timing.repeats", 1)):
         integer_setting(cfg, key, minimum)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")

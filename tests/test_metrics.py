@@ -159,3 +159,24 @@ def test_mask_tokens_left_are_counted_per_sample_and_run():
     assert [s.mask_tokens for s in stats] == [2, 0]
     meter.add_batch(output([[MASK_ID] * G]), [G], warmup=True, mask_token_id=MASK_ID)  # not counted
     assert meter.summary()["mask_tokens_left"] == 2
+
+
+def test_timing_repeats_give_mean_time_and_throughput_spread():
+    """Three timings of each of two batches: totals 3, 4 and 5 s -> mean 4 s; the throughput's
+    standard deviation (ddof 1) over the three totals."""
+    meter = ThroughputMeter()
+    rows = [r for r, _ in ROWS[:2]]  # useful 3 + 6 of all 12 tokens
+    meter.add_batch(output(rows, seconds=1.0), [3, 6], repeat_seconds=[1.5, 2.0])
+    meter.add_batch(output(rows, seconds=2.0), [3, 6], repeat_seconds=[2.5, 3.0])
+    summary = meter.summary()
+    assert summary["timing_repeats"] == 3 and summary["gen_seconds"] == pytest.approx(4.0)
+    assert summary["throughput_all_tok_s"] == pytest.approx(24 / 4.0)
+    rates = [24 / 3, 24 / 4, 24 / 5]
+    mean = sum(rates) / 3
+    assert summary["throughput_all_tok_s_std"] == pytest.approx((sum((r - mean) ** 2 for r in rates) / 2) ** 0.5)
+    assert summary["latency_s_mean"] == pytest.approx(1.5)  # the first timing of each batch
+    with pytest.raises(ValueError, match="timing repeats"):
+        meter.add_batch(output(rows), [3, 6], repeat_seconds=[1.0])
+    single = ThroughputMeter()
+    single.add_batch(output(rows), [3, 6])
+    assert single.summary()["timing_repeats"] == 1 and single.summary()["throughput_all_tok_s_std"] is None

@@ -87,4 +87,5 @@ def merge_meters(meters: list[ThroughputMeter]) -> ThroughputMeter:
         if m.peak_mem_gb is not None:
             merged.peak_mem_gb = m.peak_mem_gb if merged.peak_mem_gb is None else max(merged.peak_mem_gb, m.peak_mem_gb)
     merged.gen_seconds = max((m.gen_seconds for m in meters), default=0.0)
+    merged.repeat_seconds = [max(totals) for totals in zip(*(m.repeat_seconds for m in meters))]
     return merged

@@ -97,12 +97,15 @@ class DllmLM(LM):
         progress: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        timing_repeats: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if mc_num < 1:
             raise ValueError(f"mc_num={mc_num} must be >= 1")
+        if timing_repeats < 1:
+            raise ValueError(f"timing.repeats={timing_repeats} must be >= 1")
         self.net = net
         self.tokenizer = tokenizer
         self.plan = plan
@@ -110,6 +113,7 @@ class DllmLM(LM):
         self.chat = bool(chat)
         self.seed = int(seed)
         self.mc_num = int(mc_num)
+        self.timing_repeats = int(timing_repeats)
         self.progress = progress
         self._device = plan.device
         self._rank, self._world_size = int(rank), int(world_size)  # data parallel (dllm/eval/distributed.py)
@@ -244,8 +248,10 @@ class DllmLM(LM):
                 self.meter.add_batch(out, useful, warmup=True, mask_token_id=self.net.args.mask_token_id)
                 self._warmed_up = True
             out = self.generate_batch(prompts, batch_index)
+            # Further timings of the same batch (same seed, same tokens): the spread of the speed.
+            repeats = [self.generate_batch(prompts, batch_index).seconds for _ in range(self.timing_repeats - 1)]
             texts, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
-            stats = self.meter.add_batch(out, useful, mask_token_id=self.net.args.mask_token_id)
+            stats = self.meter.add_batch(out, useful, mask_token_id=self.net.args.mask_token_id, repeat_seconds=repeats)
             for it, raw, st in zip(batch, texts, stats):
                 text = cut_at_stops(raw, it.until)
                 results[it.index] = text

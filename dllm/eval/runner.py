@@ -340,7 +340,8 @@ def _evaluate(
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num, **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
+        mc_num=settings.mc_num, timing_repeats=int(_get(cfg, "timing.repeats", 1)),
+        **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(
         model=lm,

@@ -81,6 +81,9 @@ class RunRecord:
     gen_seconds: float | None = None
     throughput_useful_tok_s: float | None = None
     throughput_all_tok_s: float | None = None
+    timing_repeats: int | None = None
+    throughput_useful_tok_s_std: float | None = None  # over timing repeats (None with one)
+    throughput_all_tok_s_std: float | None = None
     latency_s_mean: float | None = None
     latency_s_p50: float | None = None
     latency_s_p90: float | None = None

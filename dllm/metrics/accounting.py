@@ -29,6 +29,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation (ddof 1); None for a single value."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 class ThroughputMeter:
     """Accumulates :class:`GenerationOutput` batches into the speed fields of the run record.
 
@@ -48,6 +56,10 @@ class ThroughputMeter:
     - ``recompute_ratio``: sum of active token-layers / sum of full-forward token-layers over
       batches; ``ideal_speedup`` = 1 / recompute_ratio.
     - ``peak_mem_gb``: max over batches.
+    - ``timing_repeats``: how often each batch was timed (``timing.repeats``; the tokens of every
+      repeat are the same, only the first is scored). ``gen_seconds`` is then the mean over repeats
+      of the run's total generation time, and ``throughput_*_tok_s_std`` the standard deviation
+      (ddof 1) over repeats of the run's throughput (None with one repeat).
     - ``mask_tokens_left``: [MASK] tokens left in the responses (the denoising loop refuses to
       return any, so this is 0 in every valid run; the tokenizer would drop them from the text).
 
@@ -63,10 +75,12 @@ class ThroughputMeter:
         self.active_token_layers = 0
         self.total_token_layers = 0
         self.peak_mem_gb: float | None = None
+        self.repeat_seconds: list[float] = []  # per extra timing repeat, its total over batches
 
     def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False,
-                  mask_token_id: int | None = None) -> list[SampleStats]:
-        """Per-row stats of one batch; counted in the totals unless ``warmup``."""
+                  mask_token_id: int | None = None, repeat_seconds: list[float] = ()) -> list[SampleStats]:
+        """Per-row stats of one batch; counted in the totals unless ``warmup``. ``repeat_seconds``:
+        the times of the batch's further timing repeats (same tokens)."""
         rows, gen_length = out.tokens.shape
         if len(useful) != rows:
             raise ValueError(f"{len(useful)} useful lengths for a batch of {rows} rows")
@@ -76,6 +90,11 @@ class ThroughputMeter:
         stats = [SampleStats(int(n), gen_length, out.seconds, int(m)) for n, m in zip(useful, masks)]
         if warmup:
             return stats
+        if not self.samples:
+            self.repeat_seconds = [0.0] * len(repeat_seconds)
+        elif len(repeat_seconds) != len(self.repeat_seconds):
+            raise ValueError(f"{len(repeat_seconds)} further timing repeats for a batch, {len(self.repeat_seconds)} before")
+        self.repeat_seconds = [total + t for total, t in zip(self.repeat_seconds, repeat_seconds)]
         self.samples.extend(stats)
         self.gen_seconds += out.seconds
         self.nfe += out.nfe
@@ -89,15 +108,20 @@ class ThroughputMeter:
         useful = sum(s.useful_tokens for s in self.samples)
         every = sum(s.all_tokens for s in self.samples)
         latencies = [s.seconds for s in self.samples]
-        timed = self.gen_seconds > 0
+        totals = [self.gen_seconds, *self.repeat_seconds]
+        seconds = sum(totals) / len(totals)
+        timed = seconds > 0 and all(t > 0 for t in totals)
         ratio = self.active_token_layers / self.total_token_layers if self.total_token_layers else None
         return {
             "n_samples": len(self.samples),
             "useful_tokens": useful,
             "all_tokens": every,
-            "gen_seconds": self.gen_seconds,
-            "throughput_useful_tok_s": useful / self.gen_seconds if timed else None,
-            "throughput_all_tok_s": every / self.gen_seconds if timed else None,
+            "gen_seconds": seconds,
+            "throughput_useful_tok_s": useful / seconds if timed else None,
+            "throughput_all_tok_s": every / seconds if timed else None,
+            "timing_repeats": len(totals),
+            "throughput_useful_tok_s_std": _std([useful / t for t in totals]) if timed else None,
+            "throughput_all_tok_s_std": _std([every / t for t in totals]) if timed else None,
             "latency_s_mean": sum(latencies) / len(latencies) if latencies else None,
             "latency_s_p50": percentile(latencies, 50) if latencies else None,
             "latency_s_p90": percentile(latencies, 90) if latencies else None,

@@ -3,7 +3,10 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# A run folder is <time>-<overrides>, or <time> alone when there are none (no trailing dash).
+OmegaConf.register_new_resolver("dllm.dash", lambda text: f"-{text}" if text else "", replace=True)
 
 FREE_TEXT_KEYS = ("prompt=",)
 

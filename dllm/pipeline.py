@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,22 @@ class RunPlan:
     gen_length: int
     device: torch.device
     dtype: torch.dtype
+    threads: int  # torch's intra-op CPU threads for this run
+
+
+def resolve_threads(value) -> int:
+    """``threads``: an integer >= 1, or ``auto``: $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK (the
+    cores a job was given), else torch's default. torch's default takes every core it sees, which
+    on a machine shared with other work (or a SLURM job given fewer cores) oversubscribes them."""
+    if value == "auto":
+        for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+            text = os.environ.get(variable, "")
+            if text.isdigit() and int(text) >= 1:
+                return int(text)
+        return torch.get_num_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"threads={value!r} must be auto or an integer >= 1")
+    return value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +101,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     decoder.check(gen_length)
     cache.check(decoder)
     device = resolve_device(cfg.device)
-    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device))
+    threads = resolve_threads(OmegaConf.select(cfg, "threads", default="auto"))
+    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads)
 
 
 def check_checkpoint(cfg: DictConfig, gen_length: int) -> None:
@@ -176,6 +194,7 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     from dllm.models.packed import pack_linear_weights
     from dllm.models.tokenization import load_tokenizer
 
+    torch.set_num_threads(plan.threads)
     folder = checkpoint_folder(cfg)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py

@@ -243,10 +243,13 @@ class DllmLM(LM):
             batch_index = self._batches
             self._batches += 1
             if not self._warmed_up:
+                # Its own phase on the console: the first batch is generated twice, once untimed.
+                bar.set_description(f"warm-up (batch of {len(batch)}, not timed)")
                 out = self.generate_batch(prompts, batch_index)
                 _, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
                 self.meter.add_batch(out, useful, warmup=True, mask_token_id=self.net.args.mask_token_id)
                 self._warmed_up = True
+                bar.set_description("generate_until")
             out = self.generate_batch(prompts, batch_index)
             # Further timings of the same batch (same seed, same tokens): the spread of the speed.
             repeats = [self.generate_batch(prompts, batch_index).seconds for _ in range(self.timing_repeats - 1)]

@@ -162,6 +162,28 @@ def task_manager(settings: TaskSettings):
     return manager
 
 
+# lm-eval messages that say nothing about our runs: our tasks take no --metadata, and HumanEval's
+# fixed 0 shots are reported by the run itself (task.n_shot vs what ran).
+QUIET_LM_EVAL = ("Custom kwargs can be passed to `--metadata`", "num_fewshot has been set to 0")
+
+
+class _DropIrrelevant(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in QUIET_LM_EVAL)
+
+
+def quiet_console(is_main: bool) -> None:
+    """Drop lm-eval's irrelevant warnings; under torchrun only rank 0 logs below WARNING."""
+    for name in ("lm_eval.api.task", "lm_eval.evaluator"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropIrrelevant) for f in logger.filters):
+            logger.addFilter(_DropIrrelevant())
+    if not is_main:
+        for name in ("", "lm_eval", "dllm"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _number(value) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -336,11 +358,21 @@ def _evaluate(
 
     from .lm import DllmLM
 
+    is_main = dp is None or dp.is_main
+    quiet_console(is_main)
+    if is_main:
+        print(
+            f"[run] model={identity['model']} ({identity['checkpoint']}) cache={identity['cache']} "
+            f"decoding={identity['decoding']} task={settings.name} (lm-eval {settings.lm_eval_task}"
+            f"{', code scoring ' + settings.code_scoring if settings.code_scoring else ''}) gen_length={plan.gen_length} "
+            f"batch_size={cfg.batch_size} device={plan.device} dtype={str(plan.dtype).removeprefix('torch.')} "
+            f"threads={plan.threads}{' x ' + str(dp.world_size) + ' ranks' if dp else ''}"
+        )
     torch.manual_seed(cfg.seed)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num, timing_repeats=int(_get(cfg, "timing.repeats", 1)),
+        mc_num=settings.mc_num, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
         **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(

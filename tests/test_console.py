@@ -1,0 +1,61 @@
+"""What a run shows on the console: a run header with the thread count, the warm-up as its own
+phase, no irrelevant lm-eval warnings, only rank 0 talking under torchrun, and run folders
+without a trailing dash."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from test_eval import run_scripted
+
+
+def test_run_header_warm_up_phase_and_quiet_lm_eval(monkeypatch, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    run_scripted(monkeypatch, tmp_path, lambda prompt: "#### 3", "task=gsm8k_local", "task.limit=2", "task.gen_length=64", "threads=1")
+    captured = capsys.readouterr()
+    assert "[run] model=tiny_llada_random" in captured.out and "threads=1" in captured.out
+    assert "warm-up (batch of 1, not timed)" in captured.err  # the first batch, generated untimed
+    assert "Custom kwargs can be passed" not in caplog.text and "num_fewshot has been set to 0" not in caplog.text
+    assert "Running generate_until requests" in caplog.text  # lm-eval's other messages stay
+
+
+def test_only_rank_zero_logs_below_warning():
+    from dllm.eval.runner import quiet_console
+
+    before = {name: logging.getLogger(name).level for name in ("", "lm_eval", "dllm")}
+    try:
+        quiet_console(is_main=True)
+        assert logging.getLogger("lm_eval").level == before["lm_eval"]
+        quiet_console(is_main=False)
+        assert all(logging.getLogger(name).level == logging.WARNING for name in before)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_threads_auto_follows_the_job(monkeypatch):
+    import torch
+
+    from dllm.pipeline import resolve_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert resolve_threads("auto") == torch.get_num_threads()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert resolve_threads("auto") == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert resolve_threads("auto") == 2 and resolve_threads(5) == 5
+    for bad in (0, "many", 1.5, True):
+        with pytest.raises(ValueError, match="threads="):
+            resolve_threads(bad)
+
+
+def test_run_folder_without_overrides_has_no_trailing_dash():
+    import runpy
+
+    from omegaconf import OmegaConf
+
+    runpy.run_path(str(__import__("pathlib").Path(__file__).resolve().parents[1] / "run.py"))  # registers the resolver
+    cfg = OmegaConf.create({"o": "", "d": "12-00-00${dllm.dash:${o}}", "o2": "cache=dual", "d2": "12-00-00${dllm.dash:${o2}}"})
+    assert cfg.d == "12-00-00" and cfg.d2 == "12-00-00-cache=dual"

@@ -105,11 +105,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads)
 
 
-def check_checkpoint(cfg: DictConfig, gen_length: int) -> None:
+def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     """Before any weight is read: the checkpoint's config.json is found (a local folder, or fetched
     alone from the Hub / its cache), describes the configured family, and leaves room for a prompt
-    of at least one token before ``gen_length`` generated ones; a local folder's safetensors
-    headers match it (a Hub checkpoint's shards are checked when they are fetched, at load)."""
+    of at least one token before ``gen_length`` generated ones, and suits the cache method; a
+    local folder's safetensors headers match it (a Hub checkpoint's shards: when fetched, at load)."""
     from dllm.models.loading import CheckpointError, model_args, plan_loading
 
     if cfg.model.tiny and not cfg.model.path:
@@ -125,9 +125,10 @@ def check_checkpoint(cfg: DictConfig, gen_length: int) -> None:
     args = model_args(folder, cfg.model.family)
     if local.is_dir():
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
-    if gen_length >= args.max_seq_len:
+    plan.cache.check_model(args.logit_shift)
+    if plan.gen_length >= args.max_seq_len:
         raise ValueError(
-            f"gen_length={gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="
+            f"gen_length={plan.gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="
             f"{args.max_seq_len} (config.json in {folder})"
         )
 
@@ -235,7 +236,7 @@ def run_generate(cfg: DictConfig) -> list[dict]:
 
     plan = plan_run(cfg)
     prompts = read_prompts(cfg)
-    check_checkpoint(cfg, plan.gen_length)
+    check_checkpoint(cfg, plan)
     torch.manual_seed(cfg.seed)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     stops = stop_token_ids(tokenizer, net.args)

@@ -67,6 +67,10 @@ class CacheMethod(ABC):
     def check(self, decoder: Decoder) -> None:
         """Raise ValueError if this method cannot run with ``decoder``."""
 
+    def check_model(self, logit_shift: int) -> None:
+        """Raise ValueError if this method cannot run on a model with this logit shift (1: Dream);
+        called from the checkpoint's config.json before the weights load, and at :meth:`start`."""
+
     def start(self, ctx: DecodeContext) -> None:
         self.ctx = ctx
 

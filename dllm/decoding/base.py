@@ -36,6 +36,8 @@ class DecodeContext:
     real: Tensor  # (B, P+G) bool, False on left padding
     generator: torch.Generator | None
     device: torch.device
+    #: the model's logit shift: 1 for Dream (position j predicted from j - 1), 0 for LLaDA.
+    logit_shift: int = 0
 
     @property
     def length(self) -> int:

@@ -114,7 +114,7 @@ def generate(
     B, T = x.shape
     if T > args.max_seq_len:
         raise ValueError(f"prompt + gen_length = {T} exceeds the model's max_seq_len={args.max_seq_len}")
-    ctx = DecodeContext(B, T - gen_length, gen_length, args.mask_token_id, real, generator, device)
+    ctx = DecodeContext(B, T - gen_length, gen_length, args.mask_token_id, real, generator, device, args.logit_shift)
     decoder.start(ctx)
     cache.start(ctx)
 

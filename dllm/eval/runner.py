@@ -322,7 +322,7 @@ def run_eval(cfg: DictConfig) -> dict | None:
     if dp is not None:
         dp.pin_device(str(cfg.device))
     plan = plan_run(cfg)
-    check_checkpoint(cfg, plan.gen_length)  # config.json and safetensors headers, before any weight
+    check_checkpoint(cfg, plan)  # config.json and safetensors headers, before any weight
     wandb_settings = check_logger(cfg)
     if dp is not None:
         dp.init(plan.device)

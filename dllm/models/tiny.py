@@ -84,6 +84,22 @@ CHAT_TEMPLATE = {
     ),
 }
 
+# generation_config.json of Dream-org/Dream-v0-Instruct-7B (transformers 4.46.2) but its special
+# ids (151643 there), which write_generation_config sets from the tiny tokenizer.
+DREAM_GENERATION_CONFIG = {
+    "_from_model_config": True,
+    "alg": "origin",
+    "alg_temp": None,
+    "eps": 0.001,
+    "mask_token_id": None,
+    "output_history": False,
+    "steps": 512,
+    "temperature": 0.0,
+    "top_k": None,
+    "top_p": None,
+    "transformers_version": "4.46.2",
+}
+
 # Real architecture constants of each family; only the sizes are shrunk.
 BASE_ARGS = {
     "llada": dict(rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=4096, logit_shift=0),
@@ -117,8 +133,23 @@ def build_tokenizer(
     return tok
 
 
+def write_generation_config(family: str, ids: dict[str, int], out: Path) -> Path | None:
+    """Dream: write generation_config.json as Dream-v0-Instruct-7B publishes it, with this
+    tokenizer's special ids; Dream's own loading code (``DreamModel.from_pretrained``) reads it and
+    fails without it. Its mask id is null as published (Dream's generation code takes the mask id
+    from config.json). LLaDA: nothing (LLaDA's loading code does not need the file)."""
+    if family != "dream":
+        return None
+    eos = ids["<|endoftext|>"]
+    config = {**DREAM_GENERATION_CONFIG, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    path = out / "generation_config.json"
+    path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    return path
+
+
 def write_tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, int]:
-    """Write tokenizer.json / tokenizer_config.json / special_tokens_map.json; return the special ids."""
+    """Write the files that carry the special ids: tokenizer.json / tokenizer_config.json /
+    special_tokens_map.json (and Dream's generation_config.json); return the special ids."""
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIALS[family]}
     eos = "<|endoftext|>"
@@ -141,6 +172,7 @@ def write_tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, i
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special_map = {**roles, "additional_special_tokens": config["additional_special_tokens"]}
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    write_generation_config(family, ids, out)
     return ids
 
 
@@ -209,6 +241,23 @@ def make_tiny_checkpoint(
     return out
 
 
+def _add_generation_config(family: str, folder: Path) -> None:
+    """A Dream folder cached before generation_config.json was written gets it (written beside and
+    renamed into place, so a concurrent reader sees all or nothing). Our loader never reads the
+    file, so a cache this process may not write to is left as it is."""
+    if family != "dream" or (folder / "generation_config.json").exists():
+        return
+    try:
+        eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+        tmp = Path(tempfile.mkdtemp(prefix=".generation_config.", dir=folder))
+        try:
+            os.replace(write_generation_config(family, {"<|endoftext|>": eos}, tmp), folder / "generation_config.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
+
+
 def ensure_tiny(family: str, root: Path | None = None) -> Path:
     """The cached default tiny checkpoint of ``family``, built on first use.
 
@@ -219,6 +268,7 @@ def ensure_tiny(family: str, root: Path | None = None) -> Path:
         root = Path(os.environ.get("DLLM_CACHE") or Path.home() / ".cache" / "dllm-cache-bench")
     final = Path(root) / f"tiny_{family}-{CACHE_VERSION}"
     if final.is_dir():
+        _add_generation_config(family, final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

@@ -10,10 +10,33 @@ The prompt is read from the caches. Every response position gets a prediction ea
 (from mixed fresh and cached features), so every masked position is eligible to unmask.
 Unlike the reference code, padding is masked out of attention.
 
-Accounting: a row computed in full counts one token-layer; a row whose value projection alone
-is computed counts that projection's share of the layer's linear weights (wv / all linear
-layers of the block: 1/13 for an MHA LLaMA block with ffn = 3 x dim), so that ``ideal_speedup``
-stays the linear-layer bound it is for every other method.
+Two rules of the original code (``dllm_cache/hooks/cache_hook_LLaDA.py`` and ``_Dream.py`` of
+maomaocun/dLLM-cache; the d2Cache authors' ``src/cache/dllm_cache.py`` does the same) that the
+paper does not state, both on by default here and switchable to the rules we ran before:
+
+``value_write``
+    ``"all"`` (default, the reference): on a step that does not refresh the response, the fresh
+    value vector of *every* response row, computed anyway for the similarity test, is written to
+    the V cache, before the chosen rows' attention reads it, so those rows attend to fresh values
+    of all response positions; the keys of the rows not chosen stay cached, and so does the
+    prompt's V until the prompt is refreshed. The next similarity test then compares with the
+    previous step's values. ``"recomputed"``: only the rows recomputed in full write K and V; the
+    others keep the value of their last full recomputation (in attention and for the similarity).
+``refresh_first_layer``
+    ``True`` (default, the reference; its issue 6 discusses it): layer 0 recomputes every row of
+    the forward in full at every step, without a similarity test. The reference recomputes the
+    prompt rows at layer 0 too; we leave them out on steps that do not refresh the prompt, since
+    nothing reads that work: the prompt's layer-0 keys and values depend on its embeddings alone
+    (identical), and its layer-0 outputs feed only its own rows at deeper layers, which read their
+    features from the caches until the next prompt refresh, which recomputes layer 0 anyway (a
+    test checks that adding them changes no token). ``False``: layer 0 follows the same rule as
+    every other layer.
+
+Accounting: a row computed in full counts one token-layer (at layer 0 under
+``refresh_first_layer`` every row of the forward); a row whose value projection alone is
+computed counts that projection's share of the layer's linear weights (wv / all linear layers of
+the block: 1/13 for an MHA LLaMA block with ffn = 3 x dim), so that ``ideal_speedup`` stays the
+linear-layer bound it is for every other method. Writing a value to the cache costs no linear work.
 """
 from __future__ import annotations
 
@@ -25,6 +48,8 @@ from dllm.decoding.loop import pack
 from dllm.models.transformer import Block, LayerHook, ModelArgs, put_rows, take_rows
 
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
+
+VALUE_WRITES = ("all", "recomputed")
 
 
 def value_share(args: ModelArgs) -> float:
@@ -46,45 +71,78 @@ class FeatureReuse(LayerHook):
         refreshed = (in_prompt & self.refresh_prompt) | (~in_prompt & self.refresh_response)
         self.rows, self.rows_valid = rows, rows_valid
         self.always = rows_valid & refreshed
-        self.candidates = rows_valid & ~in_prompt & ~refreshed
+        # With rho = 0 nothing is chosen by similarity: no value is computed (nor written), as in the reference.
+        self.candidates = rows_valid & ~in_prompt & ~refreshed & (self.cache.update_ratio > 0)
         self.n_updates = torch.ceil(self.candidates.sum(1) * self.cache.update_ratio).long()
+        # Whose fresh values are written under value_write="all": the chosen rows and the candidates
+        # (the chosen ones are always or candidates); every other row to the trash slot T.
+        self.value_rows = self.always | self.candidates
+        self.value_positions = rows.masked_fill(~self.value_rows, self.cache.ctx.length)
         self.token_layers = 0
+        self.store_values: tuple[Tensor, Tensor, Tensor] | None = None
 
     def pick(self, layer: int, block: Block, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        features = self.cache.features_of(layer, x_norm, block.attn.wv.out_features)
-        value = block.attn.wv(x_norm)
-        chosen = self.always
-        if self.candidates.any():
+        cache = self.cache
+        features = cache.features_of(layer, x_norm, block.attn.wv.out_features)
+        if layer == 0 and cache.refresh_first_layer:
+            chosen, candidates = self.rows_valid, None
+        else:
+            chosen, candidates = self.always, self.candidates if self.candidates.any() else None
+        value = None
+        if candidates is not None:  # every row's value, for the similarity test (and the V cache)
+            value = block.attn.wv(x_norm)
             similarity = torch.cosine_similarity(value.float(), take_rows(features["v"], self.rows).float(), dim=-1)
-            chosen = chosen | top_n_mask(-similarity.masked_fill(~self.candidates, float("inf")), self.n_updates)
+            chosen = chosen | top_n_mask(-similarity.masked_fill(~candidates, float("inf")), self.n_updates)
         picked, picked_valid = pack(chosen)
-        self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, self.cache.ctx.length)
-        picked_value = take_rows(value, picked)
-        self.write(features["v"], picked_value)
-        value_only = int((self.rows_valid & ~chosen).sum())
-        self.token_layers += int(chosen.sum()) + value_only * value_share(block.attn.args)
+        self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, cache.ctx.length)
+        if value is None:
+            picked_value = block.attn.wv(take_rows(x_norm, picked))
+        else:
+            picked_value = take_rows(value, picked)
+        self.store_values = None
+        if value is not None and cache.value_write == "all":
+            put_rows(features["v"], self.value_positions, value)
+            # Into the K/V store too, before attention reads it (it then writes the picked rows' K/V).
+            all_rows = torch.arange(value.shape[1], device=value.device).expand(value.shape[0], -1)
+            self.store_values = (all_rows, self.value_rows, value)
+        else:
+            put_rows(features["v"], self.picked_positions, picked_value)
+        self.token_layers += int(chosen.sum())
+        if value is not None:
+            self.token_layers += int((self.rows_valid & ~chosen).sum()) * value_share(block.attn.args)
         return picked, picked_valid, picked_value  # attention reuses them
+
+    def values_to_store(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        return self.store_values
 
     def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:
         stored = self.cache.features[layer][part]
-        self.write(stored, fresh)
-        return take_rows(stored, self.rows)
-
-    def write(self, stored: Tensor, fresh: Tensor) -> None:
         put_rows(stored, self.picked_positions, fresh)
+        return take_rows(stored, self.rows)
 
 
 @register_cache
 class DLLMCache(CacheMethod):
     name = "dllm_cache"
 
-    def __init__(self, prompt_interval: int = 50, response_interval: int = 7, update_ratio: float = 0.25) -> None:
+    def __init__(
+        self,
+        prompt_interval: int = 50,
+        response_interval: int = 7,
+        update_ratio: float = 0.25,
+        value_write: str = "all",
+        refresh_first_layer: bool = True,
+    ) -> None:
         check_interval("prompt_interval", prompt_interval)
         check_interval("response_interval", response_interval)
         if not 0 <= update_ratio <= 1:
             raise ValueError(f"cache.update_ratio={update_ratio!r} must be in [0, 1]")
+        if value_write not in VALUE_WRITES:
+            raise ValueError(f"cache.value_write={value_write!r} must be one of {', '.join(VALUE_WRITES)}")
+        if not isinstance(refresh_first_layer, bool):
+            raise ValueError(f"cache.refresh_first_layer={refresh_first_layer!r} must be true or false")
         self.prompt_interval, self.response_interval = prompt_interval, response_interval
-        self.update_ratio = update_ratio
+        self.update_ratio, self.value_write, self.refresh_first_layer = update_ratio, value_write, refresh_first_layer
 
     def start(self, ctx) -> None:
         super().start(ctx)

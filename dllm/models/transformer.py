@@ -70,6 +70,11 @@ class KVStore:
             put_rows(self.v[layer].transpose(1, 2), index, v.transpose(1, 2))
         return self.k[layer], self.v[layer]
 
+    def write_values(self, layer: int, index: Tensor, v: Tensor) -> None:
+        """Store values (B, S, Hkv * hd) alone at slots ``index`` (B, S); the keys there stay."""
+        B, S, _ = v.shape
+        put_rows(self.v[layer].transpose(1, 2), index, v.view(B, S, -1, self.v[layer].shape[-1]))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -187,6 +192,8 @@ class Block(nn.Module):
         """
         x = self.attn_norm(h)
         picked, picked_valid, value = hook.pick(layer, self, x)
+        if (values := hook.values_to_store(layer)) is not None:  # before attention reads them
+            store.write_values(layer, index.gather(1, values[0]).masked_fill(~values[1], store.length), values[2])
         slots = index.gather(1, picked).masked_fill(~picked_valid, store.length)
         cos, sin = take_rows(cos[:, 0], picked)[:, None], take_rows(sin[:, 0], picked)[:, None]
         attn_out, _ = self.attn(take_rows(x, picked), cos, sin, key_mask, store, layer, slots, False, value)
@@ -230,6 +237,11 @@ class LayerHook:
         """Rows (B, S) of the current A rows to compute at this layer, their validity, and their
         value projections (B, S, ·) if the hook computed them (else None: attention does)."""
         raise NotImplementedError
+
+    def values_to_store(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Values to write into the K/V store at this layer before attention, besides the picked
+        rows' K/V: (rows (B, S) of the current A rows, their validity, values (B, S, ·)), or None."""
+        return None
 
     def merge(self, layer: int, part: str, picked: Tensor, picked_valid: Tensor, fresh: Tensor) -> Tensor:
         """(B, A, dim) outputs of ``part`` ("attn" | "ffn") for all rows, given the picked rows' fresh ones."""

@@ -38,4 +38,9 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_free_text(sys.argv)
+    from dllm.overrides import unknown_key_message
+
+    if (message := unknown_key_message(sys.argv[1:])) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     main()

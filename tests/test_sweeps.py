@@ -549,3 +549,12 @@ def test_slurm_cpu_preset_requests_no_gpu(composer):
     launcher = composer("config", overrides=["hydra/launcher=slurm_cpu"], return_hydra_config=True).hydra.launcher
     assert launcher.gpus_per_node is None and "SlurmLauncher" in launcher._target_
     assert launcher.timeout_min == 360 and launcher.submitit_folder.endswith("/.submitit/%j")  # the rest of slurm
+
+
+def test_dkv_table2_pins_the_reference_dream_rules(composer):
+    """The published Dream-Base numbers came from the dKV-Cache code: its hidden top_k=50 and its
+    default shift rule (un) for the decode and pd variants."""
+    cfg = composer("config", overrides=["+experiment=dkv_table2"])
+    assert cfg.decoding.name == "dream" and cfg.decoding.top_k == 50 and cfg.decoding.alg == "entropy"
+    methods = cfg.methods
+    assert methods.dkv_decode.cache.shift_rule == "un" and methods.dkv_pd.cache.shift_rule == "un"

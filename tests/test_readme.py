@@ -10,3 +10,18 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert ci_command[0] in readme, f"README.md Quick start lacks CI's command: {ci_command[0]}"
     assert "torch==2.13.0" in ci_command[0]
+
+
+def test_readme_commands_write_where_no_committed_result_lives():
+    """A README command's results_csv / --out must not be a committed file or folder: on a fresh
+    clone it would print "skip (exists)" or overwrite the reference copies (results/reference/)."""
+    import re
+    import subprocess
+
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split())
+    readme = (ROOT / "README.md").read_text()
+    targets = set(re.findall(r"results_csv=(\S+?)[`\s]", readme)) | set(re.findall(r"--out (\S+?)[`\s]", readme))
+    assert {"results/example_runs.csv", "results/tiny_arith.csv", "results/tables", "results/figures"} <= targets
+    for target in targets:
+        assert not any(path == target or path.startswith(target.rstrip("/") + "/") for path in tracked), target
+    assert any(path.startswith("results/reference/") for path in tracked)  # the reference copies are kept

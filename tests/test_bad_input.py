@@ -125,7 +125,8 @@ def test_mistyped_group_keys_name_the_close_ones():
     from dllm.overrides import unknown_key_message
 
     assert "close: ['steps']" in unknown_key_message(["decoding.step=8"])
-    assert "decoding=dream has no key 'alg_tmp' (close: ['alg']" in unknown_key_message(["decoding=dream", "decoding.alg_tmp=1"])
+    message = unknown_key_message(["decoding=dream", "decoding.algo=entropy"])
+    assert "decoding=dream has no key 'algo' (close: ['alg'" in message
     assert "cache=none has no key 'k'" in unknown_key_message(["-m", "cache=none,d2cache", "cache.k=3"])
     assert unknown_key_message(["cache=d2cache", "cache.k=3", "task.limit=1", "+cache.extra=1"]) is None  # all fine here
     assert unknown_key_message(["seed=3"]) is None

@@ -5,6 +5,20 @@ current block plus everything after it (``prefix``: the prompt and earlier block
 the cache) or the current block only (``dual``: later blocks are cached too). Use with a block
 decoder (block_length 32 in the paper). ``refresh_interval`` additionally forces a full forward
 every that many steps of a block (off by default).
+
+Dream (logit shift 1), ``dream_rows`` chooses the rows of the other steps of a block [lo, hi):
+
+- ``ours`` (default): the block's K/V rows [lo, hi) (prefix: [lo, T)) plus the rows that predict
+  its masked positions, i.e. row lo - 1 exactly while position lo is still masked.
+- ``reference``: the rows of the d2Cache repository's PrefixCache (``use_dual``), the region
+  shifted left by one: [lo - 1, hi - 1) (prefix: [lo - 1, T - 1)), fixed at the block's first
+  step (row lo - 1 stays active after position lo is decoded). Only these rows' K/V are
+  rewritten, so the block's last position (prefix: the sequence's last) keeps the K/V of the
+  block's first, full forward until the next block start.
+
+On LLaDA (no shift) both rules are the same rows, the block region, so ``reference`` is accepted
+and identical to ``ours``. (NVlabs' own Dream code computes the unshifted region and commits the
+block's first position at the block-start forward; that decoding rule is not emulated here.)
 """
 from __future__ import annotations
 
@@ -12,23 +26,38 @@ import torch
 
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
 
+DREAM_ROWS = ("ours", "reference")
+
 
 class BlockCache(CacheMethod):
     #: True: recompute everything after the current block too (prefix); False: the block only (dual).
     recompute_suffix: bool
 
-    def __init__(self, refresh_interval: int | None = None) -> None:
+    def __init__(self, refresh_interval: int | None = None, dream_rows: str = "ours") -> None:
         check_interval("refresh_interval", refresh_interval, allow_none=True)
+        if not isinstance(dream_rows, str) or dream_rows not in DREAM_ROWS:
+            raise ValueError(f"cache.dream_rows={dream_rows!r} (allowed: {list(DREAM_ROWS)})")
         self.refresh_interval = refresh_interval
+        self.dream_rows = dream_rows
 
     def select(self, view: StepView) -> ActiveRequest:
         block_step = view.plan.block_step
         if block_step == 0 or (self.refresh_interval and block_step % self.refresh_interval == 0):
             return ActiveRequest.everything()
         lo, hi = view.plan.window
+        T = view.masked.shape[1]
+        end = T if self.recompute_suffix else hi
         region = torch.zeros_like(view.masked)
-        region[:, lo : None if self.recompute_suffix else hi] = True
-        return ActiveRequest(predict=view.masked & region, refresh=region)
+        region[:, lo:end] = True
+        predict = view.masked & region
+        shift = self.ctx.logit_shift
+        if self.dream_rows == "reference" and shift:
+            # The region moved left by the shift, whatever is still masked; it covers every
+            # row that predicts a position of [lo, end), so ``predict`` adds nothing to it.
+            rows = torch.zeros_like(view.masked)
+            rows[:, lo - shift : end - shift] = True
+            return ActiveRequest(predict=predict, refresh=rows)
+        return ActiveRequest(predict=predict, refresh=region)
 
 
 @register_cache

@@ -111,7 +111,7 @@ def test_noisy_baseline_makes_every_speedup_noisy(tmp_path):
 
 def test_old_csv_without_spread_columns():
     """The committed example predates the std columns: no ± on tok/s, no speedup spread."""
-    for _, table in aggregate.build_tables(aggregate.load_runs(ROOT / "results" / "example_runs.csv")):
+    for _, table in aggregate.build_tables(aggregate.load_runs(ROOT / "results" / "reference" / "example_runs.csv")):
         frame = aggregate.display_frame(table)
         assert not frame["tok/s"].str.contains("±").any()
         assert not frame["speedup"].str.contains("±").any()

@@ -428,7 +428,7 @@ def test_plot_writes_every_figure(tmp_path, monkeypatch):
             path = out / f"{name}.{ext}"
             assert path.stat().st_size > 1000, path
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    committed = ROOT / "results" / "figures"
+    committed = ROOT / "results" / "reference" / "figures"
     assert {p.name for p in committed.glob("*.png")} >= {f"{n}.png" for n in names}
 
 

@@ -18,7 +18,8 @@ Dream (logit shift 1), ``dream_rows`` chooses the rows of the other steps of a b
 
 On LLaDA (no shift) both rules are the same rows, the block region, so ``reference`` is accepted
 and identical to ``ours``. (NVlabs' own Dream code computes the unshifted region and commits the
-block's first position at the block-start forward; that decoding rule is not emulated here.)
+block's first position at the block-start forward: that is ``dream_rows=ours`` with
+``decoding=dream decoding.block_length=... decoding.first_token=commit``.)
 """
 from __future__ import annotations
 

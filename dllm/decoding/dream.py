@@ -1,8 +1,21 @@
 """Dream's decoding algorithms (``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``).
 
-Schedule: timesteps = linspace(1, eps, steps + 1); at step i with t = ts[i], s = ts[i + 1], a
-row with n masked tokens unmasks int(n * (1 - s / t)) of them (all on the last step);
-``origin`` instead unmasks each masked token independently with probability 1 - s / t.
+Schedule: timesteps = linspace(1, eps, steps_per_block + 1); at block step i with t = ts[i],
+s = ts[i + 1], a row with n masked tokens in the current block unmasks int(n * (1 - s / t)) of
+them (all on the block's last step); ``origin`` instead unmasks each masked token of the block
+independently with probability 1 - s / t. With ``block_length`` null the whole response is one
+block (Dream's own generation); otherwise blocks of ``block_length`` are decoded left to right
+with ``steps`` split evenly over them (Fast-dLLM's block-wise Dream, which is what its prefix and
+dual caches run on).
+
+``first_token``: ``schedule`` (default) applies the schedule from the block's first step on;
+``commit`` is Fast-dLLM's rule: the block-start forward commits exactly one token, the block's
+first position (its prediction from that forward), and the schedule then runs from ts[1] on the
+block's remaining masked tokens (steps 1 .. steps_per_block - 1; with one step per block, that
+step commits the whole block).
+
+``alg_temp``: null / 0 commits the ``n`` most confident positions; > 0 draws them, without
+replacement, from softmax(confidence / alg_temp) over the eligible positions (Dream's code).
 The logit shift of Dream is handled by the denoising loop, not here.
 """
 from __future__ import annotations
@@ -10,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder
+from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder, top_n_mask
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+FIRST_TOKEN_RULES = ("schedule", "commit")
 
 
 def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -29,15 +43,36 @@ def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def sample_positions(score: Tensor, n: Tensor, alg_temp: float, generator: torch.Generator | None) -> Tensor:
+    """(B, T) bool: per row, ``n[b]`` positions drawn without replacement from softmax(score / alg_temp).
+
+    Positions with score -inf are never drawn. Where the softmax underflows to zero for some
+    eligible positions and too few remain, the rest are taken by score (the zero-temperature limit).
+    """
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    for row in range(score.shape[0]):
+        eligible = torch.isfinite(score[row])
+        k = min(int(n[row]), int(eligible.sum()))
+        if k == 0:
+            continue
+        probs = torch.softmax(score[row].double() / alg_temp, dim=-1)
+        drawable = min(k, int((probs > 0).sum()))
+        picked = torch.multinomial(probs, drawable, replacement=False, generator=generator)
+        chosen[row, picked] = True
+        if drawable < k:
+            rest = score[row].masked_fill(chosen[row], float("-inf"))
+            chosen[row, rest.topk(k - drawable).indices] = True
+    return chosen
+
+
 @register_decoder
 class DreamDecoder(Decoder):
     name = "dream"
 
     def __init__(self, steps: int, alg: str = "entropy", temperature: float = 0.0, top_p: float | None = None,
-                 top_k: int | None = None, eps: float = 1e-3, block_length: int | None = None) -> None:
-        if block_length is not None:
-            raise ValueError("decoding=dream has no blocks: leave block_length null")
-        super().__init__(steps, None, temperature)
+                 top_k: int | None = None, eps: float = 1e-3, block_length: int | None = None,
+                 first_token: str = "schedule", alg_temp: float | None = None) -> None:
+        super().__init__(steps, block_length, temperature)
         if alg not in ALGORITHMS:
             raise ValueError(f"decoding.alg={alg!r} (allowed: {list(ALGORITHMS)})")
         if top_p is not None and not 0 < top_p <= 1:
@@ -46,32 +81,52 @@ class DreamDecoder(Decoder):
             raise ValueError(f"decoding.top_k={top_k} must be >= 1")
         if not 0 < eps < 1:
             raise ValueError(f"decoding.eps={eps} must be in (0, 1)")
+        if first_token not in FIRST_TOKEN_RULES:
+            raise ValueError(f"decoding.first_token={first_token!r} (allowed: {list(FIRST_TOKEN_RULES)})")
+        if alg_temp is not None:
+            if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or not alg_temp >= 0:
+                raise ValueError(f"decoding.alg_temp={alg_temp!r} must be a number >= 0 (or null = top-k by confidence)")
+            if alg_temp > 0 and alg == "origin":
+                raise ValueError(f"decoding.alg_temp={alg_temp} needs a confidence algorithm "
+                                 f"(allowed with alg: {list(ALGORITHMS[1:])}); alg='origin' draws its positions at random")
         self.alg, self.top_p, self.top_k, self.eps = alg, top_p, top_k, eps
+        self.first_token = first_token
+        self.alg_temp = float(alg_temp) if alg_temp else None  # None: top-k by confidence
         # entropy scores are <= 0 and origin's order is random: neither is a probability.
         self.confidence_is_probability = alg in ("maskgit_plus", "topk_margin")
 
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)
-        self.timesteps = torch.linspace(1, self.eps, self.steps + 1, dtype=torch.float64).tolist()
+        self.timesteps = torch.linspace(1, self.eps, self.steps_per_block + 1, dtype=torch.float64).tolist()
+
+    def commits_first(self, block_step: int) -> bool:
+        """True at a block start where Fast-dLLM's rule commits only the block's first position."""
+        return self.first_token == "commit" and block_step == 0 and self.steps_per_block > 1
 
     def plan(self, step: int, masked: Tensor) -> StepPlan | None:
         if step == self.steps:
             return None
         ctx = self.ctx
-        window = (ctx.prompt_length, ctx.length)
-        n_masked = masked[:, ctx.prompt_length :].sum(1)
-        last = step == self.steps - 1
-        keep_fraction = 0.0 if last else self.timesteps[step + 1] / self.timesteps[step]
+        block, block_step = divmod(step, self.steps_per_block)
+        lo = ctx.prompt_length + block * self.block
+        hi = lo + self.block
+        if self.commits_first(block_step):
+            return StepPlan((lo, hi), masked[:, lo].long(), block, block_step)
+        last = block_step == self.steps_per_block - 1
+        keep_fraction = 0.0 if last else self.timesteps[block_step + 1] / self.timesteps[block_step]
         if self.alg == "origin":
             # Each masked token flips with probability 1 - s/t; which ones is random (priority).
             draw = torch.rand(masked.shape, generator=ctx.generator, device=masked.device, dtype=torch.float64)
             self.origin_scores = -draw
             flips = (draw < 1 - keep_fraction) & masked
-            flips[:, : ctx.prompt_length] = False
+            flips[:, :lo] = False
+            flips[:, hi:] = False
             n_transfer = flips.sum(1)
+        elif last:
+            n_transfer = masked[:, lo:hi].sum(1)
         else:
-            n_transfer = (n_masked.double() * (1 - keep_fraction)).long() if not last else n_masked
-        return StepPlan(window, n_transfer, 0, step)
+            n_transfer = (masked[:, lo:hi].sum(1).double() * (1 - keep_fraction)).long()
+        return StepPlan((lo, hi), n_transfer, block, block_step)
 
     def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         # Dream's sample_tokens: temperature, top-p, top-k and the softmax over the whole
@@ -102,3 +157,14 @@ class DreamDecoder(Decoder):
         if self.alg == "origin":
             return self.origin_scores.masked_fill(confidence.isnan(), float("nan"))
         return confidence
+
+    def select(self, score: Tensor, plan: StepPlan) -> Tensor:
+        if self.commits_first(plan.block_step):
+            # Fast-dLLM: the block-start forward commits the block's first position, whatever its score.
+            first = plan.window[0]
+            chosen = torch.zeros_like(score, dtype=torch.bool)
+            chosen[:, first] = torch.isfinite(score[:, first])
+            return chosen
+        if self.alg_temp is not None:
+            return sample_positions(score, plan.n_transfer, self.alg_temp, self.ctx.generator)
+        return top_n_mask(score, plan.n_transfer)

@@ -32,6 +32,11 @@ CACHES = {
         ("d2cache", dict(k=2, p=0.5, density="fraction")), ("prefix", {}), ("dual", {}),
         ("dual", dict(refresh_interval=3)), ("dllm_cache", dict(prompt_interval=5, response_interval=3, update_ratio=0.0)),
         ("dllm_cache", dict(prompt_interval=2, response_interval=4, update_ratio=0.5)),
+        # the reference-rule options
+        ("dkv_decode", dict(refresh_interval=3, shift_rule="un")), ("dkv_decode", dict(shift_rule="right", variant="pd")),
+        ("d2cache", dict(k=1, reference_rules=True)), ("prefix", dict(dream_rows="reference")),
+        ("dual", dict(dream_rows="reference")),
+        ("dllm_cache", dict(prompt_interval=5, response_interval=3, value_write="recomputed", refresh_first_layer=False)),
     ],
     "long": [
         ("none", {}), ("dkv_decode", {}), ("dkv_greedy", {}), ("d2cache", {}), ("d2cache", dict(k=1)),
@@ -50,7 +55,10 @@ def decoders(regime: str) -> list[tuple[str, dict]]:
     if regime == "short":
         out += [("random", dict(steps=few, block_length=block)), ("threshold", dict(block_length=block, threshold=1.0)),
                 ("certainty_prior", dict(steps=gen_length, sigma=3.0)), ("dream", dict(steps=gen_length, alg="maskgit_plus")),
-                ("dream", dict(steps=gen_length, alg="topk_margin")), ("dream", dict(steps=few, alg="origin"))]
+                ("dream", dict(steps=gen_length, alg="topk_margin")), ("dream", dict(steps=few, alg="origin")),
+                ("dream", dict(steps=few, alg="entropy", block_length=block)),
+                ("dream", dict(steps=gen_length, alg="maskgit_plus", block_length=block, first_token="commit")),
+                ("dream", dict(steps=few, alg="maskgit_plus", alg_temp=0.5))]
     return out
 
 
@@ -77,13 +85,14 @@ def test_no_mask_left_for_any_accepted_combination(tiny, regime):
             decoder, cache = build_decoder(decoder_name, **decoder_params), build_cache(cache_name, **cache_params)
             try:
                 cache.check(decoder)
+                cache.check_model(net.args.logit_shift)
             except ValueError:
                 continue  # refused by name before generating
             out = generate(net, prompts, decoder, cache, gen_length, generator=torch.Generator().manual_seed(0))
             left = int((out.tokens == net.args.mask_token_id).sum())
             assert left == 0, f"{cache_name}{cache_params} x {decoder_name}{decoder_params}: {left} [MASK] left"
             ran += 1
-    assert ran >= {"short": 100, "long": 30}[regime]
+    assert ran >= {"short": 150, "long": 30}[regime]
 
 
 def test_d2cache_under_a_block_decoder_leaves_no_mask(tiny):

@@ -22,7 +22,9 @@ class StepPlan:
     n_transfer: Tensor  # (B,) long: how many tokens each row unmasks this step
     block: int  # index of the current block
     block_step: int  # step inside the current block (0 = block start)
-    scheduled: Tensor | None = None  # (B, T) bool, the positions to unmask, when fixed up front
+    #: (B, T) bool, the positions this step will unmask, when fixed before the forward; the loop
+    #: makes their predictions fresh whatever the cache method asks (random remasking, first tokens)
+    scheduled: Tensor | None = None
 
 
 @dataclass

@@ -111,7 +111,9 @@ class DreamDecoder(Decoder):
         lo = ctx.prompt_length + block * self.block
         hi = lo + self.block
         if self.commits_first(block_step):
-            return StepPlan((lo, hi), masked[:, lo].long(), block, block_step)
+            first = torch.zeros_like(masked)
+            first[:, lo] = masked[:, lo]  # known before the forward: every cache method predicts it
+            return StepPlan((lo, hi), masked[:, lo].long(), block, block_step, scheduled=first)
         last = block_step == self.steps_per_block - 1
         keep_fraction = 0.0 if last else self.timesteps[block_step + 1] / self.timesteps[block_step]
         if self.alg == "origin":

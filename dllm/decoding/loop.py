@@ -145,6 +145,8 @@ def generate(
                     active |= request.refresh
                 if request.predict is not None:
                     active |= shift_to_computing(request.predict, args.logit_shift)
+                if plan.scheduled is not None:  # what the decoder fixed in advance is always predicted
+                    active |= shift_to_computing(plan.scheduled, args.logit_shift)
                 if not request.full:
                     active &= real
                 rows, rows_valid = pack(active)

@@ -138,3 +138,33 @@ def with_weights(net: Transformer, weights: str) -> Transformer:
 @pytest.fixture(params=WEIGHTS)
 def weights(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is fastest, and immune to OpenMP oversubscription slowdowns
+    on a busy machine (2 threads were up to 5x slower than 1 here under load). Use it per module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_schedule(decoder, ctx, masked: torch.Tensor):
+    """Drive ``decoder.plan`` over all its steps, unmasking the leftmost n masked positions of each
+    step's window; returns the plans and what is left masked."""
+    decoder.check(ctx.gen_length)
+    decoder.start(ctx)
+    masked = masked.clone()
+    plans = []
+    for step in range(decoder.steps):
+        plan = decoder.plan(step, masked)
+        plans.append(plan)
+        lo, hi = plan.window
+        for row, n in enumerate(plan.n_transfer.tolist()):
+            candidates = masked[row, lo:hi].nonzero().flatten()[:n] + lo
+            assert len(candidates) == n, f"step {step}: row {row} asked for {n} tokens"
+            masked[row, candidates] = False
+    assert decoder.plan(decoder.steps, masked) is None
+    return plans, masked

@@ -27,14 +27,7 @@ PROMPTS_3 = [[5, 9, 14, 3, 22, 7, 31], [17, 4, 29, 11], [2, 6, 10, 44, 13, 27, 3
 
 # ---------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and immune to OpenMP oversubscription slowdowns
-    on a busy machine (2 threads were up to 5x slower than 1 here under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(family: str, seed: int = 0, n_layers: int = 2) -> Transformer:

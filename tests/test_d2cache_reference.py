@@ -26,12 +26,7 @@ PAPER = {name: values[0] for name, values in RULES.items()}
 REFERENCE = {name: values[1] for name, values in RULES.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def picked(mask: torch.Tensor) -> list[int]:

@@ -12,7 +12,7 @@ from dllm.decoding.base import DecodeContext, build_decoder, decoder_names, llad
 from dllm.decoding.density import certainty_density
 from dllm.decoding.loop import generate
 
-from conftest import with_weights
+from conftest import run_schedule, with_weights
 
 @pytest.fixture
 def net_of(make_args, make_net):
@@ -30,23 +30,6 @@ def net_of(make_args, make_net):
 def context(batch: int, prompt_length: int, gen_length: int, mask_id: int = 63) -> DecodeContext:
     T = prompt_length + gen_length
     return DecodeContext(batch, prompt_length, gen_length, mask_id, torch.ones(batch, T, dtype=torch.bool), None, torch.device("cpu"))
-
-
-def run_schedule(decoder, ctx: DecodeContext, masked: torch.Tensor):
-    """Drive decoder.plan over all steps, unmasking the leftmost n masked positions of the window."""
-    decoder.check(ctx.gen_length)
-    decoder.start(ctx)
-    masked = masked.clone()
-    plans = []
-    for step in range(decoder.steps):
-        plan = decoder.plan(step, masked)
-        plans.append(plan)
-        lo, hi = plan.window
-        for row, n in enumerate(plan.n_transfer.tolist()):
-            candidates = masked[row, lo:hi].nonzero().flatten()[:n] + lo
-            assert len(candidates) == n, f"step {step}: row {row} asked for {n} tokens"
-            masked[row, candidates] = False
-    return plans, masked
 
 
 # --------------------------------------------------------------------------- schedules

@@ -25,12 +25,7 @@ P, G = 4, 8  # prompt 0..3, response 4..11
 T = P + G
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(CacheMethod):

@@ -12,7 +12,7 @@ from dllm.decoding.base import DecodeContext, build_decoder
 from dllm.decoding.dream import sample_positions
 from dllm.decoding.loop import generate
 
-from conftest import MASK_ID, compose, random_prompts, tiny_args, tiny_net
+from conftest import MASK_ID, compose, random_prompts, run_schedule, tiny_args, tiny_net
 
 GEN, BLOCK = 16, 8
 
@@ -27,24 +27,6 @@ def context(batch: int, prompt_length: int, gen_length: int) -> DecodeContext:
     T = prompt_length + gen_length
     return DecodeContext(batch, prompt_length, gen_length, MASK_ID, torch.ones(batch, T, dtype=torch.bool), None,
                          torch.device("cpu"), logit_shift=1)
-
-
-def run_schedule(decoder, ctx: DecodeContext, masked: torch.Tensor):
-    """Drive decoder.plan over all steps, unmasking the leftmost n masked positions of the window."""
-    decoder.check(ctx.gen_length)
-    decoder.start(ctx)
-    masked = masked.clone()
-    plans = []
-    for step in range(decoder.steps):
-        plan = decoder.plan(step, masked)
-        plans.append(plan)
-        lo, hi = plan.window
-        for row, n in enumerate(plan.n_transfer.tolist()):
-            candidates = masked[row, lo:hi].nonzero().flatten()[:n] + lo
-            assert len(candidates) == n, f"step {step}: row {row} asked for {n} tokens"
-            masked[row, candidates] = False
-    assert decoder.plan(decoder.steps, masked) is None
-    return plans, masked
 
 
 class Recording:

@@ -33,6 +33,7 @@ class RunPlan:
     device: torch.device
     dtype: torch.dtype
     threads: int  # torch's intra-op CPU threads for this run
+    stop_at_eos: bool = False  # decoding.stop_at_eos: a loop option, not the decoder's
 
 
 def resolve_threads(value) -> int:
@@ -95,6 +96,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         integer_setting(cfg, key, minimum)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
+    stop_at_eos = decoding_params.pop("stop_at_eos", False)
+    if not isinstance(stop_at_eos, bool):
+        raise ValueError(f"decoding.stop_at_eos={stop_at_eos!r} must be true or false")
     decoder = build_decoder(decoding_name, **decoding_params)
     cache = build_cache(cache_name, **cache_params)
     gen_length = int(cfg.gen_length)
@@ -102,7 +106,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     cache.check(decoder)
     device = resolve_device(cfg.device)
     threads = resolve_threads(OmegaConf.select(cfg, "threads", default="auto"))
-    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads)
+    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos)
 
 
 def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
@@ -245,7 +249,7 @@ def run_generate(cfg: DictConfig) -> list[dict]:
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start : start + cfg.batch_size]
         ids = encode_prompts(tokenizer, batch, chat=cfg.model.instruct)
-        out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator)
+        out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, stop_at_eos=plan.stop_at_eos)
         texts, lengths = decode_responses(tokenizer, out.tokens, stops)
         for prompt, text, n in zip(batch, texts, lengths):
             records.append({

@@ -180,3 +180,12 @@ def test_timing_repeats_give_mean_time_and_throughput_spread():
     single = ThroughputMeter()
     single.add_batch(output(rows), [3, 6])
     assert single.summary()["timing_repeats"] == 1 and single.summary()["throughput_all_tok_s_std"] is None
+
+
+def test_positions_filled_after_an_early_stop_are_not_generated():
+    out = output([r for r, _ in ROWS[:2]])
+    out.generated = [3, G]  # row 0 stopped at its EOS (stop_at_eos), row 1 ran to the end
+    meter = ThroughputMeter()
+    meter.add_batch(out, [3, 6])
+    summary = meter.summary()
+    assert summary["all_tokens"] == 3 + G and summary["useful_tokens"] == 3 + 6

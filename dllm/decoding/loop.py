@@ -25,6 +25,8 @@ class GenerationOutput:
     trace: list[Tensor] = field(default_factory=list)  # per step (B, T) bool active positions, if asked
     #: per forward, its active positions x layers summed over the batch (what the total adds up)
     token_layers_per_forward: list[float] = field(default_factory=list)
+    #: per row, the response positions the model decoded (G unless stop_at_eos filled the rest with EOS)
+    generated: list[int] | None = None
 
     @property
     def recompute_ratio(self) -> float:
@@ -39,15 +41,17 @@ class IncompleteDecoding(RuntimeError):
     """A step could not commit what its schedule asks: the generation would keep [MASK] tokens."""
 
 
-def check_committed(step: int, plan, transferred: Tensor, fresh: Tensor, decoder: Decoder, cache: CacheMethod) -> None:
-    """Raise :class:`IncompleteDecoding` if a row committed fewer tokens than ``plan.n_transfer``.
+def check_committed(step: int, plan, transferred: Tensor, fresh: Tensor, decoder: Decoder, cache: CacheMethod,
+                    stopped: Tensor) -> None:
+    """Raise :class:`IncompleteDecoding` if a row (not stopped at EOS) committed fewer tokens than
+    ``plan.n_transfer``.
 
     Only positions with a fresh prediction may be committed; a cache method that recomputes too
     few of them inside the decoder's window would otherwise end the generation with [MASK]
     tokens, which the tokenizer drops silently from the scored text.
     """
     committed = transferred.sum(1)
-    short = (committed < plan.n_transfer).nonzero().flatten().tolist()
+    short = ((committed < plan.n_transfer) & ~stopped).nonzero().flatten().tolist()
     if short:
         row = short[0]
         lo, hi = plan.window
@@ -86,6 +90,18 @@ def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: in
     return x.to(device), real.to(device)
 
 
+def stop_rows(x: Tensor, prompt_length: int, eos: int, mask: int, block: int | None) -> Tensor:
+    """(B,) bool: rows whose response is decoded up to and including its first EOS (and, with
+    ``block`` set, up to the end of the block holding it): nothing after it can change the answer."""
+    response = x[:, prompt_length:]
+    B, G = response.shape
+    is_eos = response == eos
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), G, device=x.device))
+    end = first + 1 if block is None else (first // block + 1) * block
+    decoded_before_end = ((response == mask) & (torch.arange(G, device=x.device)[None, :] < end[:, None])).sum(1) == 0
+    return (first < G) & decoded_before_end
+
+
 def shift_to_computing(predict: Tensor, shift: int) -> Tensor:
     """Positions whose forward yields the predictions of ``predict`` (j -> j - shift)."""
     if shift == 0:
@@ -104,8 +120,14 @@ def generate(
     gen_length: int,
     generator: torch.Generator | None = None,
     record_trace: bool = False,
+    stop_at_eos: bool = False,
 ) -> GenerationOutput:
-    """Decode ``gen_length`` tokens after each prompt (a batch, left-padded here)."""
+    """Decode ``gen_length`` tokens after each prompt (a batch, left-padded here).
+
+    ``stop_at_eos``: a row stops once its response is decoded up to and including its first EOS
+    (for block decoders: to the end of that block); its later positions are filled with EOS, as
+    the models were trained, and not counted as generated. The batch stops when every row has.
+    """
     args = net.args
     device = net.device
     decoder.check(gen_length)
@@ -126,6 +148,8 @@ def generate(
     store = KVStore(args, B, T, device, net.dtype)
     per_forward: list[float] = []
     trace: list[Tensor] = []
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
 
     with measure(device) as cost:
         for step in itertools.count():
@@ -170,13 +194,22 @@ def generate(
             proposal = x.scatter(1, target, tokens)[:, :T]
             score = decoder.priority(fresh_conf, masked).masked_fill(fresh_conf.isnan(), float("-inf"))
             transferred = decoder.select(score, plan)
-            check_committed(step, plan, transferred, ~fresh_conf.isnan() & masked, decoder, cache)
+            check_committed(step, plan, transferred, ~fresh_conf.isnan() & masked, decoder, cache, stopped)
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
+            if stop_at_eos:
+                newly = stop_rows(x[:, :T], ctx.prompt_length, args.eos_token_id, args.mask_token_id, decoder.block_length) & ~stopped
+                if newly.any():
+                    still_masked = x[:, ctx.prompt_length : T] == args.mask_token_id
+                    generated -= (still_masked & newly[:, None]).sum(1)
+                    x[:, ctx.prompt_length : T] = torch.where(still_masked & newly[:, None], args.eos_token_id, x[:, ctx.prompt_length : T])
+                    stopped |= newly
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
             per_forward.append(hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers)
             if record_trace:
                 trace.append(active.cpu())
+            if stopped.all():
+                break
     left = int((x[:, ctx.prompt_length : T] == args.mask_token_id).sum())
     if left:
         raise IncompleteDecoding(
@@ -191,4 +224,5 @@ def generate(
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,
         token_layers_per_forward=per_forward,
+        generated=generated.tolist(),
     )

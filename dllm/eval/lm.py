@@ -212,7 +212,8 @@ class DllmLM(LM):
         (random remasking, sampling) does not depend on the batches before it.
         """
         generator = torch.Generator(device=self.plan.device).manual_seed(self.seed * 1_000_003 + batch_index)
-        return generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator)
+        return generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator,
+                        stop_at_eos=self.plan.stop_at_eos)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:

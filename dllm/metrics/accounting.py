@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # only a type: keeps this module free of the torch import
 @dataclass
 class SampleStats:
     useful_tokens: int  # response tokens up to and including the first EOS
-    all_tokens: int  # response tokens generated for the row (= gen_length G)
+    all_tokens: int  # response tokens generated for the row (G; fewer when stop_at_eos stopped it)
     seconds: float  # wall time of the batch the sample was generated in (its latency)
     mask_tokens: int = 0  # [MASK] tokens left in the response (0 unless a method/decoder is broken)
 
@@ -87,7 +87,8 @@ class ThroughputMeter:
         if any(not 0 <= n <= gen_length for n in useful):
             raise ValueError(f"useful lengths {useful} outside [0, {gen_length}]")
         masks = (out.tokens == mask_token_id).sum(1).tolist() if mask_token_id is not None else [0] * rows
-        stats = [SampleStats(int(n), gen_length, out.seconds, int(m)) for n, m in zip(useful, masks)]
+        generated = out.generated or [gen_length] * rows  # fewer where stop_at_eos filled the tail
+        stats = [SampleStats(int(n), int(g), out.seconds, int(m)) for n, g, m in zip(useful, generated, masks)]
         if warmup:
             return stats
         if not self.samples:

@@ -254,7 +254,7 @@ KEY_CHANGES = [
     ["cache=dkv_decode"], ["decoding.temperature=0.5"], ["task.limit=3"], ["model=tiny_llada_random"],
 ]
 # ... and these cannot: the key stays.
-KEY_KEEPS = [["results_csv=/elsewhere/runs.csv"], ["force=true"], ["logger=wandb"], ["device=cpu"], ["dtype=float32"]]
+KEY_KEEPS = [["results_csv=/elsewhere/runs.csv"], ["force=true"], ["logger=wandb"], ["device=cpu"], ["dtype=float32"], ["debug=true"]]
 
 
 def _key(composer, *overrides) -> str:

@@ -242,19 +242,17 @@ def _experiment(cfg: DictConfig) -> str | None:
 
 # Config keys that cannot change a number: where records go, how they are logged, resume itself.
 # device and dtype enter the key resolved (auto -> the device type and dtype that run).
-NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "device", "dtype")
+NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "debug", "device", "dtype")
 
 
-def run_settings(cfg: DictConfig, plan) -> dict:
+def run_settings(cfg: DictConfig, plan, checkpoint: dict) -> dict:
     """Everything that can change a number of this run (its resume key hashes this): the resolved
-    config minus ``NOT_IN_KEY``, plus the device type, dtype and the checkpoint's identity."""
-    from dllm.pipeline import checkpoint_identity
-
+    config minus ``NOT_IN_KEY``, plus the device type, dtype and the checkpoint's identity
+    (:func:`dllm.pipeline.checkpoint_identity`)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_KEY:
         tree.pop(key, None)
-    return {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."),
-            **checkpoint_identity(cfg)}
+    return {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
 
 
 def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
@@ -265,9 +263,10 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
 
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
+    checkpoint = checkpoint_identity(cfg)
     return dict(
         model=str(cfg.model.name),
-        **checkpoint_identity(cfg),
+        **checkpoint,
         cache=cache_name,
         cache_params=cache_params,
         decoding=decoding_name,
@@ -283,7 +282,7 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
         block_length=decoding_params.get("block_length", plan.gen_length),
         seed=int(cfg.seed),
         experiment=_experiment(cfg),
-        run_key=settings_key(run_settings(cfg, plan)),
+        run_key=settings_key(run_settings(cfg, plan, checkpoint)),
     )
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dllm import REPO_ROOT
 from dllm.cache.base import CacheMethod, build_cache
 from dllm.decoding.base import Decoder, build_decoder
+from dllm.decoding.loop import check_guidance
 from dllm.models.loading import FAMILY_OF_NAME
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class RunPlan:
     dtype: torch.dtype
     threads: int  # torch's intra-op CPU threads for this run
     stop_at_eos: bool = False  # decoding.stop_at_eos: a loop option, not the decoder's
+    cfg_scale: float = 0.0  # decoding.cfg_scale: classifier-free guidance, a loop option
 
 
 def resolve_threads(value) -> int:
@@ -99,14 +101,16 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     stop_at_eos = decoding_params.pop("stop_at_eos", False)
     if not isinstance(stop_at_eos, bool):
         raise ValueError(f"decoding.stop_at_eos={stop_at_eos!r} must be true or false")
+    cfg_scale = decoding_params.pop("cfg_scale", 0.0)
     decoder = build_decoder(decoding_name, **decoding_params)
     cache = build_cache(cache_name, **cache_params)
+    check_guidance(cfg_scale, cache)
     gen_length = int(cfg.gen_length)
     decoder.check(gen_length)
     cache.check(decoder)
     device = resolve_device(cfg.device)
     threads = resolve_threads(OmegaConf.select(cfg, "threads", default="auto"))
-    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos)
+    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale)
 
 
 def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
@@ -249,7 +253,8 @@ def run_generate(cfg: DictConfig) -> list[dict]:
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start : start + cfg.batch_size]
         ids = encode_prompts(tokenizer, batch, chat=cfg.model.instruct)
-        out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, stop_at_eos=plan.stop_at_eos)
+        out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, stop_at_eos=plan.stop_at_eos,
+                       cfg_scale=plan.cfg_scale)
         texts, lengths = decode_responses(tokenizer, out.tokens, stops)
         for prompt, text, n in zip(batch, texts, lengths):
             records.append({

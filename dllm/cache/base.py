@@ -63,6 +63,8 @@ class CacheMethod(ABC):
     name: str = ""
     #: the loop forms per-layer attention rows only for methods that set this.
     needs_attention: bool = False
+    #: True for a method whose every step is a full forward (what classifier-free guidance needs).
+    full_every_step: bool = False
 
     def check(self, decoder: Decoder) -> None:
         """Raise ValueError if this method cannot run with ``decoder``."""

@@ -7,6 +7,7 @@ from .base import ActiveRequest, CacheMethod, StepView, register_cache
 @register_cache
 class NoCache(CacheMethod):
     name = "none"
+    full_every_step = True
 
     def select(self, view: StepView) -> ActiveRequest:
         return ActiveRequest.everything()

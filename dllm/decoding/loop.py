@@ -90,6 +90,16 @@ def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: in
     return x.to(device), real.to(device)
 
 
+def check_guidance(cfg_scale: float, cache: CacheMethod) -> None:
+    """Classifier-free guidance needs a full forward of both branches every step: no cache method
+    defines how to cache the unconditional branch."""
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a number >= 0 (0 = no guidance)")
+    if cfg_scale > 0 and not cache.full_every_step:
+        raise ValueError(f"decoding.cfg_scale={cfg_scale} needs a full forward every step; cache={cache.name!r} "
+                         "recomputes fewer rows (use cache=none)")
+
+
 def stop_rows(x: Tensor, prompt_length: int, eos: int, mask: int, block: int | None) -> Tensor:
     """(B,) bool: rows whose response is decoded up to and including its first EOS (and, with
     ``block`` set, up to the end of the block holding it): nothing after it can change the answer."""
@@ -121,17 +131,23 @@ def generate(
     generator: torch.Generator | None = None,
     record_trace: bool = False,
     stop_at_eos: bool = False,
+    cfg_scale: float = 0.0,
 ) -> GenerationOutput:
     """Decode ``gen_length`` tokens after each prompt (a batch, left-padded here).
 
     ``stop_at_eos``: a row stops once its response is decoded up to and including its first EOS
     (for block decoders: to the end of that block); its later positions are filled with EOS, as
     the models were trained, and not counted as generated. The batch stops when every row has.
+
+    ``cfg_scale`` > 0: LLaDA's classifier-free guidance. Every step also runs the rows with the
+    prompt masked (the unconditional branch, its own K/V store) and decodes from
+    ``uncond + (cfg_scale + 1) * (cond - uncond)``; it needs a full forward every step (cache=none).
     """
     args = net.args
     device = net.device
     decoder.check(gen_length)
     cache.check(decoder)
+    check_guidance(cfg_scale, cache)
     x, real = left_pad(prompts, gen_length, args.mask_token_id, args.pad_token_id, device)
     B, T = x.shape
     if T > args.max_seq_len:
@@ -146,6 +162,9 @@ def generate(
     key_mask = torch.cat([real, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)[:, None, None, :]
     all_rows = torch.arange(T, device=device).expand(B, T)
     store = KVStore(args, B, T, device, net.dtype)
+    if cfg_scale > 0:  # the unconditional branch: the same sequence with its prompt masked
+        prompt_cols = torch.arange(T + 1, device=device)[None, :] < ctx.prompt_length
+        guidance_store = KVStore(args, B, T, device, net.dtype)
     per_forward: list[float] = []
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -187,6 +206,11 @@ def generate(
             wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
             wanted_rows, wanted_valid = pack(wanted)
             logits = net.output(take_rows(hidden, wanted_rows))
+            if cfg_scale > 0:
+                prompt_masked = torch.where(prompt_cols, args.mask_token_id, x)
+                hidden_u, _ = net.hidden(prompt_masked.gather(1, rows), positions.gather(1, rows), key_mask, guidance_store, None)
+                unconditional = net.output(take_rows(hidden_u, wanted_rows))
+                logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
             tokens, confidence = decoder.propose(logits)
             target = target.gather(1, wanted_rows).masked_fill(~wanted_valid, T)
             fresh_conf = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=device)
@@ -205,7 +229,8 @@ def generate(
                     stopped |= newly
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
-            per_forward.append(hook.token_layers if hook is not None else int(rows_valid.sum()) * args.n_layers)
+            branches = 2 if cfg_scale > 0 else 1  # the guided forward runs every row twice
+            per_forward.append(hook.token_layers if hook is not None else branches * int(rows_valid.sum()) * args.n_layers)
             if record_trace:
                 trace.append(active.cpu())
             if stopped.all():
@@ -219,7 +244,7 @@ def generate(
         tokens=x[:, ctx.prompt_length : T].clone(),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
-        total_token_layers=len(per_forward) * B * T * args.n_layers,
+        total_token_layers=len(per_forward) * (2 if cfg_scale > 0 else 1) * B * T * args.n_layers,
         seconds=cost.seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,

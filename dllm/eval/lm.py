@@ -213,7 +213,7 @@ class DllmLM(LM):
         """
         generator = torch.Generator(device=self.plan.device).manual_seed(self.seed * 1_000_003 + batch_index)
         return generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator,
-                        stop_at_eos=self.plan.stop_at_eos)
+                        stop_at_eos=self.plan.stop_at_eos, cfg_scale=self.plan.cfg_scale)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:

@@ -378,3 +378,59 @@ def test_code_execution_refuses_without_the_opt_in(monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 2"]]) == {"pass@1": 1.0}
     assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 3"]]) == {"pass@1": 0.0}
+
+
+def test_pass_at_k_over_several_samples_per_problem(monkeypatch, tmp_path):
+    """Three samples per problem (lm-eval repeats; the copies are consecutive, one batch each): the
+    middle one wrong. pass@1 = 2/3 where the canonical body passes, pass@2 = 1 (Chen et al.'s
+    estimator: 1 - C(1, 2)/C(3, 2))."""
+    from dllm.decoding.loop import GenerationOutput
+    from dllm.eval.lm import DllmLM
+
+    docs = rows("humaneval_test")[:2]
+
+    def generate_batch(self, prompts, batch_index):
+        args, G = self.net.args, self.plan.gen_length
+        out = []
+        for row, ids in enumerate(prompts):
+            doc = docs[doc_in(self.tokenizer.decode(ids), docs, "prompt")]
+            body = doc["canonical_solution"] if row % 3 != 1 else "    return None\n"
+            toks = self.tokenizer(f"```python\n{doc['prompt']}{body}```", add_special_tokens=False)["input_ids"]
+            out.append(toks + [args.eos_token_id] * (G - len(toks)))
+        B = len(prompts)
+        return GenerationOutput(torch.tensor(out), G, G * B, G * B, 0.01 * B, 0.0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(DllmLM, "generate_batch", generate_batch)
+    from dllm.eval import runner
+
+    cfg = compose("model=tiny_llada_random", f"results_csv={tmp_path / 'runs.csv'}", "task=humaneval_local",
+                  "task.allow_code_execution=true", "task.gen_length=384", "task.limit=2", "batch_size=3",
+                  "task.num_return_sequences=3", "task.pass_k=[1,2]")
+    row = runner.run_eval(cfg)
+    assert row["accuracy"] == pytest.approx(2 / 3)
+    results = json.loads((Path(row["run_dir"]) / "lm_eval_results.json").read_text())["results"]
+    assert results["humaneval_local_sanitized"]["pass@2,create_test"] == pytest.approx(1.0)
+
+
+def test_pass_at_k_estimator_hand_computed():
+    from dllm.eval.code_exec import pass_at_k_estimate
+
+    assert pass_at_k_estimate(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k_estimate(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5)/C(10,5)
+    assert pass_at_k_estimate(4, 0, 2) == 0.0 and pass_at_k_estimate(4, 4, 4) == 1.0
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
+        pass_at_k_estimate(3, 1, 5)
+
+
+def test_num_return_sequences_needs_a_pass_at_k_metric(tmp_path, monkeypatch):
+    from dllm.eval import runner
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("model=tiny_llada", f"results_csv={tmp_path / 'runs.csv'}", "task=gsm8k_local",
+                  "+task.num_return_sequences=2")
+    with pytest.raises(ValueError, match="lm-eval task 'gsm8k_local' has no pass@k metric"):
+        runner.run_eval(cfg)
+    bad = compose("task=humaneval_local", "task.allow_code_execution=true", "task.num_return_sequences=2", "task.pass_k=[1,5]")
+    with pytest.raises(ValueError, match=r"task.pass_k=\[1, 5\] must list integers in \[1, task.num_return_sequences=2\]"):
+        runner.check_task(bad)

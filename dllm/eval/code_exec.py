@@ -8,6 +8,7 @@ a guard against accidents, not a sandbox against malicious code.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -47,12 +48,23 @@ def run_program(program: str, timeout_s: float = 10.0) -> bool:
     return done.returncode == 0
 
 
+def pass_at_k_estimate(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k of one problem from n samples with ``correct`` passing (Chen et al.,
+    2021): 1 - C(n - c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
 def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int | None = None) -> dict:
-    """Same interface and result keys as ``code_eval``'s compute (``{"pass@1": ...}``), k = 1 only."""
-    k = [1] if k is None else ([k] if isinstance(k, int) else list(k))
-    if k != [1]:
-        raise ValueError(f"k={k}: only pass@1 is implemented (one greedy sample per problem)")
-    scores = []
+    """Same interface and result keys as ``code_eval``'s compute: ``{"pass@k": mean over problems}``
+    for each k, every candidate of a problem run against its test."""
+    ks = [1] if k is None else ([k] if isinstance(k, int) else list(k))
+    per_problem = []
     for test, candidates in zip(references, predictions):
-        scores.append(float(run_program(candidates[0] + "\n" + test)))
-    return {"pass@1": sum(scores) / len(scores) if scores else 0.0}
+        correct = sum(run_program(candidate + "\n" + test) for candidate in candidates)
+        per_problem.append((len(candidates), correct))
+    return {
+        f"pass@{kk}": sum(pass_at_k_estimate(n, c, kk) for n, c in per_problem) / len(per_problem) if per_problem else 0.0
+        for kk in ks
+    }

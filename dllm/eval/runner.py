@@ -38,6 +38,8 @@ class TaskSettings:
     mc_num: int
     fewshot_as_multiturn: bool
     code_scoring: str | None = None  # code tasks: the convention that turns answers into programs
+    num_return_sequences: int = 1  # samples per problem (pass@k); 1 = lm-eval's task as configured
+    pass_k: tuple[int, ...] = (1,)  # the k of pass@k when num_return_sequences > 1
 
 
 def _get(node: DictConfig, key: str, default=None):
@@ -113,6 +115,13 @@ def check_task(cfg: DictConfig) -> TaskSettings:
     mc_num = _get(t, "mc_num", 1)
     if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 1:
         raise ValueError(f"task.mc_num={mc_num!r} must be an integer >= 1 (Monte Carlo draws per likelihood)")
+    samples = _get(t, "num_return_sequences", 1)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"task.num_return_sequences={samples!r} must be an integer >= 1")
+    pass_k = _get(t, "pass_k", [1])
+    pass_k = list(pass_k) if isinstance(pass_k, (list, tuple)) or OmegaConf.is_list(pass_k) else [pass_k]
+    if not pass_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= samples for k in pass_k):
+        raise ValueError(f"task.pass_k={pass_k} must list integers in [1, task.num_return_sequences={samples}]")
     defaults = _get(t, "include_defaults", True)
     if not isinstance(defaults, bool):
         raise ValueError(f"task.include_defaults={defaults!r} must be true or false")
@@ -128,6 +137,8 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         mc_num=mc_num,
         fewshot_as_multiturn=bool(_get(t, "fewshot_as_multiturn", False)),
         code_scoring=code_scoring,
+        num_return_sequences=samples,
+        pass_k=tuple(pass_k),
     )
 
 
@@ -182,6 +193,30 @@ def quiet_console(is_main: bool) -> None:
     if not is_main:
         for name in ("", "lm_eval", "dllm"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tasks_to_run(settings: TaskSettings, manager) -> list:
+    """What ``simple_evaluate`` runs: the lm-eval task's name; with several samples per problem,
+    its task object with ``repeats`` and its pass@k metric's k set (lm-eval's own humaneval_64
+    pattern). Building the object loads the task's data, still before the model loads."""
+    if settings.num_return_sequences == 1:
+        return [settings.lm_eval_task]
+    from lm_eval.api.task import Task
+
+    loaded = manager.load([settings.lm_eval_task])
+    tasks = list(loaded["tasks"].values()) if not loaded["groups"] else [None]  # a group: refused below
+    for task in tasks:
+        # _metric_fn_kwargs holds each metric's YAML arguments (lm-eval has no public setter).
+        with_k = [name for name, kwargs in getattr(task, "_metric_fn_kwargs", {}).items() if "k" in kwargs]
+        if not isinstance(task, Task) or not with_k:
+            raise ValueError(
+                f"task.num_return_sequences={settings.num_return_sequences}: lm-eval task {settings.lm_eval_task!r} "
+                "has no pass@k metric (one with a k argument, like HumanEval's); use 1"
+            )
+        task.set_config("repeats", settings.num_return_sequences)
+        for name in with_k:
+            task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
+    return tasks
 
 
 def _number(value) -> float | None:
@@ -322,6 +357,9 @@ def run_eval(cfg: DictConfig) -> dict | None:
         dp.pin_device(str(cfg.device))
     plan = plan_run(cfg)
     check_checkpoint(cfg, plan)  # config.json and safetensors headers, before any weight
+    if settings.num_return_sequences > 1 and plan.decoder.temperature == 0:
+        log.warning("task.num_return_sequences=%d with greedy decoding: the samples of a problem are identical "
+                    "(set decoding.temperature > 0 for pass@k)", settings.num_return_sequences)
     wandb_settings = check_logger(cfg)
     if dp is not None:
         dp.init(plan.device)
@@ -330,12 +368,13 @@ def run_eval(cfg: DictConfig) -> dict | None:
         if _done(cfg, identity["run_key"], dp):  # fast path: before indexing lm-eval's tasks
             return _skip_message(cfg, identity, identity["run_key"])
         manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
+        tasks = tasks_to_run(settings, manager)
         run_dir = run_dir_of(cfg)
         previous = os.environ.get(CODE_EVAL_ENV)
         if settings.allow_code_execution:
             os.environ[CODE_EVAL_ENV] = "1"  # for this run only (a multirun's next job starts clean)
         try:
-            return _evaluate(cfg, settings, plan, manager, wandb_settings, run_dir, run_id, started_at, identity, dp)
+            return _evaluate(cfg, settings, plan, manager, tasks, wandb_settings, run_dir, run_id, started_at, identity, dp)
         finally:
             if previous is None:
                 os.environ.pop(CODE_EVAL_ENV, None)
@@ -347,7 +386,8 @@ def run_eval(cfg: DictConfig) -> dict | None:
 
 
 def _evaluate(
-    cfg, settings: TaskSettings, plan, manager, wandb_settings, run_dir: Path, run_id: str, started_at: str, identity: dict, dp=None
+    cfg, settings: TaskSettings, plan, manager, tasks: list, wandb_settings, run_dir: Path, run_id: str, started_at: str,
+    identity: dict, dp=None,
 ) -> dict | None:
     from lm_eval import simple_evaluate
 
@@ -376,7 +416,7 @@ def _evaluate(
     )
     results = simple_evaluate(
         model=lm,
-        tasks=[settings.lm_eval_task],
+        tasks=tasks,
         num_fewshot=settings.n_shot,
         limit=settings.limit,
         task_manager=manager,

@@ -254,32 +254,42 @@ def test_seeded_sampling_is_reproducible(case, net_of, make_prompts):
     assert any(not torch.equal(first, run(seed)) for seed in (1, 2, 3)), "the seed has no effect"
 
 
+# Every registered decoder with a few settings, and whether it takes exactly ``steps`` forwards
+# (False: a data-dependent count, at most ``steps`` or GEN).
+DECODER_CASES = {
+    "low_confidence": [(dict(steps=6, block_length=4), True), (dict(steps=3), True)],
+    "random": [(dict(steps=6, block_length=4), True), (dict(steps=3), True)],
+    "pc_sampler": [(dict(steps=6, block_length=4), True), (dict(steps=3, lambd=1.0), True)],
+    "dream": [(dict(steps=6, alg=alg), True) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
+    + [(dict(steps=6, alg="entropy", block_length=4), True)],
+    "certainty_prior": [(dict(steps=6, density=d), True) for d in ("sum", "fraction")],
+    "threshold": [(dict(block_length=4), False), (dict(block_length=12, factor=1.0), False)],
+    "eb_sampler": [(dict(block_length=4), False), (dict(gamma=0.5), False)],
+    "prophet": [(dict(steps=6, block_length=4), False), (dict(steps=12), False)],
+    "ar": [(dict(steps=12), True), (dict(steps=12, block_length=4), True)],
+}
+
+
 def all_decoder_cases():
-    cases = []
-    for name in decoder_names():
-        if name == "dream":
-            cases += [(name, dict(steps=6, alg=alg)) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
-        elif name == "certainty_prior":
-            cases += [(name, dict(steps=6, density=d)) for d in ("sum", "fraction")]
-        elif name == "threshold":  # data-dependent number of steps
-            cases += [(name, dict(block_length=4)), (name, dict(block_length=12, factor=1.0))]
-        else:  # block decoders (low_confidence, random, and any later one with the same signature)
-            cases += [(name, dict(steps=6, block_length=4)), (name, dict(steps=3))]
-    return cases
+    return [(name, params, exact) for name in decoder_names() for params, exact in DECODER_CASES[name]]
+
+
+def test_every_decoder_has_cases():
+    assert set(DECODER_CASES) == set(decoder_names())
 
 
 @pytest.mark.parametrize("case", all_decoder_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
 def test_every_position_is_decoded(family, case, net_of, make_prompts):
-    name, params = case
+    name, params, exact_steps = case
     net = net_of(family)
     gen = torch.Generator().manual_seed(3)
     out = generate(net, make_prompts([5, 2], seed=14), build_decoder(name, **params), build_cache("none"), GEN, generator=gen)
     assert out.tokens.shape == (2, GEN)
     assert not (out.tokens == net.args.mask_token_id).any()
-    if "steps" in params:
+    if exact_steps:
         assert out.nfe == params["steps"]
     else:
-        assert 1 <= out.nfe <= GEN
+        assert 1 <= out.nfe <= params.get("steps", GEN)
 
 
 @pytest.mark.parametrize("name, params", [("low_confidence", dict(steps=4)), ("dream", dict(steps=4, alg="entropy"))])

@@ -38,6 +38,11 @@ DECODERS = {
     "dream_maskgit_plus": dict(name="dream", steps=8, alg="maskgit_plus"),
     "dream_topk_margin": dict(name="dream", steps=16, alg="topk_margin"),
     "dream_origin": dict(name="dream", steps=16, alg="origin"),
+    "dream_blocks": dict(name="dream", steps=16, alg="entropy", block_length=8, first_token="commit"),
+    "ar": dict(steps=16, block_length=8),
+    "eb_sampler": dict(block_length=8, gamma=0.3),
+    "pc_sampler": dict(steps=16, block_length=8),
+    "prophet": dict(steps=16, block_length=8),
 }
 CACHES = {
     "none": dict(),

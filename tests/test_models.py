@@ -338,9 +338,9 @@ def test_loop_logits_equal_plain_forward(fam, make_args, make_net, make_prompts)
     seen = []
     propose = decoder.propose
 
-    def spy(logits):
+    def spy(logits, positions=None):
         seen.append(logits.clone())
-        return propose(logits)
+        return propose(logits, positions)
 
     decoder.propose = spy
     generate(net, prompts, decoder, build_cache("none"), G)

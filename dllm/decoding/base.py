@@ -94,8 +94,11 @@ class Decoder(ABC):
         """The schedule of step ``step`` (``masked`` is (B, T) bool), or None when decoding is done."""
 
     @abstractmethod
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(self, logits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Tokens (…,) and confidences (…,) from logits (…, V) of masked positions.
+
+        ``positions`` (…,): the absolute position each logits row predicts (the loop passes them,
+        T for padding entries), for decoders that keep per-position values besides the confidence.
 
         As in LLaDA's and Dream's own generation code, confidences come from the softmax over the
         whole vocabulary, [MASK] included; only the token choice excludes [MASK] (committing it

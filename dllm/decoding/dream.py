@@ -130,7 +130,7 @@ class DreamDecoder(Decoder):
             n_transfer = (masked[:, lo:hi].sum(1).double() * (1 - keep_fraction)).long()
         return StepPlan((lo, hi), n_transfer, block, block_step)
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(self, logits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # Dream's sample_tokens: temperature, top-p, top-k and the softmax over the whole
         # vocabulary ([MASK] included); only the choice of the token excludes [MASK].
         logits = logits.float()

@@ -28,7 +28,7 @@ class BlockDecoder(Decoder):
     def start_block(self, lo: int, hi: int) -> None:
         """Hook for policies that fix something per block (the random order)."""
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(self, logits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         tokens = gumbel_argmax(exclude_token(logits, self.ctx.mask_token_id), self.temperature, self.ctx.generator)
         # LLaDA's confidence: the noise-free float64 softmax over the whole vocabulary.
         probs = torch.softmax(logits.double(), dim=-1)

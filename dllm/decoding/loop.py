@@ -211,8 +211,8 @@ def generate(
                 hidden_u, _ = net.hidden(prompt_masked.gather(1, rows), positions.gather(1, rows), key_mask, guidance_store, None)
                 unconditional = net.output(take_rows(hidden_u, wanted_rows))
                 logits = unconditional + (cfg_scale + 1) * (logits - unconditional)
-            tokens, confidence = decoder.propose(logits)
             target = target.gather(1, wanted_rows).masked_fill(~wanted_valid, T)
+            tokens, confidence = decoder.propose(logits, target)
             fresh_conf = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=device)
             fresh_conf = fresh_conf.scatter(1, target, confidence.double())[:, :T]
             proposal = x.scatter(1, target, tokens)[:, :T]

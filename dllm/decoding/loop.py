@@ -165,6 +165,7 @@ def generate(
     if cfg_scale > 0:  # the unconditional branch: the same sequence with its prompt masked
         prompt_cols = torch.arange(T + 1, device=device)[None, :] < ctx.prompt_length
         guidance_store = KVStore(args, B, T, device, net.dtype)
+    branches = 2 if cfg_scale > 0 else 1  # a guided forward runs every row twice
     per_forward: list[float] = []
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -222,14 +223,13 @@ def generate(
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
             if stop_at_eos:
                 newly = stop_rows(x[:, :T], ctx.prompt_length, args.eos_token_id, args.mask_token_id, decoder.block_length) & ~stopped
-                if newly.any():
-                    still_masked = x[:, ctx.prompt_length : T] == args.mask_token_id
-                    generated -= (still_masked & newly[:, None]).sum(1)
-                    x[:, ctx.prompt_length : T] = torch.where(still_masked & newly[:, None], args.eos_token_id, x[:, ctx.prompt_length : T])
-                    stopped |= newly
+                response = x[:, ctx.prompt_length : T]  # a view: filled in place
+                fill = (response == args.mask_token_id) & newly[:, None]
+                generated -= fill.sum(1)
+                response.masked_fill_(fill, args.eos_token_id)
+                stopped |= newly
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
-            branches = 2 if cfg_scale > 0 else 1  # the guided forward runs every row twice
             per_forward.append(hook.token_layers if hook is not None else branches * int(rows_valid.sum()) * args.n_layers)
             if record_trace:
                 trace.append(active.cpu())
@@ -244,7 +244,7 @@ def generate(
         tokens=x[:, ctx.prompt_length : T].clone(),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
-        total_token_layers=len(per_forward) * (2 if cfg_scale > 0 else 1) * B * T * args.n_layers,
+        total_token_layers=len(per_forward) * branches * B * T * args.n_layers,
         seconds=cost.seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,

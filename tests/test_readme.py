@@ -25,3 +25,14 @@ def test_readme_commands_write_where_no_committed_result_lives():
     for target in targets:
         assert not any(path == target or path.startswith(target.rstrip("/") + "/") for path in tracked), target
     assert any(path.startswith("results/reference/") for path in tracked)  # the reference copies are kept
+
+
+def test_quick_start_says_what_its_commands_cost():
+    """A new user knows what to expect on a small machine: install, default run and tests timed."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    import re
+
+    assert re.search(r"install takes about \d+ minutes", quick_start)
+    assert re.search(r"default run about \d+ seconds", quick_start)
+    assert re.search(r"test suite about \d+ minutes", quick_start)

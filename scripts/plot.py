@@ -1,7 +1,7 @@
 """Paper figures from a results CSV, and the per-step recompute map of every cache method.
 
     python scripts/plot.py results/runs.csv                                    # -> outputs/figures/
-    python scripts/plot.py results/example_runs.csv --trace --out results/figures  # the committed figures
+    python scripts/plot.py results/example_runs.csv --trace --out results/figures  # (the committed ones: results/reference/figures)
     python scripts/plot.py results/runs.csv --published results/published.csv # + the papers' points
 
 Every figure is written as PDF (vector, fonts embedded) and PNG under ``--out`` (default
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", nargs="?", help="results CSV written by run.py")
     parser.add_argument("--out", default="outputs/figures",
-                        help="folder for the PDF + PNG files (default outputs/figures; the committed ones: results/figures)")
+                        help="folder for the PDF + PNG files (default outputs/figures; the committed ones: results/reference/figures)")
     parser.add_argument("--published", default=None, help="results/published.csv: the papers' points, faded")
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
     parser.add_argument("--trace", action="store_true", help="also draw the per-step recompute map (tiny model, CPU)")

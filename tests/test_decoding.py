@@ -267,6 +267,8 @@ DECODER_CASES = {
     "eb_sampler": [(dict(block_length=4), False), (dict(gamma=0.5), False)],
     "prophet": [(dict(steps=6, block_length=4), False), (dict(steps=12), False)],
     "ar": [(dict(steps=12), True), (dict(steps=12, block_length=4), True)],
+    "klass": [(dict(steps=6, block_length=4), False),
+              (dict(steps=12, block_length=None, window="block", conf_threshold=0.5, kl_threshold=0.05), False)],
 }
 
 

@@ -43,6 +43,7 @@ DECODERS = {
     "eb_sampler": dict(block_length=8, gamma=0.3),
     "pc_sampler": dict(steps=16, block_length=8),
     "prophet": dict(steps=16, block_length=8),
+    "klass": dict(steps=16, block_length=8, conf_threshold=0.5, kl_threshold=0.05),
 }
 CACHES = {
     "none": dict(),

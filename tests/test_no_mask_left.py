@@ -61,7 +61,8 @@ def decoders(regime: str) -> list[tuple[str, dict]]:
                 ("dream", dict(steps=few, alg="maskgit_plus", alg_temp=0.5)),
                 ("ar", dict(steps=gen_length, block_length=block)), ("eb_sampler", dict(block_length=block)),
                 ("eb_sampler", dict(gamma=0.5, error_proxy="confidence")), ("pc_sampler", dict(steps=few, block_length=block)),
-                ("prophet", dict(steps=gen_length, block_length=block)), ("prophet", dict(steps=few, window="block", block_length=block))]
+                ("prophet", dict(steps=gen_length, block_length=block)), ("prophet", dict(steps=few, window="block", block_length=block)),
+                ("klass", dict(steps=gen_length, block_length=block)), ("klass", dict(steps=few, block_length=block, window="block"))]
     return out
 
 

@@ -9,7 +9,7 @@ Step 0 is a full forward. After each step the next forward recomputes S1 | S_new
 ``refresh_interval`` (off by default, as in the paper) forces periodic full forwards.
 S1 holds max(k, tokens unmasked this step) positions, so a schedule committing more than k
 tokens per step still finds enough freshly predicted candidates, and it is drawn from the
-decoder's window (the positions it may commit this step): with a block decoder the paper's
+decoder's commit window (the positions it may commit this step): with a block decoder the paper's
 whole-response rule would pick masked positions of later blocks that this step cannot commit
 and leave masks behind. With one block (certainty-prior decoding, the paper's setting) the
 window is the whole response and the rule is the paper's.
@@ -169,7 +169,7 @@ class D2Cache(CacheMethod):
         ctx, masked = self.ctx, view.masked
         known = ctx.real & ~masked
         stage1 = (self.confidence * certainty_density(known, ctx.real, self.sigma, self.density)).float()
-        lo, hi = view.plan.window
+        lo, hi = view.plan.commit_window
         committable = torch.zeros_like(masked)
         committable[:, lo:hi] = masked[:, lo:hi]
         stage1 = stage1.masked_fill(~committable, float("-inf"))

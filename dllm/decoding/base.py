@@ -25,6 +25,13 @@ class StepPlan:
     #: (B, T) bool, the positions this step will unmask, when fixed before the forward; the loop
     #: makes their predictions fresh whatever the cache method asks (random remasking, first tokens)
     scheduled: Tensor | None = None
+    #: [lo, hi) the n_transfer tokens come from, for a decoder that looks beyond what it commits
+    #: (logits over the rest of the response, commits in the current block); None = ``window``
+    commit: tuple[int, int] | None = None
+
+    @property
+    def commit_window(self) -> tuple[int, int]:
+        return self.commit or self.window
 
 
 @dataclass

@@ -129,7 +129,7 @@ class KLASS(Decoder):
         else:
             n_transfer = (left > 0).long()
         self.fallback = self.counts[:, min(block_step, self.steps_per_block - 1)]
-        return StepPlan((lo, T if self.window == "rest" else hi), n_transfer, block, block_step)
+        return StepPlan((lo, T if self.window == "rest" else hi), n_transfer, block, block_step, commit=(lo, hi))
 
     # --------------------------------------------------------------------------------- tokens
 

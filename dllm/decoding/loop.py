@@ -54,7 +54,7 @@ def check_committed(step: int, plan, transferred: Tensor, fresh: Tensor, decoder
     short = ((committed < plan.n_transfer) & ~stopped).nonzero().flatten().tolist()
     if short:
         row = short[0]
-        lo, hi = plan.window
+        lo, hi = plan.commit_window
         raise IncompleteDecoding(
             f"step {step}: decoding={decoder.name!r} must commit {int(plan.n_transfer[row])} token(s) in batch row "
             f"{row}, but cache={cache.name!r} left {int(fresh[row, lo:hi].sum())} freshly predicted masked "

@@ -133,7 +133,8 @@ class Prophet(BlockDecoder):
             n_transfer = n_transfer + leftover.sum(1)
             window_lo = min(window_lo, int(leftover.any(0).nonzero()[0]))
             window_hi = T
-        return StepPlan((window_lo, window_hi), n_transfer, block, block_step, scheduled)
+        # The schedule's tokens come from the block (leftovers are scheduled, hence fresh anyway).
+        return StepPlan((window_lo, window_hi), n_transfer, block, block_step, scheduled, commit=(lo, hi))
 
     def propose(self, logits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if positions is None:

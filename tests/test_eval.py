@@ -374,7 +374,7 @@ def test_code_execution_refuses_without_the_opt_in(monkeypatch):
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(code_exec.CodeExecutionNotAllowed, match="allow_code_execution"):
-        code_exec.pass_at_k(["assert True"], [["x = 1"]])
+        code_exec.pass_at_k(["assert x == 1"], [["x = 1"]])
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 2"]]) == {"pass@1": 1.0}
     assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 3"]]) == {"pass@1": 0.0}

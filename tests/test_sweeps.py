@@ -534,12 +534,16 @@ def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
     append_csv(csv_path, {**base, "cache": "none", "accuracy": 0.75, "throughput_all_tok_s": 200.0, "run_dir": str(sweep / "0")})
     append_csv(csv_path, {**base, "cache": "dual", "accuracy": 0.7, "throughput_all_tok_s": 500.0, "run_dir": str(sweep / "1")})
     append_csv(csv_path, {**base, "cache": "prefix", "accuracy": 0.1, "throughput_all_tok_s": 1.0, "run_dir": str(tmp_path / "other")})
+    # a none row with another decoding is not the baseline of the low-confidence rows
+    append_csv(csv_path, {**base, "cache": "none", "decoding": "eb_sampler", "accuracy": 0.7, "throughput_all_tok_s": 800.0,
+                          "run_dir": str(sweep / "2")})
     config = OmegaConf.create({"results_csv": str(csv_path), "hydra": {"sweep": {"dir": str(sweep)}}})
     SweepSummary().on_multirun_end(config)
     out = capsys.readouterr().out
-    assert f"sweep done: 2 row(s) written to {csv_path}" in out
+    assert f"sweep done: 3 row(s) written to {csv_path}" in out
     lines = [line for line in out.splitlines() if line.startswith("tiny_llada")]
-    assert len(lines) == 2 and "prefix" not in out
+    assert len(lines) == 3 and "prefix" not in out
+    assert "eb_sampler" in lines[2] and "1.00x" in lines[2]  # its own decoding's none row: itself
     assert "75.0 ± 5.0" in lines[0] and "1.00x" in lines[0]
     assert "70.0 ± 5.0" in lines[1] and "2.50x" in lines[1] and lines[1].endswith("ok")
 

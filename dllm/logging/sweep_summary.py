@@ -4,7 +4,7 @@
 (basic, local or SLURM launcher: Hydra calls it on the submitting machine once every job is
 done) this prints one table of the rows the sweep's jobs wrote to ``results_csv`` — method,
 accuracy ± stderr, tok/s, speedup over the ``none`` row of the same model and task when the sweep
-has one, status — and the CSV's path. A SLURM sweep also says, at its start, where the rows will
+has one (same decoding, else low-confidence), status — and the CSV's path. A SLURM sweep also says, at its start, where the rows will
 arrive and how to watch them.
 """
 from __future__ import annotations
@@ -38,15 +38,21 @@ def sweep_rows(csv_path: Path, sweep_dir: Path) -> list[dict]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Plain-text table, one line per row, speedup against the ``none`` row of the same model and task."""
-    baseline = {(r["model"], r["task"]): _float(r.get("throughput_all_tok_s")) for r in rows if r["cache"] == "none"}
+    """Plain-text table, one line per row; speedup against the sweep's ``none`` row of the same
+    model, task and decoding, else the one decoding low-confidence (as scripts/aggregate.py)."""
+    none_rows = {(r["model"], r["task"], r["decoding"]): _float(r.get("throughput_all_tok_s")) for r in rows if r["cache"] == "none"}
+
+    def baseline(r: dict) -> float | None:
+        own = none_rows.get((r["model"], r["task"], r["decoding"]))
+        return own if own is not None else none_rows.get((r["model"], r["task"], "low_confidence"))
+
     header = f"{'model':<14} {'task':<12} {'cache':<12} {'decoding':<16} {'accuracy':>16} {'tok/s':>9} {'speedup':>8}  status"
     lines = [header, "-" * len(header)]
     for r in rows:
         acc, err = _float(r.get("accuracy")), _float(r.get("accuracy_stderr"))
         accuracy = "n/a" if acc is None else f"{100 * acc:.1f}" + (f" ± {100 * err:.1f}" if err is not None else "")
         tok_s = _float(r.get("throughput_useful_tok_s"))
-        none_all, own_all = baseline.get((r["model"], r["task"])), _float(r.get("throughput_all_tok_s"))
+        none_all, own_all = baseline(r), _float(r.get("throughput_all_tok_s"))
         speedup = f"{own_all / none_all:.2f}x" if none_all and own_all else "—"
         lines.append(
             f"{r['model']:<14} {r['task']:<12} {r['cache']:<12} {r['decoding']:<16} {accuracy:>16} "

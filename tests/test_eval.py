@@ -138,6 +138,7 @@ def test_math_local_exact_match(monkeypatch, tmp_path):
     row, samples = run_scripted(monkeypatch, tmp_path, respond, "task=math_local", "task.limit=4", "task.gen_length=64")
     assert row["accuracy_metric"] == "exact_match,none"
     assert row["accuracy"] == 0.5
+    assert row["metrics.math_verify,none"] == 0.5  # reported beside Minerva's exact match
     assert sorted((s["doc_id"], s["correct"]) for s in samples) == [(0, True), (1, False), (2, True), (3, False)]
 
 
@@ -411,6 +412,7 @@ def test_pass_at_k_over_several_samples_per_problem(monkeypatch, tmp_path):
     assert row["accuracy"] == pytest.approx(2 / 3)
     results = json.loads((Path(row["run_dir"]) / "lm_eval_results.json").read_text())["results"]
     assert results["humaneval_local_sanitized"]["pass@2,create_test"] == pytest.approx(1.0)
+    assert row["metrics.pass@2,create_test"] == pytest.approx(1.0)  # in the record too
 
 
 def test_pass_at_k_estimator_hand_computed():

@@ -72,7 +72,10 @@ def test_row_is_flat_and_ordered():
         "decoding.temperature", "task",
     ]
     assert list(row)[-4:] == ["status", "experiment", "run_dir", "run_key"]
-    assert [k for k in row if "." not in k] == [n for n in names if not n.endswith("_params")]
+    assert [k for k in row if "." not in k] == [n for n in names if not n.endswith("_params") and n != "other_metrics"]
+    metrics = make_record(other_metrics={"math_verify,none": 0.5, "exact_match,strict": 0.25}).to_row()
+    assert [k for k in metrics if k.startswith("metrics.")] == ["metrics.exact_match,strict", "metrics.math_verify,none"]
+    assert metrics["metrics.math_verify,none"] == 0.5
     assert row["cache.sizes"] == "[1, 2]"  # lists become JSON text: one CSV cell
     assert json.loads(json.dumps(row)) == row
 

@@ -239,6 +239,16 @@ def primary_metric(results: dict, task: str, metric: str) -> tuple[float, float 
     return value, _number(table.get(f"{name}_stderr,{filt}"))
 
 
+def other_metrics(results: dict, task: str, metric: str) -> dict[str, float]:
+    """The task's numeric results besides the primary ``metric`` (no stderrs): math_verify beside
+    MATH's exact match, pass@k beside pass@1, the other filter of GSM8K ..."""
+    table = results["results"].get(task, {})
+    return {
+        key: number for key, value in table.items()
+        if "," in key and "_stderr" not in key and key != metric and (number := _number(value)) is not None
+    }
+
+
 def join_samples(results: dict, lm, metric: str) -> list[dict]:
     """One object per scored document: lm-eval's target, filtered answer and score, joined by
     (task, doc_id) with what the model did (prompt, generation, tokens, seconds / likelihoods)."""
@@ -458,6 +468,7 @@ def _evaluate(
         accuracy_metric=settings.metric,
         accuracy=accuracy,
         accuracy_stderr=stderr,
+        other_metrics=other_metrics(results, settings.lm_eval_task, settings.metric),
         status="ok",
         run_dir=str(run_dir),
         **speed,

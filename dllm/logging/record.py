@@ -75,6 +75,9 @@ class RunRecord:
     accuracy_metric: str | None = None
     accuracy: float | None = None
     accuracy_stderr: float | None = None
+    #: the task's other metrics ("<metric>,<filter>" -> value), e.g. math_verify beside MATH's exact
+    #: match or pass@k beside pass@1; columns ``metrics.<metric>,<filter>``
+    other_metrics: dict = field(default_factory=dict)
     n_samples: int | None = None
     useful_tokens: int | None = None
     all_tokens: int | None = None
@@ -100,12 +103,14 @@ class RunRecord:
 
     def to_row(self) -> dict:
         """Flat dict in field order; params become ``cache.<key>`` / ``decoding.<key>`` columns
-        (sorted, nested dicts dotted) in place of the dict field."""
+        (sorted, nested dicts dotted) and other metrics ``metrics.<name>`` columns in place of the dict fields."""
         row: dict = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("cache_params", "decoding_params"):
                 row.update(_flatten(value, f.name.removesuffix("_params")))
+            elif f.name == "other_metrics":
+                row.update({f"metrics.{name}": _scalar(v) for name, v in sorted(value.items())})
             else:
                 row[f.name] = _scalar(value)
         return row

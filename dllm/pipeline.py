@@ -118,20 +118,15 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     alone from the Hub / its cache), describes the configured family, and leaves room for a prompt
     of at least one token before ``gen_length`` generated ones, and suits the cache method; a
     local folder's safetensors headers match it (a Hub checkpoint's shards: when fetched, at load)."""
-    from dllm.models.loading import CheckpointError, model_args, plan_loading
+    from dllm.models.loading import local_folder, model_args, plan_loading
 
     if cfg.model.tiny and not cfg.model.path:
         return  # the random-weight tiny checkpoint is built by this project on first use
     path = local_or_repo_path(str(cfg.model.path))
-    local = Path(path).expanduser()
-    if local.exists() or path.startswith((".", "/", "~")):
-        folder = local
-        if not folder.is_dir():
-            raise CheckpointError(f"model.path={path!r} is not a folder")
-    else:
-        folder = _hub_config_folder(path, cfg.model.revision)
+    local = local_folder(path)
+    folder = local if local is not None else _hub_config_folder(path, cfg.model.revision)
     args = model_args(folder, cfg.model.family)
-    if local.is_dir():
+    if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
     plan.cache.check_model(args.logit_shift)
     if plan.gen_length >= args.max_seq_len:

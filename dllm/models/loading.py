@@ -28,13 +28,21 @@ class CheckpointError(ValueError):
     pass
 
 
-def resolve_checkpoint(path_or_id: str, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a Hub repo id fetched (or found in the HF cache)."""
+def local_folder(path_or_id: str) -> Path | None:
+    """The local checkpoint folder ``path_or_id`` names, or None for a Hub repo id; a path that
+    exists, or looks like one (./ / ~), but is no folder is refused."""
     local = Path(os.path.expanduser(path_or_id))
     if local.is_dir():
         return local
     if local.exists() or path_or_id.startswith((".", "/", "~")):
-        raise CheckpointError(f"checkpoint path {path_or_id!r} is not a folder")
+        raise CheckpointError(f"model.path={path_or_id!r} is not a folder")
+    return None
+
+
+def resolve_checkpoint(path_or_id: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hub repo id fetched (or found in the HF cache)."""
+    if (local := local_folder(path_or_id)) is not None:
+        return local
     from huggingface_hub import snapshot_download
 
     try:

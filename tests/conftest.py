@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.models.packed import pack_linear_weights
 from dllm.models.transformer import ModelArgs, Transformer
 
@@ -168,3 +169,39 @@ def run_schedule(decoder, ctx, masked: torch.Tensor):
             masked[row, candidates] = False
     assert decoder.plan(decoder.steps, masked) is None
     return plans, masked
+
+
+class Recorder(CacheMethod):
+    """Wraps a cache method and records what it saw, asked for and was told, step by step."""
+
+    def __init__(self, inner: CacheMethod) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.needs_attention = inner.needs_attention
+        self.steps: list[dict] = []
+
+    def check(self, decoder) -> None:
+        self.inner.check(decoder)
+
+    def start(self, ctx) -> None:
+        super().start(ctx)
+        self.inner.start(ctx)
+        self.steps = []
+
+    def select(self, view: StepView) -> ActiveRequest:
+        request = self.inner.select(view)
+        self.steps.append(dict(
+            masked=view.masked.clone(), plan=view.plan, full=request.full, request=request,
+            scheduled=None if view.plan.scheduled is None else view.plan.scheduled.clone(),
+        ))
+        return request
+
+    def observe(self, view: StepView, outcome: StepOutcome) -> None:
+        rec = self.steps[-1]
+        rec.update(active=outcome.active.clone(), transferred=outcome.transferred.clone(),
+                   confidence=outcome.confidence.clone())
+        if hasattr(self.inner, "confidence"):
+            rec["cache_conf_before"] = self.inner.confidence.clone()
+        self.inner.observe(view, outcome)
+        if hasattr(self.inner, "confidence"):
+            rec["cache_conf_after"] = self.inner.confidence.clone()

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView, build_cache, cache_names
+from dllm.cache.base import ActiveRequest, CacheMethod, StepView, build_cache, cache_names
 from dllm.cache.d2cache import nucleus, rollout_importance
 from dllm.cache.dkv_greedy import window_neighbours
 from dllm.decoding.base import build_decoder
 from dllm.decoding.loop import generate
 from dllm.models.transformer import ModelArgs, Transformer
 
-from conftest import WEIGHTS, with_weights
+from conftest import WEIGHTS, Recorder, with_weights
 
 VOCAB, MASK, PAD, EOS = 64, 63, 0, 1
 FAMILIES = ("llada", "dream")
@@ -62,42 +62,6 @@ def decoder_for(name: str, steps: int = 16, block_length: int | None = 8, **kw):
 
 def seeded(seed: int = 1234) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Recorder(CacheMethod):
-    """Wraps a cache method and records what it saw, asked for and was told, step by step."""
-
-    def __init__(self, inner: CacheMethod) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.needs_attention = inner.needs_attention
-        self.steps: list[dict] = []
-
-    def check(self, decoder) -> None:
-        self.inner.check(decoder)
-
-    def start(self, ctx) -> None:
-        super().start(ctx)
-        self.inner.start(ctx)
-        self.steps = []
-
-    def select(self, view: StepView) -> ActiveRequest:
-        request = self.inner.select(view)
-        self.steps.append(dict(
-            masked=view.masked.clone(), plan=view.plan, full=request.full, request=request,
-            scheduled=None if view.plan.scheduled is None else view.plan.scheduled.clone(),
-        ))
-        return request
-
-    def observe(self, view: StepView, outcome: StepOutcome) -> None:
-        rec = self.steps[-1]
-        rec.update(active=outcome.active.clone(), transferred=outcome.transferred.clone(),
-                   confidence=outcome.confidence.clone())
-        if hasattr(self.inner, "confidence"):
-            rec["cache_conf_before"] = self.inner.confidence.clone()
-        self.inner.observe(view, outcome)
-        if hasattr(self.inner, "confidence"):
-            rec["cache_conf_after"] = self.inner.confidence.clone()
 
 
 def shifted_left(mask: torch.Tensor, shift: int) -> torch.Tensor:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView, build_cache
+from dllm.cache.base import build_cache
 from dllm.decoding.base import build_decoder
 from dllm.decoding.llada import LowConfidence
 from dllm.decoding.loop import generate
 from dllm.models.tiny import DREAM_GENERATION_CONFIG, ensure_tiny, make_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import EOS_ID, MASK_ID, PAD_ID, compose, random_prompts, tiny_args, tiny_net  # noqa: E402
+from conftest import EOS_ID, MASK_ID, PAD_ID, Recorder, compose, random_prompts, tiny_args, tiny_net  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P, G = 4, 8  # prompt 0..3, response 4..11
@@ -26,30 +26,6 @@ T = P + G
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Recorder(CacheMethod):
-    """Wraps a cache method; records per step the masked set, the request and what was unmasked."""
-
-    def __init__(self, inner: CacheMethod) -> None:
-        self.inner, self.name, self.steps = inner, inner.name, []
-
-    def check(self, decoder) -> None:
-        self.inner.check(decoder)
-
-    def start(self, ctx) -> None:
-        super().start(ctx)
-        self.inner.start(ctx)
-        self.steps = []
-
-    def select(self, view: StepView) -> ActiveRequest:
-        request = self.inner.select(view)
-        self.steps.append(dict(masked=view.masked.clone(), full=request.full))
-        return request
-
-    def observe(self, view: StepView, outcome: StepOutcome) -> None:
-        self.steps[-1].update(active=outcome.active.clone(), transferred=outcome.transferred.clone())
-        self.inner.observe(view, outcome)
 
 
 class Ordered(LowConfidence):

@@ -104,7 +104,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     cfg_scale = decoding_params.pop("cfg_scale", 0.0)
     decoder = build_decoder(decoding_name, **decoding_params)
     cache = build_cache(cache_name, **cache_params)
-    check_guidance(cfg_scale, cache)
+    check_guidance(cfg_scale, cache, decoder)
     gen_length = int(cfg.gen_length)
     decoder.check(gen_length)
     cache.check(decoder)
@@ -113,22 +113,30 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale)
 
 
+def check_model_fit(plan: RunPlan, logit_shift: int) -> None:
+    """The decoder and the cache method accept a model with this logit shift (1: Dream)."""
+    plan.decoder.check_model(logit_shift)
+    plan.cache.check_model(logit_shift)
+
+
 def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     """Before any weight is read: the checkpoint's config.json is found (a local folder, or fetched
     alone from the Hub / its cache), describes the configured family, and leaves room for a prompt
     of at least one token before ``gen_length`` generated ones, and suits the cache method; a
     local folder's safetensors headers match it (a Hub checkpoint's shards: when fetched, at load)."""
     from dllm.models.loading import local_folder, model_args, plan_loading
+    from dllm.models.tiny import BASE_ARGS
 
-    if cfg.model.tiny and not cfg.model.path:
-        return  # the random-weight tiny checkpoint is built by this project on first use
+    if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
+        check_model_fit(plan, BASE_ARGS[cfg.model.family]["logit_shift"])
+        return
     path = local_or_repo_path(str(cfg.model.path))
     local = local_folder(path)
     folder = local if local is not None else _hub_config_folder(path, cfg.model.revision)
     args = model_args(folder, cfg.model.family)
     if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
-    plan.cache.check_model(args.logit_shift)
+    check_model_fit(plan, args.logit_shift)
     if plan.gen_length >= args.max_seq_len:
         raise ValueError(
             f"gen_length={plan.gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="

@@ -65,8 +65,8 @@ class Probe:
                 probe.store = self
 
         class Hook(FeatureReuse):
-            def begin(self, rows, rows_valid):
-                super().begin(rows, rows_valid)
+            def begin(self, rows, rows_valid, required):
+                super().begin(rows, rows_valid, required)
                 probe.steps[-1]["rows"] = rows[rows_valid].tolist()
 
             def pick(self, layer, block, x_norm):

@@ -57,6 +57,8 @@ class StepOutcome:
     rows: Tensor  # (B, A) positions of the computed rows (padding rows hold T)
     rows_valid: Tensor  # (B, A) bool
     attention: list[Tensor] | None  # per layer (B, A, T) head-averaged attention, if asked
+    #: (B, T) bool, committed positions a re-masking decoder took back this step (None: none can)
+    remasked: Tensor | None = None
 
 
 class CacheMethod(ABC):

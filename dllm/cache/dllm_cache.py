@@ -66,9 +66,9 @@ class FeatureReuse(LayerHook):
     def __init__(self, cache: "DLLMCache", refresh_prompt: bool, refresh_response: bool) -> None:
         self.cache, self.refresh_prompt, self.refresh_response = cache, refresh_prompt, refresh_response
 
-    def begin(self, rows: Tensor, rows_valid: Tensor) -> None:
+    def begin(self, rows: Tensor, rows_valid: Tensor, required: Tensor) -> None:
         in_prompt = rows < self.cache.ctx.prompt_length
-        refreshed = (in_prompt & self.refresh_prompt) | (~in_prompt & self.refresh_response)
+        refreshed = (in_prompt & self.refresh_prompt) | (~in_prompt & self.refresh_response) | required
         self.rows, self.rows_valid = rows, rows_valid
         self.always = rows_valid & refreshed
         # With rho = 0 nothing is chosen by similarity: no value is computed (nor written), as in the reference.

@@ -4,6 +4,12 @@ A decoder never runs the model. Each step the denoising loop asks it for a :clas
 (eligible window, how many tokens per row), hands it the logits of the freshly computed masked
 positions to :meth:`Decoder.propose` tokens and confidences, and ranks eligible positions with
 :meth:`Decoder.priority`. The loop then commits what :meth:`Decoder.select` picks (by default the top ``n_transfer`` per row).
+
+A decoder that sets ``remasks`` may also take tokens back: when its plan names a ``verify`` window,
+the loop re-scores that window's committed tokens with each token hidden
+(:mod:`dllm.decoding.verify`), and :meth:`Decoder.remask` returns committed response positions to
+mask again. The loop masks them, counts them, and recomputes their K/V in the next forward,
+whatever the cache method asks (a re-masked position's stored K/V still describe the old token).
 """
 from __future__ import annotations
 
@@ -28,6 +34,9 @@ class StepPlan:
     #: [lo, hi) the n_transfer tokens come from, for a decoder that looks beyond what it commits
     #: (logits over the rest of the response, commits in the current block); None = ``window``
     commit: tuple[int, int] | None = None
+    #: [lo, hi) whose committed tokens the loop re-scores with the token hidden this step (for
+    #: :meth:`Decoder.remask`); None = no verification
+    verify: tuple[int, int] | None = None
 
     @property
     def commit_window(self) -> tuple[int, int]:
@@ -61,6 +70,8 @@ class Decoder(ABC):
     order_known_in_advance: bool = False
     #: True when :meth:`propose`'s confidence is a probability-like score in [0, 1].
     confidence_is_probability: bool = True
+    #: True when :meth:`remask` may take committed tokens back (the plan's ``verify`` window).
+    remasks: bool = False
 
     def __init__(self, steps: int, block_length: int | None = None, temperature: float = 0.0) -> None:
         if steps < 1:
@@ -91,6 +102,10 @@ class Decoder(ABC):
             raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
         return block
 
+    def check_model(self, logit_shift: int) -> None:
+        """Raise ValueError if this decoder cannot run on a model with this logit shift (1: Dream);
+        called from the checkpoint's config.json before the weights load, and by the loop."""
+
     def start(self, ctx: DecodeContext) -> None:
         self.ctx = ctx
         self.block = self.block_length or ctx.gen_length
@@ -119,6 +134,16 @@ class Decoder(ABC):
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
         """Positions to unmask (B, T) bool from eligible scores (-inf = not eligible)."""
         return top_n_mask(score, plan.n_transfer)
+
+    def remask(self, verified: Tensor, transferred: Tensor, plan: StepPlan) -> Tensor | None:
+        """Committed response positions (B, T) bool to mask again, or None.
+
+        verified: (B, T) float64, the probability of each committed token of ``plan.verify`` from a
+        query that cannot see it (computed before this step's commits; NaN elsewhere);
+        transferred: what this step committed. Called only when ``remasks`` is set; the loop refuses
+        positions that are not committed response tokens, or that this step committed.
+        """
+        return None
 
 
 REGISTRY: Registry[Decoder] = Registry("decoding", "dllm.decoding")

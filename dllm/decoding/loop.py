@@ -12,6 +12,7 @@ from dllm.metrics.timing import measure
 from dllm.models.transformer import KVStore, Transformer, take_rows
 
 from .base import DecodeContext, Decoder
+from .verify import verification_confidence
 
 
 @dataclass
@@ -19,7 +20,7 @@ class GenerationOutput:
     tokens: Tensor  # (B, G) response tokens
     nfe: int  # forwards (each over the active rows only)
     active_token_layers: float  # sum over forwards of active positions x layers (see LayerHook)
-    total_token_layers: int  # the same for full forwards: nfe x B x T x layers
+    total_token_layers: int  # the same for full forwards: nfe x B x T x layers (+ verification rows)
     seconds: float
     peak_mem_gb: float
     trace: list[Tensor] = field(default_factory=list)  # per step (B, T) bool active positions, if asked
@@ -27,6 +28,8 @@ class GenerationOutput:
     token_layers_per_forward: list[float] = field(default_factory=list)
     #: per row, the response positions the model decoded (G unless stop_at_eos filled the rest with EOS)
     generated: list[int] | None = None
+    #: per row, committed tokens a re-masking decoder took back (each counted every time)
+    remasked: list[int] | None = None
 
     @property
     def recompute_ratio(self) -> float:
@@ -90,14 +93,26 @@ def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: in
     return x.to(device), real.to(device)
 
 
-def check_guidance(cfg_scale: float, cache: CacheMethod) -> None:
+def check_guidance(cfg_scale: float, cache: CacheMethod, decoder: Decoder) -> None:
     """Classifier-free guidance needs a full forward of both branches every step: no cache method
-    defines how to cache the unconditional branch."""
+    defines how to cache the unconditional branch, and no re-masking decoder how to verify with it."""
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
         raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a number >= 0 (0 = no guidance)")
     if cfg_scale > 0 and not cache.full_every_step:
         raise ValueError(f"decoding.cfg_scale={cfg_scale} needs a full forward every step; cache={cache.name!r} "
                          "recomputes fewer rows (use cache=none)")
+    if cfg_scale > 0 and decoder.remasks:
+        raise ValueError(f"decoding.cfg_scale={cfg_scale}: decoding={decoder.name!r} re-masks tokens and its "
+                         "verification has no guided form (use cfg_scale: 0)")
+
+
+def check_remasked(remasked: Tensor, committed: Tensor, decoder: Decoder) -> None:
+    """A decoder may only take back response tokens committed before this step."""
+    bad = remasked & ~committed
+    if bad.any():
+        row, position = (int(i) for i in bad.nonzero()[0])
+        raise RuntimeError(f"decoding={decoder.name!r} re-masked position {position} of batch row {row}, "
+                           "which is not a response token committed before this step")
 
 
 def stop_rows(x: Tensor, prompt_length: int, eos: int, mask: int, block: int | None) -> Tensor:
@@ -146,8 +161,9 @@ def generate(
     args = net.args
     device = net.device
     decoder.check(gen_length)
+    decoder.check_model(args.logit_shift)
     cache.check(decoder)
-    check_guidance(cfg_scale, cache)
+    check_guidance(cfg_scale, cache, decoder)
     x, real = left_pad(prompts, gen_length, args.mask_token_id, args.pad_token_id, device)
     B, T = x.shape
     if T > args.max_seq_len:
@@ -167,9 +183,15 @@ def generate(
         guidance_store = KVStore(args, B, T, device, net.dtype)
     branches = 2 if cfg_scale > 0 else 1  # a guided forward runs every row twice
     per_forward: list[float] = []
+    full_total = 0  # what the same forwards cost with every position recomputed
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
+    remasked_count = torch.zeros(B, dtype=torch.long, device=device)
+    # Re-masked positions whose stored K/V still describe the token taken back: recomputed in the
+    # next forward whatever the cache method asks, so nothing reads the old token as real.
+    stale = torch.zeros(B, T, dtype=torch.bool, device=device)
+    response_cols = torch.arange(T, device=device)[None, :] >= ctx.prompt_length
 
     with measure(device) as cost:
         for step in itertools.count():
@@ -191,15 +213,19 @@ def generate(
                     active |= shift_to_computing(request.predict, args.logit_shift)
                 if plan.scheduled is not None:  # what the decoder fixed in advance is always predicted
                     active |= shift_to_computing(plan.scheduled, args.logit_shift)
+                active |= stale
                 if not request.full:
                     active &= real
                 rows, rows_valid = pack(active)
                 rows = write_index = rows.masked_fill(~rows_valid, T)
             if hook is not None:
-                hook.begin(rows, rows_valid)
+                hook.begin(rows, rows_valid, stale.gather(1, rows.clamp(max=T - 1)) & rows_valid)
             hidden, attention = net.hidden(
                 x.gather(1, rows), positions.gather(1, rows), key_mask, store, write_index, cache.needs_attention, hook
             )
+            stale &= ~active
+            if plan.verify is not None:
+                verified = verification_confidence(net, x, positions, key_mask, store, plan.verify)
 
             # Logits only for rows that predict a masked position this step may unmask.
             lo, hi = plan.window
@@ -221,6 +247,15 @@ def generate(
             transferred = decoder.select(score, plan)
             check_committed(step, plan, transferred, ~fresh_conf.isnan() & masked, decoder, cache, stopped)
             x[:, :T] = torch.where(transferred, proposal, x[:, :T])
+            remasked = None
+            if decoder.remasks and plan.verify is not None:
+                remasked = decoder.remask(verified, transferred, plan)
+            if remasked is not None:
+                remasked = remasked & ~stopped[:, None]  # a row stopped at EOS is final
+                check_remasked(remasked, ~masked & ~transferred & response_cols, decoder)
+                x[:, :T] = x[:, :T].masked_fill(remasked, args.mask_token_id)
+                remasked_count += remasked.sum(1)
+                stale |= remasked
             if stop_at_eos:
                 newly = stop_rows(x[:, :T], ctx.prompt_length, args.eos_token_id, args.mask_token_id, decoder.block_length) & ~stopped
                 response = x[:, ctx.prompt_length : T]  # a view: filled in place
@@ -229,8 +264,14 @@ def generate(
                 response.masked_fill_(fill, args.eos_token_id)
                 stopped |= newly
 
-            cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention))
-            per_forward.append(hook.token_layers if hook is not None else branches * int(rows_valid.sum()) * args.n_layers)
+            cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention, remasked))
+            token_layers = hook.token_layers if hook is not None else branches * int(rows_valid.sum()) * args.n_layers
+            full_token_layers = branches * B * T * args.n_layers
+            if plan.verify is not None:  # the shadow rows, one per position of the window and row, in both
+                shadow = B * (plan.verify[1] - plan.verify[0]) * args.n_layers
+                token_layers, full_token_layers = token_layers + shadow, full_token_layers + shadow
+            per_forward.append(token_layers)
+            full_total += full_token_layers
             if record_trace:
                 trace.append(active.cpu())
             if stopped.all():
@@ -244,10 +285,11 @@ def generate(
         tokens=x[:, ctx.prompt_length : T].clone(),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
-        total_token_layers=len(per_forward) * branches * B * T * args.n_layers,
+        total_token_layers=full_total,
         seconds=cost.seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,
         token_layers_per_forward=per_forward,
         generated=generated.tolist(),
+        remasked=remasked_count.tolist(),
     )

@@ -229,8 +229,9 @@ class LayerHook:
 
     token_layers: float = 0
 
-    def begin(self, rows: Tensor, rows_valid: Tensor) -> None:
-        """rows (B, A): positions of this forward's rows (padding rows hold T, ``rows_valid`` False)."""
+    def begin(self, rows: Tensor, rows_valid: Tensor, required: Tensor) -> None:
+        """rows (B, A): positions of this forward's rows (padding rows hold T, ``rows_valid`` False);
+        required (B, A) bool: rows that must be computed at every layer (the loop's re-masked ones)."""
         raise NotImplementedError
 
     def pick(self, layer: int, block: "Block", x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -282,8 +282,8 @@ def dllm_cache_layers():
     counts: list = []
     begin, pick = dllm_cache.FeatureReuse.begin, dllm_cache.FeatureReuse.pick
 
-    def recording_begin(self, rows, rows_valid):
-        begin(self, rows, rows_valid)
+    def recording_begin(self, rows, rows_valid, required):
+        begin(self, rows, rows_valid, required)
         counts.append(torch.zeros(rows.shape[0], self.cache.ctx.length + 1))
 
     def recording_pick(self, layer, block, x_norm):

@@ -96,6 +96,7 @@ class RunRecord:
     ideal_speedup: float | None = None
     peak_mem_gb: float | None = None
     mask_tokens_left: int | None = None
+    remasked_tokens: int | None = None  # committed tokens a re-masking decoder took back
     status: str = "ok"
     experiment: str | None = None
     run_dir: str | None = None

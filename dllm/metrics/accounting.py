@@ -18,6 +18,7 @@ class SampleStats:
     all_tokens: int  # response tokens generated for the row (G; fewer when stop_at_eos stopped it)
     seconds: float  # wall time of the batch the sample was generated in (its latency)
     mask_tokens: int = 0  # [MASK] tokens left in the response (0 unless a method/decoder is broken)
+    remasked_tokens: int = 0  # committed tokens a re-masking decoder took back (each time)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,6 +63,8 @@ class ThroughputMeter:
       (ddof 1) over repeats of the run's throughput (None with one repeat).
     - ``mask_tokens_left``: [MASK] tokens left in the responses (the denoising loop refuses to
       return any, so this is 0 in every valid run; the tokenizer would drop them from the text).
+    - ``remasked_tokens``: committed tokens a re-masking decoder (WINO) took back, summed over
+      samples and counted every time; the token totals above count only final tokens.
 
     Warm-up batches (``warmup=True``) are generated but left out of every total. Fields that
     are undefined while nothing was counted (rates, latencies, ratios, memory) are ``None``.
@@ -88,7 +91,9 @@ class ThroughputMeter:
             raise ValueError(f"useful lengths {useful} outside [0, {gen_length}]")
         masks = (out.tokens == mask_token_id).sum(1).tolist() if mask_token_id is not None else [0] * rows
         generated = out.generated or [gen_length] * rows  # fewer where stop_at_eos filled the tail
-        stats = [SampleStats(int(n), int(g), out.seconds, int(m)) for n, g, m in zip(useful, generated, masks)]
+        remasked = out.remasked or [0] * rows
+        stats = [SampleStats(int(n), int(g), out.seconds, int(m), int(r))
+                 for n, g, m, r in zip(useful, generated, masks, remasked)]
         if warmup:
             return stats
         if not self.samples:
@@ -132,4 +137,5 @@ class ThroughputMeter:
             "ideal_speedup": 1 / ratio if ratio else None,
             "peak_mem_gb": self.peak_mem_gb,
             "mask_tokens_left": sum(s.mask_tokens for s in self.samples),
+            "remasked_tokens": sum(s.remasked_tokens for s in self.samples),
         }

@@ -3,3 +3,15 @@ from pathlib import Path
 
 #: The checkout the package runs from (editable install): git metadata, committed assets.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _register_config_resolvers() -> None:
+    """Interpolations the YAML presets use; registered on any import of the package, so that a
+    config composed outside run.py (tests, notebooks) resolves the same."""
+    from omegaconf import OmegaConf
+
+    # `block_length: ${dllm.min:128,${gen_length}}`: a paper's block, or the whole response when shorter.
+    OmegaConf.register_new_resolver("dllm.min", lambda *values: min(values), replace=True)
+
+
+_register_config_resolvers()

@@ -199,7 +199,8 @@ class Recorder(CacheMethod):
     def observe(self, view: StepView, outcome: StepOutcome) -> None:
         rec = self.steps[-1]
         rec.update(active=outcome.active.clone(), transferred=outcome.transferred.clone(),
-                   confidence=outcome.confidence.clone())
+                   confidence=outcome.confidence.clone(),
+                   remasked=None if outcome.remasked is None else outcome.remasked.clone())
         if hasattr(self.inner, "confidence"):
             rec["cache_conf_before"] = self.inner.confidence.clone()
         self.inner.observe(view, outcome)

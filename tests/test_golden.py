@@ -44,6 +44,7 @@ DECODERS = {
     "pc_sampler": dict(steps=16, block_length=8),
     "prophet": dict(steps=16, block_length=8),
     "klass": dict(steps=16, block_length=8, conf_threshold=0.5, kl_threshold=0.05),
+    "wino": dict(block_length=8, threshold=0.3),
 }
 CACHES = {
     "none": dict(),
@@ -82,6 +83,7 @@ def run_all() -> dict[str, dict]:
                 try:
                     cache.check(decoder)
                     decoder.check(GEN_LENGTH)
+                    decoder.check_model(net.args.logit_shift)
                 except ValueError:
                     continue  # refused by name before generating: nothing to keep
                 out = generate(net, PROMPTS, decoder, cache, GEN_LENGTH, generator=torch.Generator().manual_seed(5))
@@ -89,6 +91,7 @@ def run_all() -> dict[str, dict]:
                     "tokens": out.tokens.tolist(),
                     "nfe": out.nfe,
                     "active_token_layers": round(out.active_token_layers, 6),
+                    **({"remasked": out.remasked} if decoder.remasks else {}),
                 }
     return results
 

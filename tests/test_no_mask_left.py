@@ -62,7 +62,9 @@ def decoders(regime: str) -> list[tuple[str, dict]]:
                 ("ar", dict(steps=gen_length, block_length=block)), ("eb_sampler", dict(block_length=block)),
                 ("eb_sampler", dict(gamma=0.5, error_proxy="confidence")), ("pc_sampler", dict(steps=few, block_length=block)),
                 ("prophet", dict(steps=gen_length, block_length=block)), ("prophet", dict(steps=few, window="block", block_length=block)),
-                ("klass", dict(steps=gen_length, block_length=block)), ("klass", dict(steps=few, block_length=block, window="block"))]
+                ("klass", dict(steps=gen_length, block_length=block)), ("klass", dict(steps=few, block_length=block, window="block")),
+                ("wino", dict(block_length=block, threshold=0.3))]
+    out.append(("wino", dict(block_length=block)))
     return out
 
 
@@ -90,6 +92,7 @@ def test_no_mask_left_for_any_accepted_combination(tiny, regime):
             try:
                 cache.check(decoder)
                 cache.check_model(net.args.logit_shift)
+                decoder.check_model(net.args.logit_shift)
             except ValueError:
                 continue  # refused by name before generating
             out = generate(net, prompts, decoder, cache, gen_length, generator=torch.Generator().manual_seed(0))

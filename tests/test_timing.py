@@ -31,14 +31,17 @@ def strategy(request, monkeypatch):
 
 
 def test_peak_counts_a_freed_allocation_and_resets_between_regions(strategy):
+    before = rss_gb()
     with measure("cpu") as first:
         block = touch(BLOCK)
         time.sleep(0.05)  # the sampler's period is 2 ms
         del block
         time.sleep(0.01)
-    base = rss_gb()
     assert first.seconds >= 0.05
-    assert first.peak_mem_gb >= base + 0.9 * BLOCK / 2**30
+    assert first.peak_mem_gb >= before + 0.9 * BLOCK / 2**30
+    # The allocator may keep the freed block resident (late in a long test session it sometimes does):
+    # the second region's baseline is what is resident when it starts.
+    base = rss_gb()
     with measure("cpu") as second:
         time.sleep(0.01)
     assert second.peak_mem_gb < base + 0.5 * BLOCK / 2**30  # the earlier peak is not carried over

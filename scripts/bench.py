@@ -9,6 +9,8 @@ with the *same* decoding as the method it is compared with (computed once per de
     python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model: ~6 min on 2 cores
     python scripts/bench.py --preset cpu --repeats 3      # three interleaved rounds, medians: ~16 min
     python scripts/bench.py --preset llada8b              # LLaDA-8B shapes, for a GPU (bf16)
+    python scripts/bench.py --preset moe_cpu              # LLaDA-MoE-shaped 512-d model (16 experts, 4 per row)
+    python scripts/bench.py --preset llada_moe            # LLaDA-MoE-7B-A1B shapes, for a GPU (bf16)
     python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
 
 Columns: wall seconds of the timed generation (CUDA-synchronised, one warm-up excluded),
@@ -63,6 +65,13 @@ PRESETS = {
     # LLaDA-8B shapes: d=4096, 32 layers, 32 heads (MHA), ffn 12288, vocab 126464 -- for a GPU
     "llada8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=12288, vocab_size=126464,
                     prompt_length=256, gen_length=256, batch_size=1),
+    # LLaDA-MoE-shaped (an MoE FFN in every layer, QK-norm), small enough for 2 CPU cores: 16 experts of 384,
+    # 4 per row, so a row's active FFN width (1536) is the cpu preset's
+    "moe_cpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=384, n_experts=16, n_experts_per_token=4,
+                    vocab_size=8192, prompt_length=256, gen_length=256, batch_size=1),
+    # LLaDA-MoE-7B-A1B shapes: d 2048, 16 layers, 16 heads (MHA), 64 experts of 1024, 8 per row, vocab 157184 -- for a GPU
+    "llada_moe": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024, n_experts=64, n_experts_per_token=8,
+                      vocab_size=157184, mask_token_id=156895, prompt_length=256, gen_length=256, batch_size=1),
 }
 
 # method -> (cache params, decoding, decoding params); the papers' settings.
@@ -112,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--methods: unknown {bad} (allowed: {list(METHODS)}, plus 'none' which always runs)")
     args.methods = methods
     preset = PRESETS[args.preset]
+    if preset.get("n_experts") and args.family != "llada":
+        ap.error(f"--preset {args.preset} is LLaDA-MoE-shaped (unshifted logits); --family {args.family} does not apply")
     for key in ("batch_size", "prompt_length", "gen_length"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -129,14 +140,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_args(args: argparse.Namespace) -> ModelArgs:
     p = PRESETS[args.preset]
     vocab = p["vocab_size"]
-    mask = 126336 if vocab > 126336 else vocab - 1  # LLaDA's real mask id where the vocabulary has it
+    mask = p.get("mask_token_id", 126336 if vocab > 126336 else vocab - 1)  # the real mask id where the vocabulary has it
+    if p.get("n_experts"):  # LLaDA-MoE: RoPE theta 50000, per-head QK-norm, top-k weights not renormalised
+        family, rope_theta = "llada_moe", 50000.0
+        moe = dict(n_experts=p["n_experts"], n_experts_per_token=p["n_experts_per_token"], qk_norm=True)
+    else:
+        family, rope_theta, moe = args.family, 500000.0 if args.family == "llada" else 1e6, {}
     return ModelArgs(
-        family=args.family, dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+        family=family, dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
         n_kv_heads=p["n_kv_heads"], ffn_dim=p["ffn_dim"], vocab_size=vocab,
-        rope_theta=500000.0 if args.family == "llada" else 1e6, norm_eps=1e-5, qkv_bias=args.family == "dream",
+        rope_theta=rope_theta, norm_eps=1e-5, qkv_bias=args.family == "dream",
         tie_embeddings=False, max_seq_len=max(4096, args.prompt_length + args.gen_length),
-        mask_token_id=mask, eos_token_id=1, pad_token_id=0, logit_shift=1 if args.family == "dream" else 0,
+        mask_token_id=mask, eos_token_id=1, pad_token_id=0, logit_shift=1 if args.family == "dream" else 0, **moe,
     )
+
+
+def active_parameters(margs: ModelArgs, n_params: int) -> int:
+    """Parameters one row runs through: all but the experts a row is not routed to (MoE), else all.
+    recompute_ratio counts rows, so with an MoE it is the ratio of active-parameter work too."""
+    idle = margs.n_experts - margs.n_experts_per_token
+    return n_params - margs.n_layers * idle * 3 * margs.dim * margs.ffn_dim
 
 
 def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
@@ -259,7 +282,8 @@ def main(argv=None) -> list[dict]:
     n_params = sum(p.numel() for p in net.parameters())
     packed = not args.dense_weights and pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
-    print(f"# preset={args.preset} family={args.family} params={n_params / 1e6:.1f}M device={args.device} "
+    print(f"# preset={args.preset} family={margs.family} params={n_params / 1e6:.1f}M "
+          f"(active per row {active_parameters(margs, n_params) / 1e6:.1f}M) device={args.device} "
           f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"packed_weights={packed}")
     print(f"# batch={args.batch_size} prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
@@ -292,7 +316,7 @@ def main(argv=None) -> list[dict]:
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
             agreement=float((out.tokens == ref.tokens).float().mean()),
             nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=METHODS.get(method, ({},))[0],
-            decoding_params=dparams, preset=args.preset, family=args.family, batch_size=args.batch_size,
+            decoding_params=dparams, preset=args.preset, family=margs.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
             threads=torch.get_num_threads(), packed_weights=packed, repeats=len(outs), torch=torch.__version__,

@@ -1,17 +1,18 @@
-"""Write a tiny random LLaDA / Dream checkpoint folder in the real on-disk format.
+"""Write a tiny random LLaDA / Dream / LLaDA-MoE checkpoint folder in the real on-disk format.
 
     python scripts/make_tiny_checkpoint.py --family llada --out /tmp/tiny_llada
+    python scripts/make_tiny_checkpoint.py --family llada_moe --out /tmp/tiny_llada_moe
 """
 from __future__ import annotations
 
 import argparse
 
-from dllm.models.tiny import make_tiny_checkpoint
+from dllm.models.tiny import SPECIALS, make_tiny_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["llada", "dream"])
+    parser.add_argument("--family", required=True, choices=sorted(SPECIALS))
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     parser.add_argument(

@@ -95,7 +95,7 @@ def test_tiny_loads_with_finite_logits(tiny, family):
 def test_weights_match_the_files(tiny, family):
     net = load_model(str(tiny[family]))
     files = all_tensors(tiny[family])
-    pairs = dict(loading.FAMILIES[loading.FAMILY_OF_NAME[family]].key_pairs(net.args))
+    pairs = dict(loading.FAMILY_OF_NAME[family].key_pairs(net.args))
     state = net.state_dict()
     assert set(files) == set(pairs)
     for key, tensor in files.items():

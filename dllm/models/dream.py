@@ -24,6 +24,10 @@ KEYS = [
 ]
 
 
+def describes(cfg: dict) -> bool:
+    return cfg.get("model_type") == MODEL_TYPE
+
+
 def args_from_config(cfg: dict) -> ModelArgs:
     # transformers 5 moved rope_theta into rope_parameters; the published configs have it flat.
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)

@@ -4,6 +4,9 @@ from __future__ import annotations
 from .transformer import ModelArgs
 
 MODEL_TYPE = "llada"
+# Gen-Verse/MMaDA-8B-* subclass LLaDA's model class (MMadaModelLM(LLaDAModelLM), same key names) under
+# their own model_type; for text generation they are LLaDA checkpoints with a larger embedding.
+MODEL_TYPES = (MODEL_TYPE, "mmada")
 
 # (checkpoint key, native key); "{i}" is the block index.
 KEYS = [
@@ -25,6 +28,11 @@ QKV_BIAS_KEYS = [
     ("model.transformer.blocks.{i}.k_proj.bias", "layers.{i}.attn.wk.bias"),
     ("model.transformer.blocks.{i}.v_proj.bias", "layers.{i}.attn.wv.bias"),
 ]
+
+
+def describes(cfg: dict) -> bool:
+    """Whether a config.json is dense LLaDA's (LLaDA-MoE shares the model_type; see llada_moe)."""
+    return cfg.get("model_type") in MODEL_TYPES and "num_experts" not in cfg
 
 
 def args_from_config(cfg: dict) -> ModelArgs:

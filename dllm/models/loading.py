@@ -16,12 +16,13 @@ from types import ModuleType
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import dream, llada
+from . import dream, llada, llada_moe
 from .packed import PackedLinear
 from .transformer import ModelArgs, Transformer
 
-FAMILIES: dict[str, ModuleType] = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
-FAMILY_OF_NAME = {"llada": llada.MODEL_TYPE, "dream": dream.MODEL_TYPE}
+# model.family -> the module that reads and writes that family's config.json and key names.
+FAMILY_OF_NAME: dict[str, ModuleType] = {"llada": llada, "dream": dream, "llada_moe": llada_moe}
+MODEL_TYPES = sorted({*llada.MODEL_TYPES, dream.MODEL_TYPE, *llada_moe.MODEL_TYPES})
 
 
 class CheckpointError(ValueError):
@@ -66,19 +67,25 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
+def family_of_config(cfg: dict) -> str | None:
+    """The family a config.json describes (model_type, and for "llada" whether it has experts)."""
+    return next((name for name, module in FAMILY_OF_NAME.items() if module.describes(cfg)), None)
+
+
 def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
     cfg = read_config(folder)
-    model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
+    family = family_of_config(cfg)
+    if family is None:
         raise CheckpointError(
-            f"{folder}/config.json: model_type {model_type!r} is not supported (allowed: {sorted(FAMILIES)})"
+            f"{folder}/config.json: model_type {cfg.get('model_type')!r} is not supported (allowed: {MODEL_TYPES})"
         )
-    if expected_family is not None and FAMILY_OF_NAME.get(expected_family) != model_type:
+    if expected_family is not None and expected_family != family:
         raise CheckpointError(
-            f"{folder} is a {model_type!r} checkpoint but the config says family={expected_family!r}"
+            f"{folder} is a {family!r} checkpoint (model_type {cfg.get('model_type')!r}) but the config says "
+            f"family={expected_family!r}"
         )
     try:
-        return FAMILIES[model_type].args_from_config(cfg)
+        return FAMILY_OF_NAME[family].args_from_config(cfg)
     except KeyError as err:
         raise CheckpointError(f"{folder}/config.json lacks the field {err.args[0]!r}") from err
     except ValueError as err:  # unsupported options, inconsistent head counts
@@ -110,7 +117,7 @@ def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, st
     """Which (checkpoint key, native key) pairs to read from which shard; raises on any mismatch."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    to_native = dict(FAMILIES[FAMILY_OF_NAME[args.family]].key_pairs(args))
+    to_native = dict(FAMILY_OF_NAME[args.family].key_pairs(args))
     plan: dict[Path, list[tuple[str, str]]] = {}
     found: set[str] = set()
     problems: list[str] = []
@@ -171,7 +178,7 @@ def save_checkpoint(net: Transformer, folder: str | Path, max_shard_bytes: int =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = net.args
-    family = FAMILIES[FAMILY_OF_NAME[args.family]]
+    family = FAMILY_OF_NAME[args.family]
     (folder / "config.json").write_text(json.dumps(family.config_from_args(args), indent=2) + "\n")
     state = net.state_dict()
     tensors = {ck: state[nk].detach().to("cpu").contiguous() for ck, nk in family.key_pairs(args)}

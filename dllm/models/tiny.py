@@ -1,4 +1,4 @@
-"""Tiny random LLaDA / Dream checkpoints in the exact on-disk format of the published ones.
+"""Tiny random LLaDA / Dream / LLaDA-MoE checkpoints in the exact on-disk format of the published ones.
 
 A folder holds config.json (the family's real field names), model.safetensors (or shards plus
 model.safetensors.index.json) with the real key names, and a byte-level BPE tokenizer
@@ -62,8 +62,11 @@ SPECIALS = {
         "<|eot_id|>",
     ],
     "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
+    # LLaDA-MoE's ids 156892 (<|endoftext|>, eos = pad) and 156895 (<|mask|>), in that order; its
+    # chat markup uses <role>...</role> and <|role_end|>.
+    "llada_moe": ["<|endoftext|>", "<role>", "</role>", "<|mask|>", "<|role_end|>"],
 }
-MASK_TOKEN = {"llada": "<|mdm_mask|>", "dream": "<|mask|>"}
+MASK_TOKEN = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "llada_moe": "<|mask|>"}
 
 CHAT_TEMPLATE = {
     # LLaDA-8B-Instruct ships the LLaMA-3 template.
@@ -81,6 +84,14 @@ CHAT_TEMPLATE = {
         "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # LLaDA-MoE's prompt format (<role>HUMAN</role>...<|role_end|><role>ASSISTANT</role>), written here
+    # from the format its users and dInfer feed the model; the published template text itself was not
+    # read, so a real checkpoint's own tokenizer_config.json is what runs for it.
+    "llada_moe": (
+        "{% for message in messages %}{% set role = 'HUMAN' if message['role'] == 'user' else message['role'] | upper %}"
+        "{{ '<role>' + role + '</role>' + message['content'] + '<|role_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
     ),
 }
 
@@ -104,9 +115,14 @@ DREAM_GENERATION_CONFIG = {
 BASE_ARGS = {
     "llada": dict(rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=4096, logit_shift=0),
     "dream": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, max_seq_len=131072, logit_shift=1),
+    "llada_moe": dict(rope_theta=50000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=8192, logit_shift=0,
+                      qk_norm=True),
 }
 DEFAULT_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
-SHAPE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"}
+# LLaDA-MoE: 8 narrow experts, 2 per token (the real one: 64 experts of 1024, 8 per token, d 2048).
+FAMILY_SHAPE = {"llada_moe": dict(ffn_dim=32, n_experts=8, n_experts_per_token=2)}
+SHAPE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
+                "n_experts", "n_experts_per_token"}
 
 
 def build_tokenizer(
@@ -196,7 +212,7 @@ def tiny_model_args(family: str, tok: Tokenizer, ids: dict[str, int], **shape: i
         mask_token_id=ids[MASK_TOKEN[family]],
         eos_token_id=eos,
         pad_token_id=eos,
-        **{**BASE_ARGS[family], **DEFAULT_SHAPE, **shape},
+        **{**BASE_ARGS[family], **DEFAULT_SHAPE, **FAMILY_SHAPE.get(family, {}), **shape},
     )
 
 
@@ -220,9 +236,10 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     **shape: int,
 ) -> Path:
-    """Write a random tiny ``family`` ("llada" | "dream") checkpoint folder and return its path.
+    """Write a random tiny ``family`` ("llada" | "dream" | "llada_moe") checkpoint folder and return its path.
 
-    shape overrides DEFAULT_SHAPE (dim, n_layers, n_heads, n_kv_heads, ffn_dim) and may set
+    shape overrides DEFAULT_SHAPE (dim, n_layers, n_heads, n_kv_heads, ffn_dim; for llada_moe also
+    n_experts, n_experts_per_token, with ffn_dim the width of one expert) and may set
     vocab_size / max_seq_len. Weights are stored in ``dtype`` (bfloat16, like the real ones);
     a small ``max_shard_bytes`` writes the sharded index format.
     """

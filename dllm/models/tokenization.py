@@ -1,14 +1,16 @@
 """Prompt encoding (chat template for instruct models) and response decoding (cut at EOS)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import Tensor
 
 from .transformer import ModelArgs
 
-# End-of-turn tokens that end a response besides the model's eos (LLaDA <|eot_id|>, Qwen <|im_end|>).
-END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+# End-of-turn tokens that end a response besides the model's eos (LLaDA <|eot_id|>, Qwen <|im_end|>,
+# LLaDA-MoE <|role_end|>).
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|role_end|>")
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
@@ -17,10 +19,13 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
 
     # AutoTokenizer reads config.json and warns that model_type llada/Dream is unknown to it;
     # the tokenizer itself is fully described by tokenizer.json, so the warning is noise.
+    # Likewise its FutureWarning about the rope_scaling field LLaDA-MoE's config.json carries.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling", category=FutureWarning)
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -34,6 +34,13 @@ class ModelArgs:
     pad_token_id: int
     # Dream predicts token j from hidden state j-1 (autoregressive init); LLaDA from state j.
     logit_shift: int
+    # Mixture of experts (LLaDA-MoE, OLMoE-style): n_experts > 0 replaces the dense SwiGLU by
+    # n_experts SwiGLU experts of width ffn_dim; each row goes through its top n_experts_per_token.
+    n_experts: int = 0
+    n_experts_per_token: int = 0
+    norm_topk_prob: bool = False  # renormalise a row's top-k routing weights to sum to 1
+    # RMSNorm of every head's query and key (over head_dim) before RoPE (LLaDA-MoE's qk_layernorm).
+    qk_norm: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -43,6 +50,11 @@ class ModelArgs:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"inconsistent heads: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
+            )
+        if self.n_experts < 0 or not (1 if self.n_experts else 0) <= self.n_experts_per_token <= self.n_experts:
+            raise ValueError(
+                f"inconsistent experts: n_experts={self.n_experts}, n_experts_per_token={self.n_experts_per_token} "
+                "(a dense FFN has 0 and 0; an MoE FFN routes each row to 1 ... n_experts experts)"
             )
 
 
@@ -111,6 +123,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.norm_eps)
+            self.k_norm = RMSNorm(hd, args.norm_eps)
 
     def forward(
         self,
@@ -127,8 +142,11 @@ class Attention(nn.Module):
         """``value``: the rows' value projections wv(x) when the caller already has them."""
         B, A, _ = x.shape
         a = self.args
-        q = self.wq(x).view(B, A, a.n_heads, a.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, A, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, A, a.n_heads, a.head_dim)
+        k = self.wk(x).view(B, A, a.n_kv_heads, a.head_dim)
+        if a.qk_norm:  # per head, before RoPE: the stored keys are the normalised, rotated ones
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = (self.wv(x) if value is None else value).view(B, A, a.n_kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if store is not None:
@@ -171,13 +189,51 @@ class FeedForward(nn.Module):
         return self.w_down(F.silu(gate, inplace=True).mul_(up))
 
 
+class MoEFeedForward(nn.Module):
+    """Sparse mixture of SwiGLU experts (OLMoE's block, as LLaDA-MoE uses it).
+
+    A linear router scores the experts of every row (softmax in float32); the row goes through
+    its top-k experts and their outputs are summed, weighted by the routing probabilities
+    (renormalised over the k when ``norm_topk_prob``). Only the rows passed in are routed, so a
+    cached step routes just the rows it recomputes.
+
+    Dispatch: the (row, slot) pairs are sorted by expert once, so each expert reads its rows as
+    one contiguous slice; the loop runs over experts (never over tokens) and skips idle ones.
+    Its cost: one small GEMM chain per busy expert (up to n_experts launches per layer instead of
+    one) and one host sync per layer for the per-expert counts; a grouped GEMM would remove both.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.n_experts_per_token
+        self.norm_topk_prob = args.norm_topk_prob
+        self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        probs = self.router(rows).softmax(-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights, experts = weights.to(x.dtype).flatten(), experts.flatten()
+        order = experts.argsort(stable=True)  # (row, slot) pairs grouped by expert
+        counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(rows)
+        for expert, pairs in zip(self.experts, order.split(counts)):
+            if len(pairs):
+                picked = pairs // self.top_k
+                out.index_add_(0, picked, expert(rows[picked]) * weights[pairs, None])
+        return out.view(x.shape)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = FeedForward(args)
+        self.ffn = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     def forward(self, h, cos, sin, key_mask, store, layer, index, want_attention):
         attn_out, head_mean = self.attn(self.attn_norm(h), cos, sin, key_mask, store, layer, index, want_attention)

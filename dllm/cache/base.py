@@ -31,6 +31,10 @@ class ActiveRequest:
     refresh: Tensor | None = None
     #: optional per-layer partial recomputation over the active rows (see LayerHook).
     layer_hook: LayerHook | None = None
+    #: the positions every computed row attends to this step: (B, T) bool for every layer, or a
+    #: list of one per layer; None = every real position. The loop restricts them to real positions
+    #: and gathers their K/V, so attention costs O(selected keys), not a mask over all of them.
+    keys: Tensor | list[Tensor] | None = None
 
     @classmethod
     def everything(cls) -> "ActiveRequest":

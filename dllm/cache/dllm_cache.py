@@ -79,6 +79,7 @@ class FeatureReuse(LayerHook):
         self.value_rows = self.always | self.candidates
         self.value_positions = rows.masked_fill(~self.value_rows, self.cache.ctx.length)
         self.token_layers = 0
+        self.query_layers = torch.zeros(rows.shape[0], device=rows.device)
         self.store_values: tuple[Tensor, Tensor, Tensor] | None = None
 
     def pick(self, layer: int, block: Block, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,6 +109,7 @@ class FeatureReuse(LayerHook):
         else:
             put_rows(features["v"], self.picked_positions, picked_value)
         self.token_layers += int(chosen.sum())
+        self.query_layers += chosen.sum(1)
         if value is not None:
             self.token_layers += int((self.rows_valid & ~chosen).sum()) * value_share(block.attn.args)
         return picked, picked_valid, picked_value  # attention reuses them

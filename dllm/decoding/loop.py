@@ -9,7 +9,8 @@ from torch import Tensor
 
 from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
-from dllm.models.transformer import KVStore, Transformer, take_rows
+from dllm.metrics.accounting import attention_pair_flops, kv_bytes_per_token, token_layer_flops
+from dllm.models.transformer import KVStore, SelectedKeys, Transformer, take_rows
 
 from .base import DecodeContext, Decoder
 from .verify import verification_confidence
@@ -30,6 +31,15 @@ class GenerationOutput:
     generated: list[int] | None = None
     #: per row, committed tokens a re-masking decoder took back (each counted every time)
     remasked: list[int] | None = None
+    #: attention work: sum over forwards and layers of computed queries x attended keys, and the
+    #: same with every position recomputed attending to every real key
+    attention_pairs: float = 0.0
+    total_attention_pairs: float = 0.0
+    #: linear-layer + attention FLOPs of the forwards, and of the same forwards done in full
+    flops: float = 0.0
+    total_flops: float = 0.0
+    #: the most K/V any forward attended to (summed over rows, layers averaged), in GB
+    peak_kv_gb: float = 0.0
 
     @property
     def recompute_ratio(self) -> float:
@@ -127,6 +137,35 @@ def stop_rows(x: Tensor, prompt_length: int, eos: int, mask: int, block: int | N
     return (first < G) & decoded_before_end
 
 
+def select_keys(store: KVStore, keys: Tensor | list[Tensor], real: Tensor, rows_valid: Tensor,
+                n_layers: int) -> tuple[SelectedKeys, Tensor]:
+    """The store view whose attention reads only ``keys`` (one (B, T) mask for every layer, or a
+    list of one per layer), restricted to real positions; and the (n_layers, B) attended counts."""
+    per_layer = isinstance(keys, (list, tuple))
+    if per_layer and len(keys) != n_layers:
+        raise ValueError(f"a cache method gave key sets for {len(keys)} layers; the model has {n_layers}")
+    T = real.shape[1]
+    packed = [pack(mask & real) for mask in (keys if per_layer else [keys])]
+    index = [slots.masked_fill(~valid, T) for slots, valid in packed]
+    valid = [valid for _, valid in packed]
+    if not per_layer:
+        index, valid = index * n_layers, valid * n_layers
+    counts = torch.stack([v.sum(1) for v in valid])
+    if ((counts == 0) & rows_valid.any(1)).any():
+        raise ValueError("a cache method left a row with computed positions but no key to attend to")
+    return SelectedKeys(store, index, valid), counts
+
+
+def spread_attention(attention: list[Tensor], view: SelectedKeys, width: int) -> list[Tensor]:
+    """Per-layer attention over the selected keys (B, A, K) laid onto positions (B, A, width)."""
+    out = []
+    for layer, probs in enumerate(attention):
+        B, A, K = probs.shape
+        slots = view.index[layer][:, None, :].expand(B, A, K)
+        out.append(torch.zeros(B, A, width, dtype=probs.dtype, device=probs.device).scatter(2, slots, probs))
+    return out
+
+
 def shift_to_computing(predict: Tensor, shift: int) -> Tensor:
     """Positions whose forward yields the predictions of ``predict`` (j -> j - shift)."""
     if shift == 0:
@@ -184,6 +223,9 @@ def generate(
     branches = 2 if cfg_scale > 0 else 1  # a guided forward runs every row twice
     per_forward: list[float] = []
     full_total = 0  # what the same forwards cost with every position recomputed
+    linear_flops, pair_flops = token_layer_flops(args), attention_pair_flops(args)
+    real_keys = real.sum(1).double()  # (B,) keys a row attends to when nothing is left out
+    attention_pairs = total_pairs = flops = total_flops = peak_kv_tokens = 0.0
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
@@ -220,9 +262,14 @@ def generate(
                 rows = write_index = rows.masked_fill(~rows_valid, T)
             if hook is not None:
                 hook.begin(rows, rows_valid, stale.gather(1, rows.clamp(max=T - 1)) & rows_valid)
+            attended, key_counts = store, real_keys.expand(args.n_layers, B)
+            if request.keys is not None:
+                attended, key_counts = select_keys(store, request.keys, real, rows_valid, args.n_layers)
             hidden, attention = net.hidden(
-                x.gather(1, rows), positions.gather(1, rows), key_mask, store, write_index, cache.needs_attention, hook
+                x.gather(1, rows), positions.gather(1, rows), key_mask, attended, write_index, cache.needs_attention, hook
             )
+            if attention is not None and request.keys is not None:
+                attention = spread_attention(attention, attended, T + 1)
             stale &= ~active
             if plan.verify is not None:
                 verified = verification_confidence(net, x, positions, key_mask, store, plan.verify)
@@ -267,11 +314,24 @@ def generate(
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention, remasked))
             token_layers = hook.token_layers if hook is not None else branches * int(rows_valid.sum()) * args.n_layers
             full_token_layers = branches * B * T * args.n_layers
+            queries = hook.query_layers if hook is not None and hook.query_layers is not None else \
+                rows_valid.sum(1) * args.n_layers
+            keys_held = key_counts.double().mean(0)  # (B,) per row, averaged over layers
+            pairs = branches * float((queries * keys_held).sum())
+            full_pairs = branches * T * args.n_layers * float(real_keys.sum())
             if plan.verify is not None:  # the shadow rows, one per position of the window and row, in both
-                shadow = B * (plan.verify[1] - plan.verify[0]) * args.n_layers
+                width = plan.verify[1] - plan.verify[0]
+                shadow = B * width * args.n_layers
+                shadow_pairs = width * args.n_layers * float((real_keys + width).sum())
                 token_layers, full_token_layers = token_layers + shadow, full_token_layers + shadow
+                pairs, full_pairs = pairs + shadow_pairs, full_pairs + shadow_pairs
             per_forward.append(token_layers)
             full_total += full_token_layers
+            attention_pairs += pairs
+            total_pairs += full_pairs
+            flops += token_layers * linear_flops + pairs * pair_flops
+            total_flops += full_token_layers * linear_flops + full_pairs * pair_flops
+            peak_kv_tokens = max(peak_kv_tokens, float(keys_held.sum()))
             if record_trace:
                 trace.append(active.cpu())
             if stopped.all():
@@ -292,4 +352,9 @@ def generate(
         token_layers_per_forward=per_forward,
         generated=generated.tolist(),
         remasked=remasked_count.tolist(),
+        attention_pairs=attention_pairs,
+        total_attention_pairs=total_pairs,
+        flops=flops,
+        total_flops=total_flops,
+        peak_kv_gb=peak_kv_tokens * kv_bytes_per_token(args, net.dtype.itemsize) / 2**30,
     )

@@ -28,6 +28,9 @@ class ShadowStore:
     def write(self, layer: int, index: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return torch.cat([self.store.k[layer], k], dim=2), torch.cat([self.store.v[layer], v], dim=2)
 
+    def key_mask(self, layer: int, key_mask: Tensor) -> Tensor:
+        return key_mask
+
 
 def verification_confidence(net: Transformer, x: Tensor, positions: Tensor, key_mask: Tensor, store: KVStore,
                             window: tuple[int, int]) -> Tensor:

@@ -94,7 +94,10 @@ class RunRecord:
     tokens_per_forward: float | None = None
     recompute_ratio: float | None = None
     ideal_speedup: float | None = None
+    attention_ratio: float | None = None  # attended query-key pairs / those of full forwards
+    ideal_speedup_attention: float | None = None  # full FLOPs / FLOPs, linear layers + attention
     peak_mem_gb: float | None = None
+    peak_kv_gb: float | None = None  # the most K/V one forward attended to
     mask_tokens_left: int | None = None
     remasked_tokens: int | None = None  # committed tokens a re-masking decoder took back
     status: str = "ok"

@@ -21,6 +21,25 @@ class SampleStats:
     remasked_tokens: int = 0  # committed tokens a re-masking decoder took back (each time)
 
 
+def token_layer_flops(args) -> int:
+    """FLOPs of one position through one layer's linear layers (2 per multiply-add): the q/k/v/o
+    projections and the FFN (for a mixture of experts: the router and the experts a row uses)."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    experts = getattr(args, "n_experts", 0)
+    ffn = 3 * args.dim * args.ffn_dim * (getattr(args, "n_experts_per_token", 0) if experts else 1)
+    return 2 * (attention + ffn + args.dim * experts)
+
+
+def attention_pair_flops(args) -> int:
+    """FLOPs of one query attending to one key in one layer: q.k and the weighted value, every head."""
+    return 4 * args.n_heads * args.head_dim
+
+
+def kv_bytes_per_token(args, element_bytes: int) -> int:
+    """Bytes of one position's keys and values over all layers."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * element_bytes
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), linear between order statistics (numpy's default)."""
     ordered = sorted(values)
@@ -65,6 +84,12 @@ class ThroughputMeter:
       return any, so this is 0 in every valid run; the tokenizer would drop them from the text).
     - ``remasked_tokens``: committed tokens a re-masking decoder (WINO) took back, summed over
       samples and counted every time; the token totals above count only final tokens.
+    - ``attention_ratio``: sum of computed queries x attended keys (over layers and forwards) / the
+      same with every position recomputed attending to every real key. ``ideal_speedup_attention``:
+      full-forward FLOPs / the run's FLOPs, linear layers and attention together (2 FLOPs per
+      multiply-add; the bound beside the linear one, for methods that save attention by choosing keys).
+    - ``peak_kv_gb``: the most K/V a forward attended to (rows summed, layers averaged), in GB: the
+      store a method that keeps only its key set would need.
 
     Warm-up batches (``warmup=True``) are generated but left out of every total. Fields that
     are undefined while nothing was counted (rates, latencies, ratios, memory) are ``None``.
@@ -78,6 +103,8 @@ class ThroughputMeter:
         self.active_token_layers = 0
         self.total_token_layers = 0
         self.peak_mem_gb: float | None = None
+        self.attention_pairs = self.total_attention_pairs = self.flops = self.total_flops = 0.0
+        self.peak_kv_gb: float | None = None
         self.repeat_seconds: list[float] = []  # per extra timing repeat, its total over batches
 
     def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False,
@@ -108,6 +135,11 @@ class ThroughputMeter:
         self.active_token_layers += out.active_token_layers
         self.total_token_layers += out.total_token_layers
         self.peak_mem_gb = out.peak_mem_gb if self.peak_mem_gb is None else max(self.peak_mem_gb, out.peak_mem_gb)
+        self.attention_pairs += out.attention_pairs
+        self.total_attention_pairs += out.total_attention_pairs
+        self.flops += out.flops
+        self.total_flops += out.total_flops
+        self.peak_kv_gb = out.peak_kv_gb if self.peak_kv_gb is None else max(self.peak_kv_gb, out.peak_kv_gb)
         return stats
 
     def summary(self) -> dict:
@@ -135,6 +167,9 @@ class ThroughputMeter:
             "tokens_per_forward": every / self.row_forwards if self.row_forwards else None,
             "recompute_ratio": ratio,
             "ideal_speedup": 1 / ratio if ratio else None,
+            "attention_ratio": self.attention_pairs / self.total_attention_pairs if self.total_attention_pairs else None,
+            "ideal_speedup_attention": self.total_flops / self.flops if self.flops else None,
+            "peak_kv_gb": self.peak_kv_gb,
             "peak_mem_gb": self.peak_mem_gb,
             "mask_tokens_left": sum(s.mask_tokens for s in self.samples),
             "remasked_tokens": sum(s.remasked_tokens for s in self.samples),

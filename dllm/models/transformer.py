@@ -87,6 +87,36 @@ class KVStore:
         B, S, _ = v.shape
         put_rows(self.v[layer].transpose(1, 2), index, v.view(B, S, -1, self.v[layer].shape[-1]))
 
+    def key_mask(self, layer: int, key_mask: Tensor) -> Tensor:
+        """The attention mask over the keys :meth:`write` returned (here: every slot, as given)."""
+        return key_mask
+
+
+class SelectedKeys:
+    """A view of a :class:`KVStore` whose attention reads only selected keys.
+
+    Rows write their K/V into the store as usual; :meth:`write` then returns the K/V of the
+    selected slots only, gathered, so attention costs O(selected) per query rather than a mask
+    over every slot. ``index``/``valid``: per layer (B, K) slots and their validity (padding
+    entries point at the trash slot and are masked).
+    """
+
+    def __init__(self, store: KVStore, index: list[Tensor], valid: list[Tensor]) -> None:
+        self.store, self.index, self.valid = store, index, valid
+        self.length = store.length
+
+    def write(self, layer: int, index: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.store.write(layer, index, k, v)
+        B, H, _, hd = k.shape
+        slots = self.index[layer][:, None, :, None].expand(B, H, -1, hd)
+        return k.gather(2, slots), v.gather(2, slots)
+
+    def write_values(self, layer: int, index: Tensor, v: Tensor) -> None:
+        self.store.write_values(layer, index, v)
+
+    def key_mask(self, layer: int, key_mask: Tensor) -> Tensor:
+        return self.valid[layer][:, None, None, :]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -151,6 +181,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if store is not None:
             k, v = store.write(layer, index, k, v)
+            key_mask = store.key_mask(layer, key_mask)
         if not want_attention:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=a.n_kv_heads != a.n_heads)
             head_mean = None
@@ -284,6 +315,9 @@ class LayerHook:
     """
 
     token_layers: float = 0
+    #: (B,) rows that ran attention (queries), summed over layers, for the attention accounting;
+    #: None: the loop counts every row of the forward at every layer
+    query_layers: Tensor | None = None
 
     def begin(self, rows: Tensor, rows_valid: Tensor, required: Tensor) -> None:
         """rows (B, A): positions of this forward's rows (padding rows hold T, ``rows_valid`` False);

@@ -134,3 +134,17 @@ def test_moe_generates_end_to_end_offline(overrides, folders, offline):
     (record,) = run(cfg)
     assert 0 < record["recompute_ratio"] < 1 and 1 <= record["useful_tokens"] <= 32
     assert record["nfe"] == 32
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_experiment_published_applies_the_preset_settings(preset):
+    from dllm.pipeline import plan_run
+
+    cfg = compose(f"model={preset}", "+experiment=published")
+    published = OmegaConf.to_container(cfg.model.published, resolve=True)
+    plan = plan_run(cfg)
+    assert plan.decoder.name == published["decoding"]["name"]
+    assert plan.gen_length == published["gen_length"] and cfg.experiment == "published"
+    for key, value in published["decoding"].items():
+        if key != "name":
+            assert getattr(plan.decoder, key, value) == value

@@ -56,6 +56,10 @@ CACHES = {
     "prefix": dict(),
     "dual": dict(),
     "dllm_cache": dict(prompt_interval=5, response_interval=3, update_ratio=0.25),
+    "elastic": dict(gamma=0.9, window=3),
+    "sparse_dllm": dict(keep_ratio=0.5),
+    "streaming": dict(window=4),
+    "dpad": dict(window=6),
 }
 
 

@@ -37,10 +37,16 @@ CACHES = {
         ("d2cache", dict(k=1, reference_rules=True)), ("prefix", dict(dream_rows="reference")),
         ("dual", dict(dream_rows="reference")),
         ("dllm_cache", dict(prompt_interval=5, response_interval=3, value_write="recomputed", refresh_first_layer=False)),
+        # the methods that choose keys
+        ("elastic", dict(gamma=0.5, window=1)), ("elastic", dict(gamma=0.9, window=3)),
+        ("sparse_dllm", dict(keep_ratio=0.2)), ("sparse_dllm", dict(score="mean_query", delay=0)),
+        ("streaming", dict(window=0, tail=False)), ("streaming", dict(window=3, base="dual")),
+        ("dpad", dict(window=6)), ("dpad", dict(window=4, base="dual")),
     ],
     "long": [
         ("none", {}), ("dkv_decode", {}), ("dkv_greedy", {}), ("d2cache", {}), ("d2cache", dict(k=1)),
-        ("prefix", {}), ("dual", {}), ("dllm_cache", {}),
+        ("prefix", {}), ("dual", {}), ("dllm_cache", {}), ("elastic", {}), ("sparse_dllm", {}), ("streaming", {}),
+        ("dpad", {}),
     ],
 }
 

@@ -24,7 +24,9 @@ machine-readable).
 - A speedup is marked ``(noisy)``, with the reason in a note under its table, where it exceeds the
   ideal bound by more than 2 % (caching cannot beat skipping the work, so the timing is off) or
   the throughput of its run or of its baseline varied by more than 10 % over the timing repeats.
-- ``--published``: the papers' numbers for the same model, task, method and shot count beside ours.
+- ``--published``: the papers' numbers for the same model, task, method and shot count beside ours
+  (and the same generation length, decoding and lm-eval filter where the paper's setting names
+  them; a paper experiment's run is shown beside its own table's row first).
 """
 from __future__ import annotations
 
@@ -61,7 +63,32 @@ PUBLISHED_MODEL = {
     "dream": "dream-v0-instruct-7b", "dream_base": "dream-v0-base-7b",
 }
 PUBLISHED_TASK = {"math": "math500", "gsm8k": "gsm8k", "humaneval": "humaneval", "mbpp": "mbpp", "mmlu": "mmlu"}
-PUBLISHED_DECODING = {"random-remasking": "random", "low-confidence": "low_confidence"}
+# ... except where the lm-eval task that ran names another benchmark than its preset's default:
+# task=math runs MATH-500 unless task.lm_eval_task selects the full 5000-problem test set ("math").
+PUBLISHED_LM_EVAL_TASK = {
+    "dllm_minerva_math": "math", "minerva_math": "math", "dllm_math500": "math500", "minerva_math500": "math500",
+}
+# A published row's setting names the decoding where one table has rows of several ("threshold
+# 0.9": Fast-dLLM's confidence-threshold parallel decoding; "entropy": Dream's own decoding) ...
+PUBLISHED_DECODING = {
+    "random-remasking": "random", "low-confidence": "low_confidence", "threshold": "threshold", "entropy": "dream",
+}
+# ... and the lm-eval filter where it gives both (GSM8K's flexible-extract and strict-match).
+PUBLISHED_FILTERS = ("flexible-extract", "strict-match")
+# The published table each paper experiment reproduces (published.csv's source): a run of the
+# experiment is shown beside its own table's row first, where other papers have one for the same setting.
+PUBLISHED_SOURCE = {
+    "d2cache_table1": "d2cache_v1_table1", "dkv_table1": "dkv_table1", "dkv_table2": "dkv_table2",
+    "elastic_table1": "elastic_webpage", "sparse_dllm_table1": "sparse_dllm_table1",
+    "streaming_table2": "streaming_table2", "dpad_main": "dpad_readme",
+}
+# Fast-dLLM's caches as the papers name them, by (cache, decoding) first, then by cache alone: the
+# prefix cache with confidence-threshold decoding is "Fast-dLLM (parallel)", with one token per step
+# "Prefix-Cache" (Streaming-dLLM's Table 2 has both).
+PAPER_CACHE = {
+    ("prefix", "threshold"): "fast_dllm_parallel",
+    "prefix": "fast_dllm_prefix", "dual": "fast_dllm_dual",
+}
 COLUMNS = ["method", "accuracy", "tok/s", "speedup", "latency (s)", "ideal", "n"]
 PAPER_COLUMNS = ["paper acc", "paper tok/s", "paper speedup"]
 
@@ -106,10 +133,9 @@ def _param(row: dict, name: str) -> str:
 def paper_method(row: dict) -> str:
     """The method as the papers' tables name it (results/published.csv's ``method`` column)."""
     cache = row["cache"]
-    if cache == "prefix":
-        return "fast_dllm_prefix"
-    if cache == "dual":
-        return "fast_dllm_dual"
+    named = PAPER_CACHE.get((cache, row.get("decoding")), PAPER_CACHE.get(cache))
+    if named is not None:
+        return named
     if cache == "dkv_decode":
         variant, r = _param(row, "cache.variant") or "decode", _param(row, "cache.refresh_interval")
         return {"decode": f"dkv_decode R={r}", "prefill": "dkv_prefill", "pd": f"dkv_pd R={r}"}.get(variant, f"dkv_{variant}")
@@ -121,7 +147,18 @@ def paper_method(row: dict) -> str:
 
 def display_method(row: dict) -> str:
     label = paper_method(row)
-    return {"fast_dllm_prefix": "prefix", "fast_dllm_dual": "dual"}.get(label, label)
+    return {"fast_dllm_prefix": "prefix", "fast_dllm_parallel": "prefix", "fast_dllm_dual": "dual"}.get(label, label)
+
+
+def published_task(task: str, lm_eval_task: str = "") -> str | None:
+    """The task as results/published.csv names it: by the lm-eval task that ran where that names
+    the benchmark (task=math with the full MATH test set), else by the task preset."""
+    return PUBLISHED_LM_EVAL_TASK.get(_clean(lm_eval_task)) or PUBLISHED_TASK.get(str(task))
+
+
+def published_decoding(setting: str) -> str | None:
+    """The decoding a published row's setting names (None: the table has only one per method)."""
+    return next((d for hint, d in PUBLISHED_DECODING.items() if hint in setting), None)
 
 
 def _detail(row: dict, columns: list[str]) -> str:
@@ -287,12 +324,15 @@ def load_published(path: str | Path) -> pd.DataFrame:
 
 
 def published_for(key: dict, row: dict, published: pd.DataFrame) -> dict:
-    """The papers' score / throughput / speedup for this model, task, method and shot count."""
+    """The papers' score / throughput / speedup for this model, task, method and shot count (and
+    generation length, decoding and lm-eval filter where the published setting names them); of the
+    run's experiment's own table where it has one, else of the first paper that does."""
     empty = {"paper acc": None, "paper tok/s": None, "paper speedup": None, "paper source": None}
-    model, task = PUBLISHED_MODEL.get(str(key["model"])), PUBLISHED_TASK.get(str(key["task"]))
+    model, task = PUBLISHED_MODEL.get(str(key["model"])), published_task(key["task"], row.get("lm_eval_task"))
     if model is None or task is None:
         return empty
     hits = published[(published["model"] == model) & (published["task"] == task) & (published["method"] == paper_method(row))]
+    metric_filter = _clean(row.get("accuracy_metric")).partition(",")[2]
     keep = []
     for p in hits.to_dict("records"):
         shots = re.search(r"(\d+)-shot", p["setting"])
@@ -301,13 +341,17 @@ def published_for(key: dict, row: dict, published: pd.DataFrame) -> dict:
         length = re.search(r"L=(\d+)", p["setting"])
         if length and length.group(1) != key["gen_length"]:
             continue
-        decoding = next((d for hint, d in PUBLISHED_DECODING.items() if hint in p["setting"]), None)
+        decoding = published_decoding(p["setting"])
         if decoding is not None and decoding != row["decoding"]:
+            continue
+        named_filter = next((f for f in PUBLISHED_FILTERS if f in p["setting"]), None)
+        if named_filter is not None and metric_filter in PUBLISHED_FILTERS and named_filter != metric_filter:
             continue
         keep.append(p)
     if not keep:
         return empty
-    p = keep[0]
+    own = PUBLISHED_SOURCE.get(_clean(row.get("experiment")))
+    p = next((p for p in keep if p["source"] == own), keep[0])
     return {
         "paper acc": pd.to_numeric(p["score"], errors="coerce"),
         "paper tok/s": pd.to_numeric(p["throughput_tok_s"], errors="coerce"),

@@ -141,6 +141,87 @@ def test_new_record_columns_neither_split_nor_merge_tables(tmp_path):
     }
 
 
+# ----------------------------------------------------------------------------------------------- published
+PUBLISHED = ROOT / "results" / "published.csv"
+
+
+def test_paper_method_names_fast_dllm_by_its_decoding():
+    assert aggregate.paper_method({"cache": "prefix", "decoding": "low_confidence"}) == "fast_dllm_prefix"
+    assert aggregate.paper_method({"cache": "prefix", "decoding": "threshold"}) == "fast_dllm_parallel"
+    assert aggregate.paper_method({"cache": "dual", "decoding": "threshold"}) == "fast_dllm_dual"
+    for cache in ("none", "elastic", "sparse_dllm", "streaming", "dpad"):
+        assert aggregate.paper_method({"cache": cache, "decoding": "threshold"}) == cache
+    assert aggregate.display_method({"cache": "prefix", "decoding": "threshold"}) == "prefix"  # + the decoding where it differs
+
+
+def test_published_task_follows_the_lm_eval_task_where_it_names_the_benchmark():
+    assert aggregate.published_task("math", "dllm_minerva_math") == "math"  # the full MATH test set
+    assert aggregate.published_task("math", "minerva_math") == "math"
+    assert aggregate.published_task("math", "dllm_math500") == "math500"
+    assert aggregate.published_task("math", "") == "math500"  # older CSVs: the preset's default
+    assert aggregate.published_task("humaneval", "dllm_humaneval_sanitized") == "humaneval"
+    assert aggregate.published_task("arith", "arith") is None
+    assert {aggregate.PUBLISHED_MODEL[m] for m in ("llada_1_5", "dream_base")} == {"llada-1.5", "dream-v0-base-7b"}
+
+
+def test_published_decoding_hints():
+    assert aggregate.published_decoding("4-shot L=256 B=32 threshold 0.9 flexible-extract") == "threshold"
+    assert aggregate.published_decoding("4-shot L=256 B=32 entropy strict-match") == "dream"
+    assert aggregate.published_decoding("0-shot low-confidence") == "low_confidence"
+    assert aggregate.published_decoding("5-shot L=512") is None
+
+
+def paper_columns(rows: list[dict], tmp_path: Path) -> dict:
+    """{(cache, decoding): (paper acc, paper speedup)} of the one table the rows make."""
+    csv = write_csv(tmp_path / "runs.csv", [dict(r, run_key=f"key-{i}") for i, r in enumerate(rows)])
+    ((_, table),) = aggregate.build_tables(aggregate.load_runs(csv), aggregate.load_published(PUBLISHED))
+    return {(c, d): (a, s) for c, d, a, s in zip(table["cache"], table["decoding"], table["paper acc"], table["paper speedup"])}
+
+
+def test_published_rows_of_the_dpad_table_by_decoding_and_filter(tmp_path):
+    """DPad's README: dpad and none, each with one-token-per-step and threshold decoding; GSM8K's
+    strict-match and flexible-extract accuracies."""
+    rows = [run_row(cache, tok_s, 1.0, decoding=decoding, accuracy_metric="exact_match,strict-match", experiment="dpad_main")
+            for cache, decoding, tok_s in (("none", "low_confidence", 10.0), ("dpad", "low_confidence", 15.0),
+                                           ("none", "threshold", 32.0), ("dpad", "threshold", 41.0))]
+    strict = paper_columns(rows, tmp_path)
+    vanilla_acc, vanilla_speedup = strict.pop(("none", "low_confidence"))
+    assert vanilla_acc == 37.38 and pd.isna(vanilla_speedup)  # the README gives the baseline no "1.00x"
+    assert strict == {("dpad", "low_confidence"): (63.84, 1.5), ("none", "threshold"): (38.67, 3.21),
+                      ("dpad", "threshold"): (64.97, 4.14)}
+    flexible = paper_columns([dict(r, accuracy_metric="exact_match,flexible-extract") for r in rows], tmp_path)
+    assert flexible[("dpad", "threshold")] == (79.76, 4.14)
+
+
+def test_published_rows_of_streaming_dllm_by_length(tmp_path):
+    """Streaming-dLLM's Table 2: Prefix-Cache and Fast-dLLM (parallel) are the prefix cache with
+    two decodings; the L=512 rows, not the L=256 ones."""
+    base = dict(model="llada_1_5", n_shot="5", gen_length="512", experiment="streaming_table2")
+    rows = [run_row(cache, tok_s, 1.0, decoding=decoding, **base)
+            for cache, decoding, tok_s in (("none", "low_confidence", 2.5), ("prefix", "low_confidence", 8.2),
+                                           ("prefix", "threshold", 25.8), ("streaming", "threshold", 69.8))]
+    assert paper_columns(rows, tmp_path) == {
+        ("none", "low_confidence"): (81.0, 1.0), ("prefix", "low_confidence"): (81.0, 3.3),
+        ("prefix", "threshold"): (80.4, 10.3), ("streaming", "threshold"): (81.2, 28.0),
+    }
+
+
+def test_published_rows_of_full_math_by_lm_eval_task(tmp_path):
+    """task=math is MATH-500 unless its lm-eval task is the full test set (Sparse-dLLM's MATH)."""
+    base = dict(task="math", n_shot="4", gen_length="256", accuracy_metric="exact_match,none", experiment="sparse_dllm_table1")
+    rows = [run_row("none", 10.0, 1.0, lm_eval_task="dllm_math500", **base),
+            run_row("sparse_dllm", 37.0, 3.0, lm_eval_task="dllm_minerva_math", **base)]
+    # MATH-500 is not in Sparse-dLLM's table: the first paper's row with that setting (d²Cache's)
+    assert paper_columns(rows, tmp_path) == {("none", "low_confidence"): (38.4, 1.0), ("sparse_dllm", "low_confidence"): (34.42, 3.7)}
+
+
+def test_a_run_is_shown_beside_its_own_experiments_table(tmp_path):
+    """LLaDA-1.5 GSM8K L=512 without cache is in Elastic-Cache's and Streaming-dLLM's tables."""
+    row = run_row("none", 2.5, 1.0, model="llada_1_5", n_shot="5", gen_length="512")
+    assert paper_columns([dict(row, experiment="elastic_table1")], tmp_path) == {("none", "low_confidence"): (81.35, 1.0)}
+    assert paper_columns([dict(row, experiment="streaming_table2")], tmp_path) == {("none", "low_confidence"): (81.0, 1.0)}
+
+
 # ----------------------------------------------------------------------------------------------- plot
 @pytest.fixture
 def figures(tmp_path, monkeypatch):

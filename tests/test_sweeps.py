@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from omegaconf import OmegaConf
@@ -27,13 +28,32 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import aggregate  # noqa: E402
 from conftest import subprocess_env  # noqa: E402
 
-# The published table each paper experiment reproduces, and the table's rows it leaves out (why:
-# see the experiment's header).
+class Paper(NamedTuple):
+    """The published table a paper experiment reproduces (results/published.csv's source)."""
+
+    source: str
+    left_out: frozenset = frozenset()  # the table's tasks or methods the experiment does not run (why: its header)
+    partial: bool = False  # the source gives only some (model, task, length) settings of the grid (a highlights page)
+
+
 PAPER_EXPERIMENTS = {
-    "d2cache_table1": ("d2cache_v1_table1", set()),
-    "dkv_table1": ("dkv_table1", {"mmlu"}),
-    "dkv_table2": ("dkv_table2", set()),
+    "d2cache_table1": Paper("d2cache_v1_table1"),
+    "dkv_table1": Paper("dkv_table1", frozenset({"mmlu"})),
+    "dkv_table2": Paper("dkv_table2"),
+    "elastic_table1": Paper("elastic_webpage", partial=True),
+    "sparse_dllm_table1": Paper("sparse_dllm_table1", frozenset({
+        "mmlu", "arc_c", "piqa", "gpqa",  # generated MMLU / no task here
+        "dllm_cache", "dkv_cache", "fast_dllm",  # baselines whose settings the table does not give
+    })),
+    "streaming_table2": Paper("streaming_table2", frozenset({"dkv_cache"})),  # variant / interval not given
+    "dpad_main": Paper("dpad_readme"),
 }
+def test_aggregate_knows_each_paper_experiments_table():
+    assert aggregate.PUBLISHED_SOURCE == {name: paper.source for name, paper in PAPER_EXPERIMENTS.items()}
+
+
+# A published setting's DPad parameters and the cache fields they are.
+DPAD_SETTING = {"k": "k_sigma", "a": "scale", "W": "window"}
 # dLLM-Cache's Kp/Kr per (task, model) in d²Cache's Table 1.
 KP_KR = {
     ("gsm8k", "llada"): (50, 7), ("gsm8k", "dream"): (25, 2),
@@ -123,24 +143,25 @@ def test_every_experiment_composes_on_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_EXPERIMENTS))
 def test_paper_experiment_matches_the_published_table(composer, experiment):
-    """Every cell of the grid passes the pre-load checks, and the grid's (model, task, method,
-    n_shot, gen_length, decoding) are exactly the published table's rows."""
+    """Every cell of the grid passes the pre-load checks, each published row (but the left-out ones)
+    is exactly one cell of the grid (model, task, method; gen_length and decoding where its setting
+    names them), with the row's n_shot, gen_length, steps, and every cell is a published row."""
     from dllm.eval.runner import check_task
     from dllm.pipeline import plan_run
 
-    source, left_out = PAPER_EXPERIMENTS[experiment]
-    published = [r for r in read_rows(PUBLISHED) if r["source"] == source and r["task"] not in left_out]
+    source, left_out, partial = PAPER_EXPERIMENTS[experiment]
+    published = [r for r in read_rows(PUBLISHED) if r["source"] == source and not {r["task"], r["method"]} & left_out]
     assert published
-    produced = {}
+    produced = {}  # (model, task, method, gen_length, decoding) -> the cell's config
     for cfg in compose_grid(composer, experiment):
-        check_task(cfg)
+        settings = check_task(cfg)
         plan = plan_run(cfg)  # decoder / cache build and their checks: every cell would start
         assert cfg.experiment == experiment and cfg.batch_size == 1
         assert plan.gen_length == cfg.task.gen_length
         model = aggregate.PUBLISHED_MODEL[cfg.model.name]
-        task = aggregate.PUBLISHED_TASK[cfg.task.name]
+        task = aggregate.published_task(cfg.task.name, settings.lm_eval_task)
         method = aggregate.paper_method(pseudo_row(cfg))
-        key = (model, task, method, cfg.decoding.name if cfg.cache.name == "none" else None)
+        key = (model, task, method, cfg.gen_length, cfg.decoding.name)
         assert key not in produced, f"two cells make the same row {key}"
         produced[key] = cfg
         if cfg.cache.name == "dllm_cache":
@@ -152,24 +173,26 @@ def test_paper_experiment_matches_the_published_table(composer, experiment):
         if cfg.cache.name in ("none", "dllm_cache", "prefix") and experiment == "d2cache_table1":
             assert cfg.decoding.name == "low_confidence" and cfg.decoding.block_length == 32
         assert cfg.decoding.temperature == 0.0
-    expected = set()
+    if partial:  # only the (model, task, length) settings the source gives
+        given = {(p["model"], p["task"], int(re.search(r"L=(\d+)", p["setting"]).group(1))) for p in published}
+        produced = {k: cfg for k, cfg in produced.items() if (k[0], k[1], k[3]) in given}
+    matched = set()
     for p in published:
-        decoding = next((d for hint, d in aggregate.PUBLISHED_DECODING.items() if hint in p["setting"]), None)
-        if p["method"] == "none" and decoding is None:
-            decoding = next(k[3] for k in produced if k[:3] == (p["model"], p["task"], "none"))
-        key = (p["model"], p["task"], p["method"], decoding if p["method"] == "none" else None)
-        expected.add(key)
-        cfg = produced.get(key)
-        assert cfg is not None, f"{experiment} has no cell for published row {key}"
+        length, decoding = re.search(r"L=(\d+)", p["setting"]), aggregate.published_decoding(p["setting"])
+        cells = [k for k in produced if k[:3] == (p["model"], p["task"], p["method"])
+                 and (length is None or k[3] == int(length.group(1))) and decoding in (None, k[4])]
+        assert len(cells) == 1, f"{experiment}: published row {p['model'], p['task'], p['method'], p['setting']} is cells {cells}"
+        matched.add(cells[0])
+        cfg = produced[cells[0]]
         shots = re.search(r"(\d+)-shot", p["setting"])
-        assert cfg.task.n_shot == int(shots.group(1)), key
-        length = re.search(r"L=(\d+)", p["setting"])
-        if length:
-            assert cfg.gen_length == int(length.group(1)), key
+        if shots:
+            assert cfg.task.n_shot == int(shots.group(1)), cells[0]
         steps = re.search(r"T=(\d+)", p["setting"])
         if steps:
-            assert cfg.decoding.steps == int(steps.group(1)), key
-    assert set(produced) == expected, f"cells without a published row: {set(produced) - expected}"
+            assert cfg.decoding.steps == int(steps.group(1)), cells[0]
+        for name, value in re.findall(r"\b([kaW])=([\d.]+)", p["setting"]):
+            assert float(cfg.cache[DPAD_SETTING[name]]) == float(value), (cells[0], name)
+    assert set(produced) == matched, f"cells without a published row: {set(produced) - matched}"
 
 
 def test_experiment_headers_state_the_paper_settings():
@@ -198,7 +221,13 @@ def test_published_numbers_are_copied_verbatim():
     shared = Path("/work/shared/reference/published_results.csv")
     if not shared.exists():
         pytest.skip("the shared reference copy is not on this machine")
-    assert PUBLISHED.read_text() == shared.read_text()
+    # The shared copy holds the first papers' tables; the later sources (elastic_webpage, ...) were
+    # added here: its header and its sources' rows are ours, verbatim and in order.
+    header, *rows = shared.read_text().splitlines()
+    ours = PUBLISHED.read_text().splitlines()
+    sources = {row.split(",", 1)[0] for row in rows}
+    assert ours[0] == header
+    assert [row for row in ours[1:] if row.split(",", 1)[0] in sources] == rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -367,3 +367,38 @@ def test_other_bad_values_are_named():
         build_decoder("low_confidence", steps=4, block_length=0)
     with pytest.raises(ValueError, match="no_such_option"):
         build_decoder("low_confidence", steps=4, no_such_option=1)
+
+
+def test_context_aware_threshold_decays_with_the_masked_fraction():
+    """Streaming-dLLM: threshold x (1 - alpha (1 - r)), r = masked fraction of block + window (+ last)."""
+    from dllm.decoding.base import DecodeContext
+
+    dec = build_decoder("threshold", block_length=4, threshold=0.9, alpha=0.5, ratio_window=2)
+    P, G = 2, 12
+    dec.start(DecodeContext(1, P, G, 99, torch.ones(1, P + G, dtype=torch.bool), None, torch.device("cpu")))
+    masked = torch.zeros(1, P + G, dtype=torch.bool)
+    masked[0, P:] = True
+    dec.plan(0, masked)
+    assert dec.row_threshold.item() == pytest.approx(0.9)  # a block start: everything masked
+    masked[0, P : P + 3] = False  # block [2, 6): 1 of 4 masked; window [6, 8) masked; last position masked
+    dec.plan(1, masked)
+    r = (1 + 2 + 1) / 7
+    assert dec.row_threshold.item() == pytest.approx(0.9 * (1 - 0.5 * (1 - r)))
+    score = torch.full((1, P + G), float("-inf"), dtype=torch.float64)
+    score[0, 5] = 0.9 * (1 - 0.5 * (1 - r)) + 1e-9
+    plan = dec.plan(1, masked)
+    assert dec.select(score, plan)[0].nonzero().flatten().tolist() == [5]
+    no_window = build_decoder("threshold", block_length=4, threshold=0.9, alpha=0.5)  # r over the rest of the response
+    no_window.start(dec.ctx)
+    no_window.plan(1, masked)
+    assert no_window.row_threshold.item() == pytest.approx(0.9 * (1 - 0.5 * (1 - 9 / 12)))
+
+
+@pytest.mark.parametrize("params, needle", [
+    (dict(alpha=1.5), "decoding.alpha=1.5 must be a number in [0, 1]"),
+    (dict(ratio_window=-1), "decoding.ratio_window=-1 must be an integer >= 0"),
+    (dict(alpha=0.3, factor=1.0), "applies to the threshold rule"),
+])
+def test_context_aware_threshold_refuses_bad_settings(params, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        build_decoder("threshold", **params)

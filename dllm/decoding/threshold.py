@@ -6,6 +6,15 @@ token of the block whose confidence is >= ``threshold`` — always at least the 
 one. With ``factor`` set, the factor rule is used instead: sorted by confidence, the n-th
 token is committed while c_(n) >= 1 - factor / (n + 1) (the first one always).
 The number of steps is therefore data-dependent; ``steps`` is not used.
+
+``alpha`` > 0: Streaming-dLLM's context-aware threshold (arXiv 2601.17917, Eq. 8; the authors'
+``context_aware_threshold`` in ``LLaDA-1.5/generate.py``): per row and step the threshold is
+``threshold * (1 - alpha * (1 - r))``, r = the masked fraction of the positions the step computes
+from the block on: the block, the first ``ratio_window`` positions after it and, when that window
+cuts the response, its last position (what ``cache=streaming`` with the same ``window`` keeps;
+``ratio_window: null`` = the whole rest of the response). A block starts with r = 1 (threshold
+itself); as it fills, the threshold drops. The authors pool r over the batch (they run batch 1);
+here it is per row.
 """
 from __future__ import annotations
 
@@ -19,15 +28,29 @@ from .llada import BlockDecoder
 @register_decoder
 class Threshold(BlockDecoder):
     name = "threshold"
+    #: Streaming-dLLM's threshold decay (0: off; subclasses that reuse the blocks keep it off)
+    alpha: float = 0.0
+    ratio_window: int | None = None
 
     def __init__(self, block_length: int = 32, threshold: float = 0.9, factor: float | None = None,
-                 temperature: float = 0.0, steps: int | None = None) -> None:
+                 temperature: float = 0.0, steps: int | None = None, alpha: float = 0.0,
+                 ratio_window: int | None = None) -> None:
         super().__init__(1, block_length, temperature)
         if not 0 < threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold} must be in (0, 1]")
         if factor is not None and factor <= 0:
             raise ValueError(f"decoding.factor={factor} must be > 0 (or null for the threshold rule)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"decoding.alpha={alpha!r} must be a number in [0, 1] (0 = a fixed threshold)")
+        if ratio_window is not None and (isinstance(ratio_window, bool) or not isinstance(ratio_window, int)
+                                         or ratio_window < 0):
+            raise ValueError(f"decoding.ratio_window={ratio_window!r} must be an integer >= 0 or null (the rest of "
+                             "the response)")
+        if alpha and factor is not None:
+            raise ValueError(f"decoding.alpha={alpha} applies to the threshold rule; factor={factor} selects the "
+                             "factor rule (set one of them)")
         self.threshold, self.factor = threshold, factor
+        self.alpha, self.ratio_window = float(alpha), ratio_window
 
     def check(self, gen_length: int) -> None:
         self.check_blocks(gen_length)  # the step count is data-dependent: nothing else to check
@@ -46,11 +69,24 @@ class Threshold(BlockDecoder):
             self.current_block, self.block_start_step = block, step
         lo = P + block * self.block
         at_least_one = masked[:, lo : lo + self.block].any(1).long()
+        if self.alpha:
+            self.row_threshold = self.threshold * (1 - self.alpha * (1 - self.masked_ratio(masked, lo, lo + self.block)))
         return StepPlan((lo, lo + self.block), at_least_one, block, step - self.block_start_step)
+
+    def masked_ratio(self, masked: Tensor, lo: int, hi: int) -> Tensor:
+        """(B, 1) masked fraction of the block, the ``ratio_window`` positions after it and, when
+        those stop short of the end, the last position."""
+        T = masked.shape[1]
+        if self.ratio_window is None or hi + self.ratio_window >= T:
+            region = masked[:, lo:]
+        else:
+            region = torch.cat([masked[:, lo : hi + self.ratio_window], masked[:, -1:]], 1)
+        return region.double().mean(1, keepdim=True)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
         if self.factor is None:
-            return top_n_mask(score, plan.n_transfer) | (torch.isfinite(score) & (score >= self.threshold))
+            threshold = self.row_threshold if self.alpha else self.threshold
+            return top_n_mask(score, plan.n_transfer) | (torch.isfinite(score) & (score >= threshold))
         ordered = score.sort(1, descending=True).values
         rank = torch.arange(1, score.shape[1] + 1, device=score.device, dtype=score.dtype)
         bound = 1 - self.factor / (rank + 1)

@@ -8,6 +8,7 @@ with the *same* decoding as the method it is compared with (computed once per de
 
     python scripts/bench.py --preset cpu                  # LLaDA-shaped 512-d model: ~6 min on 2 cores
     python scripts/bench.py --preset cpu --repeats 3      # three interleaved rounds, medians: ~16 min
+    python scripts/bench.py --preset long_cpu             # a 2048-token prompt on a 256-d model (key choice matters)
     python scripts/bench.py --preset llada8b              # LLaDA-8B shapes, for a GPU (bf16)
     python scripts/bench.py --preset moe_cpu              # LLaDA-MoE-shaped 512-d model (16 experts, 4 per row)
     python scripts/bench.py --preset llada_moe            # LLaDA-MoE-7B-A1B shapes, for a GPU (bf16)
@@ -62,6 +63,10 @@ PRESETS = {
     # LLaDA-shaped (MHA, SwiGLU, untied head), small enough for 2 CPU cores
     "cpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1536, vocab_size=8192,
                 prompt_length=256, gen_length=256, batch_size=1),
+    # a long prompt (2048 tokens) on a smaller LLaDA-shaped model: attention over the keys dominates,
+    # where the methods that choose keys (sparse_dllm, streaming, dpad) save work the linear bound misses
+    "long_cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768, vocab_size=8192,
+                     prompt_length=2048, gen_length=64, batch_size=1),
     # LLaDA-8B shapes: d=4096, 32 layers, 32 heads (MHA), ffn 12288, vocab 126464 -- for a GPU
     "llada8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=12288, vocab_size=126464,
                     prompt_length=256, gen_length=256, batch_size=1),
@@ -84,7 +89,26 @@ METHODS = {
     "dual": (dict(), "low_confidence", dict(block_length=32)),
     "dllm_cache": (dict(prompt_interval=50, response_interval=7, update_ratio=0.25), "low_confidence",
                    dict(block_length=32)),
+    # the methods that choose keys (2025-26), each with the decoding its paper runs
+    "elastic": (dict(gamma=0.9, window=16), "threshold", dict(block_length=None, threshold=0.9)),
+    "sparse_dllm": (dict(keep_ratio=0.5), "low_confidence", dict(block_length=32)),
+    "streaming": (dict(window=32), "low_confidence", dict(block_length=32)),
+    "dpad": (dict(), "low_confidence", dict(block_length=32)),
 }
+
+# sampler -> decoding params (the authors' defaults, blocks capped at gen_length); each runs with
+# cache=none beside none under the samplers' baseline, one-token-per-step low_confidence in blocks of 32.
+# Random weights give flat predictions, so the threshold samplers commit few tokens per step here:
+# their rows show the per-step cost of each rule (WINO's verification rows, KLASS's KL register).
+SAMPLERS = {
+    "ar": dict(block_length=32),
+    "eb_sampler": dict(block_length=32),
+    "pc_sampler": dict(),
+    "prophet": dict(block_length=32),
+    "klass": dict(block_length=64),
+    "wino": dict(block_length=128),
+}
+SAMPLER_BASELINE = ("low_confidence", dict(block_length=32))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated cache methods to compare with none (allowed: {', '.join(METHODS)})")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS),
+                    help=f"comma-separated decoders to time with cache=none against low_confidence (allowed: "
+                         f"{', '.join(SAMPLERS)}; '' for none)")
     ap.add_argument("--family", choices=("llada", "dream"), default="llada",
                     help="llada: logits unshifted; dream: shifted logits (GQA shapes are not changed)")
     ap.add_argument("--batch-size", type=int)
@@ -120,6 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         ap.error(f"--methods: unknown {bad} (allowed: {list(METHODS)}, plus 'none' which always runs)")
     args.methods = methods
+    args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    if bad := [s for s in args.samplers if s not in SAMPLERS]:
+        ap.error(f"--samplers: unknown {bad} (allowed: {list(SAMPLERS)})")
+    if args.family == "dream" and "wino" in args.samplers:
+        args.samplers.remove("wino")  # WINO is LLaDA-only (decoding=wino refuses Dream)
     preset = PRESETS[args.preset]
     if preset.get("n_experts") and args.family != "llada":
         ap.error(f"--preset {args.preset} is LLaDA-MoE-shaped (unshifted logits); --family {args.family} does not apply")
@@ -241,7 +273,7 @@ def make_prompts(args: argparse.Namespace, margs: ModelArgs) -> list[list[int]]:
 
 def decoder_of(name: str, params: dict, steps: int, gen_length: int):
     params = dict(params)
-    if "block_length" in params:
+    if params.get("block_length") is not None:
         params["block_length"] = min(params["block_length"], gen_length)
     return build_decoder(name, steps=steps, **params)
 
@@ -315,6 +347,7 @@ def main(argv=None) -> list[dict]:
             attainable_efficiency=speedup / attainable, peak_mem_gb=peak,
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
             agreement=float((out.tokens == ref.tokens).float().mean()),
+            ideal_speedup_attention=out.total_flops / out.flops, peak_kv_gb=out.peak_kv_gb,
             nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=METHODS.get(method, ({},))[0],
             decoding_params=dparams, preset=args.preset, family=margs.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
@@ -328,28 +361,32 @@ def main(argv=None) -> list[dict]:
               f"agree {row['agreement']:.3f}", flush=True)
         return row
 
-    groups: dict[str, list[str]] = {}  # decoding -> methods, so that rows sharing a none sit together
+    # baseline decoding -> runs compared with none under it, so that rows sharing a none sit together
+    groups: dict[str, list[tuple[str, str, dict]]] = {}
     for method in args.methods:
         _, decoding, dparams = METHODS[method]
-        groups.setdefault(describe(decoding, dparams), []).append(method)
+        groups.setdefault(describe(decoding, dparams), [("none", decoding, dparams)]).append((method, decoding, dparams))
+    if args.samplers:
+        group = groups.setdefault(describe(*SAMPLER_BASELINE), [("none", *SAMPLER_BASELINE)])
+        group.extend(("none", name, SAMPLERS[name]) for name in args.samplers)
     failed = []
-    for methods in groups.values():
-        _, decoding, dparams = METHODS[methods[0]]
-        runs: dict[str, list[GenerationOutput]] = {}
-        for method in ["none", *methods]:
+    for entries in groups.values():
+        runs: list[tuple[tuple[str, str, dict], list[GenerationOutput]]] = []
+        for method, decoding, dparams in entries:
             try:
                 warm_up(net, prompts, method, decoding, dparams, args)
-                runs[method] = []
-            except Exception as err:  # report and go on with the other methods
-                print(f"  {method:<11} FAILED: {type(err).__name__}: {err}", flush=True)
-                failed.append(method)
-        if "none" not in runs:
-            continue
+                runs.append(((method, decoding, dparams), []))
+            except Exception as err:  # report and go on with the others
+                label = method if method != "none" else describe(decoding, dparams)
+                print(f"  {label:<11} FAILED: {type(err).__name__}: {err}", flush=True)
+                failed.append(label)
+        if not runs or runs[0][0] != entries[0]:
+            continue  # the baseline none failed: nothing to compare with
         for _ in range(args.repeats):  # interleaved rounds: drift hits none and the methods alike
-            for method, outs in runs.items():
+            for (method, decoding, dparams), outs in runs:
                 outs.append(generate_once(net, prompts, method, decoding, dparams, args))
-        for method, outs in runs.items():
-            rows.append(record(method, decoding, dparams, outs, runs["none"]))
+        for (method, decoding, dparams), outs in runs:
+            rows.append(record(method, decoding, dparams, outs, runs[0][1]))
 
     print()
     print(format_table(rows))
@@ -368,11 +405,14 @@ def format_table(rows: list[dict]) -> str:
     import pandas as pd
 
     cols = ["method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
-            "attainable_speedup", "attainable_efficiency", "peak_mem_gb", "mem_vs_none", "agreement"]
+            "attainable_speedup", "attainable_efficiency", "ideal_speedup_attention", "peak_kv_gb", "peak_mem_gb",
+            "mem_vs_none", "agreement"]
     df = pd.DataFrame(rows)[cols].rename(columns={"wall_s": "wall s", "tokens_per_s": "tokens/s",
                                                   "speedup": "speedup vs none", "ideal_speedup": "ideal speedup",
                                                   "attainable_speedup": "attainable speedup",
-                                                  "attainable_efficiency": "attainable efficiency"})
+                                                  "attainable_efficiency": "attainable efficiency",
+                                                  "ideal_speedup_attention": "ideal (attention) speedup",
+                                                  "peak_kv_gb": "peak KV GB"})
     try:
         import tabulate  # noqa: F401
 

@@ -27,9 +27,12 @@ def run_bench(*extra: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
+WAVE1 = "dkv_decode,dkv_greedy,d2cache,prefix,dual,dllm_cache"
+
+
 def test_bench_smoke_writes_json_rows(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_bench("--json", str(out), tmp_path=tmp_path)
+    proc = run_bench("--json", str(out), "--methods", WAVE1, "--samplers", "", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and rows
@@ -61,6 +64,34 @@ def test_bench_smoke_writes_json_rows(tmp_path):
     assert "random" in next(r for r in rows if r["method"] == "dkv_greedy")["decoding"]
     assert "certainty_prior" in next(r for r in rows if r["method"] == "d2cache")["decoding"]
     assert "speedup" in proc.stdout and "| method" in proc.stdout  # the table is printed
+
+
+def test_bench_runs_samplers_and_key_methods_beside_none(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--json", str(out), "--methods", "sparse_dllm,streaming,dpad,elastic", "--samplers", "ar,wino",
+                     tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["method"], r["decoding"].split(",")[0]): r for r in json.loads(out.read_text())}
+    # the samplers run with cache=none and are compared with none under low_confidence (blocks of 32)
+    for sampler in ("ar", "wino"):
+        row = rows[("none", sampler)]
+        assert row["ideal_speedup"] == 1 and row["speedup"] > 0 and row["decoding_params"] == bench.SAMPLERS[sampler]
+    assert rows[("none", "low_confidence")]["speedup"] == 1
+    assert rows[("none", "ar")]["agreement"] < 1 or rows[("none", "ar")]["nfe"] == 32
+    # every method with its paper decoding; the attention-aware bound and the attended K/V are reported
+    for method in ("sparse_dllm", "streaming", "dpad", "elastic"):
+        row = next(r for (m, _), r in rows.items() if m == method)
+        assert row["ideal_speedup_attention"] > 0 and row["peak_kv_gb"] > 0
+    # evicted keys save attention beyond the rows: the bound with attention exceeds the linear one
+    sparse = rows[("sparse_dllm", "low_confidence")]
+    assert sparse["ideal_speedup_attention"] > sparse["ideal_speedup"]
+    assert ("none", "threshold") in rows  # Elastic-Cache's threshold decoding gets its own none
+
+
+def test_bench_rejects_unknown_sampler(tmp_path):
+    proc = run_bench("--samplers", "ar,bogus", tmp_path=tmp_path)
+    assert proc.returncode != 0
+    assert "bogus" in proc.stderr and "wino" in proc.stderr
 
 
 def test_bench_rejects_unknown_method(tmp_path):
@@ -106,7 +137,7 @@ def test_repeats_run_in_interleaved_rounds(monkeypatch):
         return real(net, prompts, method, decoding, dparams, args, gen_length)
 
     monkeypatch.setattr(bench, "generate_once", recording)
-    rows = bench.main(["--preset", "smoke", "--repeats", "3", "--methods", "dual,prefix"])
+    rows = bench.main(["--preset", "smoke", "--repeats", "3", "--methods", "dual,prefix", "--samplers", ""])
     timed = [method for method, gen_length in calls if gen_length is None]
     assert [method for method, gen_length in calls if gen_length is not None] == ["none", "dual", "prefix"]  # warm-ups
     assert timed == ["none", "dual", "prefix"] * 3
@@ -123,9 +154,9 @@ def test_dense_weights_flag_keeps_torch_linear_layers(monkeypatch):
         return real(net, *args, **kwargs)
 
     monkeypatch.setattr(bench, "generate_once", recording)
-    rows = bench.main(["--preset", "smoke", "--methods", "dual", "--dense-weights"])
+    rows = bench.main(["--preset", "smoke", "--methods", "dual", "--dense-weights", "--samplers", ""])
     assert all(dense_layers) and all(r["packed_weights"] is False for r in rows)
     if can_pack(torch.device("cpu"), torch.float32):
         dense_layers.clear()
-        rows = bench.main(["--preset", "smoke", "--methods", "dual"])
+        rows = bench.main(["--preset", "smoke", "--methods", "dual", "--samplers", ""])
         assert not any(dense_layers) and all(r["packed_weights"] is True for r in rows)

@@ -343,7 +343,7 @@ def test_bench_moe_preset_runs_and_counts_active_parameters(tmp_path):
     import bench
 
     rows = bench.main(["--preset", "moe_cpu", "--prompt-length", "8", "--gen-length", "32", "--methods", "dkv_decode",
-                       "--warmup", "none", "--threads", "1", "--json", str(tmp_path / "rows.json")])
+                       "--warmup", "none", "--threads", "1", "--samplers", "", "--json", str(tmp_path / "rows.json")])
     assert [r["method"] for r in rows] == ["none", "dkv_decode"] and {r["family"] for r in rows} == {"llada_moe"}
     assert rows[1]["recompute_ratio"] < 1
     margs = bench.model_args(bench.parse_args(["--preset", "moe_cpu"]))

@@ -270,6 +270,7 @@ DECODER_CASES = {
     "klass": [(dict(steps=6, block_length=4), False),
               (dict(steps=12, block_length=None, window="block", conf_threshold=0.5, kl_threshold=0.05), False)],
     "wino": [(dict(block_length=4), False), (dict(block_length=12, threshold=0.2, threshold_back=0.95), False)],
+    "entropy_threshold": [(dict(block_length=4), False), (dict(block_length=12, threshold=2.0), False)],
 }
 
 

@@ -45,6 +45,7 @@ DECODERS = {
     "prophet": dict(steps=16, block_length=8),
     "klass": dict(steps=16, block_length=8, conf_threshold=0.5, kl_threshold=0.05),
     "wino": dict(block_length=8, threshold=0.3),
+    "entropy_threshold": dict(block_length=8, threshold=1.0),
 }
 CACHES = {
     "none": dict(),

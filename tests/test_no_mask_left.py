@@ -69,7 +69,7 @@ def decoders(regime: str) -> list[tuple[str, dict]]:
                 ("eb_sampler", dict(gamma=0.5, error_proxy="confidence")), ("pc_sampler", dict(steps=few, block_length=block)),
                 ("prophet", dict(steps=gen_length, block_length=block)), ("prophet", dict(steps=few, window="block", block_length=block)),
                 ("klass", dict(steps=gen_length, block_length=block)), ("klass", dict(steps=few, block_length=block, window="block")),
-                ("wino", dict(block_length=block, threshold=0.3))]
+                ("wino", dict(block_length=block, threshold=0.3)), ("entropy_threshold", dict(block_length=block))]
     out.append(("wino", dict(block_length=block)))
     return out
 

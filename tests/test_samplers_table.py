@@ -1,0 +1,48 @@
+"""scripts/samplers_table.py: the grid's table (speedups against low_confidence / none of the same
+model) and its refusals; the grid itself is run by hand (README "Decoding")."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import samplers_table  # noqa: E402
+
+
+def rows(*specs) -> pd.DataFrame:
+    return pd.DataFrame([dict(status="ok", model=m, decoding=d, cache=c, **{"decoding.stop_at_eos": s},
+                              accuracy=a, accuracy_stderr=0.03, tokens_per_forward=t, throughput_useful_tok_s=v)
+                         for m, d, c, s, a, t, v in specs])
+
+
+def test_table_orders_rows_and_divides_by_the_baseline(tmp_path):
+    csv = tmp_path / "grid.csv"
+    rows(("tiny_llada", "wino", "none", False, 0.75, 8.0, 800.0),
+         ("tiny_llada", "low_confidence", "dual", True, 0.70, 1.0, 300.0),
+         ("tiny_llada", "low_confidence", "none", False, 0.76, 1.0, 200.0),
+         ("tiny_dream", "low_confidence", "none", False, 0.62, 1.0, 100.0),
+         ("tiny_dream", "ar", "none", False, 0.5, 1.0, 50.0)).to_csv(csv, index=False)
+    lines = samplers_table.table(csv).splitlines()
+    assert lines[2].startswith("| tiny_dream | low_confidence | none | off | 62.0 ± 3.0 | 1.00 | 100 | 1.00× |")
+    assert lines[3].endswith("| 50 | 0.50× |")
+    assert [line.split(" | ")[1:4] for line in lines[4:]] == [
+        ["low_confidence", "none", "off"], ["low_confidence", "dual", "on"], ["wino", "none", "off"]]
+    assert lines[-1].endswith("| 800 | 4.00× |")
+
+
+def test_table_takes_the_baseline_from_another_csv(tmp_path):
+    base, more = tmp_path / "base.csv", tmp_path / "more.csv"
+    rows(("tiny_llada", "low_confidence", "none", False, 0.76, 1.0, 200.0)).to_csv(base, index=False)
+    rows(("tiny_llada", "low_confidence", "dpad", False, 0.74, 1.0, 500.0)).to_csv(more, index=False)
+    assert samplers_table.table(more, base).splitlines()[-1].endswith("| 500 | 2.50× |")
+
+
+def test_unknown_names_are_refused():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "samplers_table.py"), "--caches", "none,bogus",
+                           "--table-only"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "bogus" in done.stderr and "dpad" in done.stderr

@@ -28,6 +28,13 @@ def check_block_length(block_length) -> None:
         raise ValueError(f"decoding.block_length={block_length!r} must be an integer >= 1 (or null = gen_length)")
 
 
+def check_unused_steps(steps, decoder: str) -> None:
+    """``steps`` of a decoder whose step count is data-dependent: accepted (callers always pass one), not used."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"decoding.steps={steps!r} must be an integer >= 1 or null ({decoder}'s step count is "
+                         "data-dependent: the value is not used)")
+
+
 def check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"decoding.temperature={temperature!r} must be a number >= 0 (0 = greedy)")

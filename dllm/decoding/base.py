@@ -180,6 +180,13 @@ def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator
     return (logits - temperature * torch.log(-torch.log(noise))).argmax(-1)
 
 
+def on_positions(values: Tensor, positions: Tensor, length: int, fill: float | bool = float("nan")) -> Tensor:
+    """(B, length): ``values`` (B, N) laid onto their ``positions`` (B, N; ``length`` marks padding,
+    as the loop passes them to :meth:`Decoder.propose`), ``fill`` elsewhere."""
+    out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, positions, values)[:, :length]
+
+
 def top_n_mask(score: Tensor, n: Tensor) -> Tensor:
     """(B, T) bool selecting the ``n[b]`` highest finite scores of each row."""
     k = int(n.max()) if n.numel() else 0

@@ -30,8 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from .ar import check_block_length, check_temperature
-from .base import Decoder, StepPlan, exclude_token, gumbel_argmax, register_decoder
+from .ar import check_block_length, check_temperature, check_unused_steps
+from .base import Decoder, StepPlan, exclude_token, gumbel_argmax, on_positions, register_decoder
 from .threshold import Threshold
 
 ERROR_PROXIES = ("entropy", "confidence", "margin")
@@ -50,9 +50,7 @@ class EBSampler(Threshold):
             raise ValueError(f"decoding.error_proxy={error_proxy!r} (allowed: {list(ERROR_PROXIES)})")
         check_block_length(block_length)
         check_temperature(temperature)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"decoding.steps={steps!r} must be an integer >= 1 or null (eb_sampler's step count is "
-                             "data-dependent: the value is not used)")
+        check_unused_steps(steps, "eb_sampler")
         Decoder.__init__(self, 1, block_length, float(temperature))  # Threshold's blocks, not its rule
         self.gamma, self.error_proxy = float(gamma), error_proxy
 
@@ -76,10 +74,9 @@ class EBSampler(Threshold):
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         """The proxy (higher = committed first) on the fresh positions, NaN elsewhere; keeps the
         entropies on the same positions for :meth:`select`."""
-        B, T = confidence.shape
-        nan = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=confidence.device)
-        self.entropy_map = nan.scatter(1, self.positions, self.entropy)[:, :T]
-        return nan.scatter(1, self.positions, self.goodness)[:, :T]
+        T = confidence.shape[1]
+        self.entropy_map = on_positions(self.entropy, self.positions, T)
+        return on_positions(self.goodness, self.positions, T)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
         ordered, order = score.sort(dim=1, descending=True, stable=True)

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from .ar import check_block_length, check_temperature
-from .base import Decoder, StepPlan, exclude_token, gumbel_argmax, register_decoder, top_n_mask
+from .ar import check_block_length, check_temperature, check_unused_steps
+from .base import Decoder, StepPlan, exclude_token, gumbel_argmax, on_positions, register_decoder, top_n_mask
 from .threshold import Threshold
 
 LOG_EPS = 1e-12  # the authors' eps inside the logarithm
@@ -36,9 +36,7 @@ class EntropyThreshold(Threshold):
                 or threshold < 0:
             raise ValueError(f"decoding.threshold={threshold!r} must be a number >= 0 (an entropy in nats; 0 = one "
                              "token per step unless several are certain)")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"decoding.steps={steps!r} must be an integer >= 1 or null (the step count is "
-                             "data-dependent: the value is not used)")
+        check_unused_steps(steps, "entropy_threshold")
         Decoder.__init__(self, 1, block_length, float(temperature))  # Threshold's blocks, not its rule
         self.threshold, self.factor = float(threshold), None
 
@@ -53,9 +51,7 @@ class EntropyThreshold(Threshold):
 
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         """Minus the entropy on the fresh positions (lowest entropy first), NaN elsewhere."""
-        B, T = confidence.shape
-        nan = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=confidence.device)
-        return nan.scatter(1, self.positions, -self.entropy)[:, :T]
+        return on_positions(-self.entropy, self.positions, confidence.shape[1])
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
         certain = torch.isfinite(score) & (-score <= self.threshold)

@@ -59,7 +59,8 @@ import torch
 from torch import Tensor
 
 from .ar import check_block_length, check_temperature
-from .base import DecodeContext, Decoder, StepPlan, exclude_token, gumbel_argmax, llada_transfer_counts, register_decoder, top_n_mask
+from .base import (DecodeContext, Decoder, StepPlan, exclude_token, gumbel_argmax, llada_transfer_counts, on_positions,
+                   register_decoder, top_n_mask)
 
 WINDOWS = ("rest", "block")
 LOG_EPS = 1e-12  # the authors' eps inside both logarithms of the KL
@@ -167,9 +168,7 @@ class KLASS(Decoder):
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         """The confidence (so cache methods can rank with it); keeps the ready flags, laid onto
         their positions, for :meth:`select`."""
-        B, T = confidence.shape
-        flags = torch.zeros(B, T + 1, dtype=torch.bool, device=confidence.device)
-        self.ready_map = flags.scatter(1, self.positions, self.ready)[:, :T]
+        self.ready_map = on_positions(self.ready, self.positions, confidence.shape[1], fill=False)
         return confidence
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:

@@ -46,7 +46,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, StepPlan, llada_transfer_counts, register_decoder, top_n_mask
+from .base import DecodeContext, StepPlan, llada_transfer_counts, on_positions, register_decoder, top_n_mask
 from .llada import BlockDecoder
 
 #: progress bounds of the early / mid / late phases (the authors' ``should_early_exit``)
@@ -146,9 +146,7 @@ class Prophet(BlockDecoder):
 
     def fresh_gaps(self, confidence: Tensor) -> Tensor:
         """(B, T) top-1 - top-2 logit gap at every freshly predicted position (NaN elsewhere)."""
-        B, T = confidence.shape
-        out = torch.full((B, T + 1), float("nan"), dtype=torch.float64, device=confidence.device)
-        return out.scatter(1, self.positions, self.gap)[:, :T]
+        return on_positions(self.gap, self.positions, confidence.shape[1])
 
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         gaps = self.fresh_gaps(confidence)

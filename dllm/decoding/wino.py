@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ar import check_block_length, check_temperature
+from .ar import check_block_length, check_temperature, check_unused_steps
 from .base import DecodeContext, Decoder, StepPlan, register_decoder, top_n_mask
 from .threshold import Threshold
 
@@ -55,9 +55,7 @@ class Wino(Threshold):
                  temperature: float = 0.0, steps: int | None = None) -> None:
         check_block_length(block_length)
         check_temperature(temperature)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"decoding.steps={steps!r} must be an integer >= 1 or null (wino's step count is "
-                             "data-dependent: the value is not used)")
+        check_unused_steps(steps, "wino")
         Decoder.__init__(self, 1, block_length, float(temperature))  # Threshold's blocks, not its rule
         self.threshold = _probability("threshold", threshold)
         self.threshold_back = _probability("threshold_back", threshold_back)

@@ -2,6 +2,7 @@
 offline environment of the end-to-end tests."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -206,3 +207,82 @@ class Recorder(CacheMethod):
         self.inner.observe(view, outcome)
         if hasattr(self.inner, "confidence"):
             rec["cache_conf_after"] = self.inner.confidence.clone()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, attention mask) of prompts left-padded to the longest, as the HF models take them."""
+    width = max(map(len, prompts))
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        tokens[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return tokens, mask
+
+
+def assert_causal_matches(net: Transformer, hf, prompts: list[list[int]]) -> None:
+    """``net`` run causally on the left-padded prompts gives transformers' logits at every real position."""
+    tokens, mask = left_padded(prompts, net.args.pad_token_id)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = net(tokens, attention_mask=mask, causal=True)
+        theirs = hf(input_ids=tokens, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def float64_reference(net: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bidirectional logits from scratch in float64 (RMSNorm, RoPE rotate-half, masked softmax, SwiGLU),
+    with per-head QK RMSNorm before RoPE where the net has it, and an MoE FFN as a dense mixture (every
+    expert on every row, weighted by the top-k routing probabilities, 0 elsewhere)."""
+    a = net.args
+    w = {k: v.double() for k, v in net.state_dict().items()}
+    B, T = tokens.shape
+    hd, H, Hkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads
+
+    def rms(x, weight):
+        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + a.norm_eps)
+
+    def linear(x, prefix):
+        y = x @ w[prefix + ".weight"].T
+        return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
+
+    def swiglu(x, prefix):
+        gate, up = linear(x, f"{prefix}.w_gate"), linear(x, f"{prefix}.w_up")
+        return linear(gate * torch.sigmoid(gate) * up, f"{prefix}.w_down")
+
+    pos = (attention_mask.cumsum(1) - 1).clamp(min=0).double()  # RoPE counts real tokens only
+    inv_freq = a.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angle = torch.cat([pos[..., None] * inv_freq] * 2, -1)[:, None]  # (B, 1, T, hd)
+    cos, sin = angle.cos(), angle.sin()
+
+    def rope(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padded keys are never attended
+    h = w["tok_embeddings.weight"][tokens]
+    for i in range(a.n_layers):
+        p = f"layers.{i}"
+        x = rms(h, w[f"{p}.attn_norm.weight"])
+        q = linear(x, f"{p}.attn.wq").view(B, T, H, hd)
+        k = linear(x, f"{p}.attn.wk").view(B, T, Hkv, hd)
+        v = linear(x, f"{p}.attn.wv").view(B, T, Hkv, hd).transpose(1, 2)
+        if f"{p}.attn.q_norm.weight" in w:
+            q, k = rms(q, w[f"{p}.attn.q_norm.weight"]), rms(k, w[f"{p}.attn.k_norm.weight"])
+        q, k = rope(q.transpose(1, 2)), rope(k.transpose(1, 2))
+        group = torch.arange(H) // (H // Hkv)  # query head h reads KV head h // (H / Hkv)
+        k, v = k[:, group], v[:, group]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+        h = h + linear((probs @ v).transpose(1, 2).reshape(B, T, H * hd), f"{p}.attn.wo")
+        x = rms(h, w[f"{p}.ffn_norm.weight"])
+        if f"{p}.ffn.router.weight" in w:
+            route = linear(x, f"{p}.ffn.router").softmax(-1)
+            top = route.topk(a.n_experts_per_token, dim=-1)
+            gates = torch.zeros_like(route).scatter(-1, top.indices, top.values)  # (B, T, E)
+            experts = torch.stack([swiglu(x, f"{p}.ffn.experts.{e}") for e in range(a.n_experts)])
+            h = h + torch.einsum("bte,ebtd->btd", gates, experts)
+        else:
+            h = h + swiglu(x, f"{p}.ffn")
+    return linear(rms(h, w["norm.weight"]), "output")

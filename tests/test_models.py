@@ -2,7 +2,6 @@
 the active-subset path over a KVStore, and Dream's logit shift."""
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -15,19 +14,9 @@ from dllm.models import dream, llada
 from dllm.models.packed import PackedLinear, pack_linear_weights
 from dllm.models.transformer import KVStore
 
-from conftest import with_weights
+from conftest import assert_causal_matches, float64_reference, left_padded, with_weights
 
 transformers = pytest.importorskip("transformers")
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        tokens[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
-    return tokens, mask
 
 
 # --------------------------------------------------------------------------- HF parity (causal)
@@ -102,67 +91,17 @@ def test_causal_matches_transformers(family, n_kv_heads, make_args, make_net, ma
 
 def test_causal_left_padded_matches_transformers(family, make_args, make_net, make_prompts):
     net = make_net(make_args(family), seed=2)
-    hf = hf_model(net)
-    tokens, mask = left_padded(make_prompts([9, 5, 7], seed=4), net.args.pad_token_id)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = net(tokens, attention_mask=mask, causal=True)
-        theirs = hf(input_ids=tokens, attention_mask=mask, position_ids=position_ids).logits
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    assert_causal_matches(net, hf_model(net), make_prompts([9, 5, 7], seed=4))
 
 
 # --------------------------------------------------------------------------- float64 reference (bidirectional)
-
-
-def reference_forward(net, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Bidirectional logits from scratch in float64 (RMSNorm, RoPE rotate-half, masked softmax, SwiGLU)."""
-    a = net.args
-    w = {k: v.double() for k, v in net.state_dict().items()}
-    B, T = tokens.shape
-    hd, H, Hkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads
-
-    def rms(x, weight):
-        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + a.norm_eps)
-
-    def linear(x, prefix):
-        y = x @ w[prefix + ".weight"].T
-        return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
-
-    pos = (attention_mask.cumsum(1) - 1).clamp(min=0).double()  # RoPE counts real tokens only
-    inv_freq = a.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angle = torch.cat([pos[..., None] * inv_freq] * 2, -1)[:, None]  # (B, 1, T, hd)
-    cos, sin = angle.cos(), angle.sin()
-
-    def rope(x):
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padded keys are never attended
-    h = w["tok_embeddings.weight"][tokens]
-    for i in range(a.n_layers):
-        p = f"layers.{i}"
-        x = rms(h, w[f"{p}.attn_norm.weight"])
-        q = linear(x, f"{p}.attn.wq").view(B, T, H, hd).transpose(1, 2)
-        k = linear(x, f"{p}.attn.wk").view(B, T, Hkv, hd).transpose(1, 2)
-        v = linear(x, f"{p}.attn.wv").view(B, T, Hkv, hd).transpose(1, 2)
-        q, k = rope(q), rope(k)
-        group = torch.arange(H) // (H // Hkv)  # query head h reads KV head h // (H / Hkv)
-        k, v = k[:, group], v[:, group]
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-        h = h + linear((probs @ v).transpose(1, 2).reshape(B, T, H * hd), f"{p}.attn.wo")
-        x = rms(h, w[f"{p}.ffn_norm.weight"])
-        gate, up = linear(x, f"{p}.ffn.w_gate"), linear(x, f"{p}.ffn.w_up")
-        h = h + linear(gate * torch.sigmoid(gate) * up, f"{p}.ffn.w_down")
-    return linear(rms(h, w["norm.weight"]), "output")
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 1], ids=["mha", "mqa"])
 def test_bidirectional_matches_float64_reference(family, n_kv_heads, make_args, make_net, make_prompts):
     net = make_net(make_args(family, n_kv_heads=n_kv_heads, n_layers=3), seed=5)
     tokens, mask = left_padded(make_prompts([10, 4, 7], seed=6), net.args.pad_token_id)
-    expected = reference_forward(net, tokens, mask)
+    expected = float64_reference(net, tokens, mask)
     real = mask.bool()
     ours = net(tokens, attention_mask=mask)
     assert ours.dtype == torch.float32

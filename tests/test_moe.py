@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from dllm.models.loading import CheckpointError, load_model
 from dllm.models.tiny import make_tiny_checkpoint
 from dllm.models.transformer import KVStore, MoEFeedForward
 
-from conftest import MASK_ID, random_prompts, tiny_args, tiny_net, with_weights
+from conftest import (MASK_ID, assert_causal_matches, float64_reference, left_padded, random_prompts, tiny_args,
+                      tiny_net, with_weights)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,16 +31,6 @@ def moe_args(**overrides):
     """A small LLaDA-MoE ModelArgs: 6 experts of width 16, 2 per row, QK-norm, GQA."""
     base = dict(n_experts=6, n_experts_per_token=2, ffn_dim=16, qk_norm=True, rope_theta=50000.0, norm_eps=1e-5)
     return tiny_args("llada_moe", **{**base, **overrides})
-
-
-def left_padded(prompts, pad_id):
-    width = max(map(len, prompts))
-    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        tokens[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return tokens, mask
 
 
 # ------------------------------------------------------------------ the MoE FFN vs transformers' OLMoE
@@ -142,64 +132,13 @@ def qwen3_moe(folder: Path):
 def test_causal_matches_transformers_qwen3_moe(checkpoint):
     net = load_model(str(checkpoint), expected_family="llada_moe")
     assert net.args.qk_norm and net.args.n_experts == 8 and net.args.n_kv_heads < net.args.n_heads
-    hf = qwen3_moe(checkpoint)
-    tokens, mask = left_padded(random_prompts([12, 7, 9], seed=6), net.args.pad_token_id)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = net(tokens, attention_mask=mask, causal=True)
-        theirs = hf(input_ids=tokens, attention_mask=mask, position_ids=position_ids).logits
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
-
-
-def reference_forward(net, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Bidirectional logits from scratch in float64: per-head QK RMSNorm before RoPE, and the MoE as
-    a dense mixture (every expert on every row, weighted by the top-k routing probabilities, 0 elsewhere)."""
-    a = net.args
-    w = {k: v.double() for k, v in net.state_dict().items()}
-    B, T = tokens.shape
-    hd, H, Hkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads
-
-    def rms(x, weight):
-        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + a.norm_eps)
-
-    pos = (attention_mask.cumsum(1) - 1).clamp(min=0).double()
-    inv_freq = a.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angle = torch.cat([pos[..., None] * inv_freq] * 2, -1)[:, None]
-    cos, sin = angle.cos(), angle.sin()
-
-    def rope(x):
-        return x * cos + torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1) * sin
-
-    keep = attention_mask.bool()[:, None, None, :]
-    h = w["tok_embeddings.weight"][tokens]
-    for i in range(a.n_layers):
-        p = f"layers.{i}"
-        x = rms(h, w[f"{p}.attn_norm.weight"])
-        q = (x @ w[f"{p}.attn.wq.weight"].T).view(B, T, H, hd)
-        k = (x @ w[f"{p}.attn.wk.weight"].T).view(B, T, Hkv, hd)
-        v = (x @ w[f"{p}.attn.wv.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
-        q = rope(rms(q, w[f"{p}.attn.q_norm.weight"]).transpose(1, 2))
-        k = rope(rms(k, w[f"{p}.attn.k_norm.weight"]).transpose(1, 2))
-        group = torch.arange(H) // (H // Hkv)
-        probs = ((q @ k[:, group].transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~keep, float("-inf")).softmax(-1)
-        h = h + (probs @ v[:, group]).transpose(1, 2).reshape(B, T, H * hd) @ w[f"{p}.attn.wo.weight"].T
-        x = rms(h, w[f"{p}.ffn_norm.weight"])
-        route = (x @ w[f"{p}.ffn.router.weight"].T).softmax(-1)
-        top = route.topk(a.n_experts_per_token, dim=-1)
-        gates = torch.zeros_like(route).scatter(-1, top.indices, top.values)  # (B, T, E)
-        outs = []
-        for e in range(a.n_experts):
-            g, u = (x @ w[f"{p}.ffn.experts.{e}.{n}.weight"].T for n in ("w_gate", "w_up"))
-            outs.append((g * torch.sigmoid(g) * u) @ w[f"{p}.ffn.experts.{e}.w_down.weight"].T)
-        h = h + torch.einsum("bte,ebtd->btd", gates, torch.stack(outs))
-    return rms(h, w["norm.weight"]) @ w["output.weight"].T
+    assert_causal_matches(net, qwen3_moe(checkpoint), random_prompts([12, 7, 9], seed=6))
 
 
 def test_bidirectional_matches_float64_reference():
     net = tiny_net(moe_args(n_layers=3), seed=7)
     tokens, mask = left_padded(random_prompts([10, 4, 7], seed=8), net.args.pad_token_id)
-    expected = reference_forward(net, tokens, mask)
+    expected = float64_reference(net, tokens, mask)
     real = mask.bool()
     with torch.no_grad():
         ours = net(tokens, attention_mask=mask)

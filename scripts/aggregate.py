@@ -6,7 +6,8 @@
 
 Prints the Markdown tables. Only with ``--out`` does it write files there: ``tables.md`` (Markdown),
 ``tables.tex`` (LaTeX, booktabs, one ``table`` per group) and ``summary.csv`` (every table row,
-machine-readable).
+machine-readable); where runs recorded ``tokens_per_forward``, also the AUP tables ``aup.md``,
+``aup.tex`` and ``aup.csv`` (printed after the tables).
 
 - Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
   ``force=true``) counts once, the latest.
@@ -27,6 +28,13 @@ machine-readable).
 - ``--published``: the papers' numbers for the same model, task, method and shot count beside ours
   (and the same generation length, decoding and lm-eval filter where the paper's setting names
   them; a paper experiment's run is shown beside its own table's row first).
+- AUP (accuracy under parallelism, d3LLM's leaderboard metric; see :func:`aup`): one table per
+  (model, task, setting) as above, one row per cache configuration (cache + its parameters +
+  checkpoint / lm-eval task / code scoring). A row's curve is every run of that cache in the table,
+  whatever its decoding: the points (tokens per forward, accuracy %), one per tokens-per-forward
+  value (the best accuracy there). y_max, the reference accuracy of the penalty, is the best
+  accuracy of any run of the table that has a curve point. Runs without ``tokens_per_forward`` (older
+  CSVs, log-likelihood tasks) or accuracy are not points.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import argparse
 import math
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +58,7 @@ METHOD_ORDER = ["none", "dllm_cache", "prefix", "dual", "dkv_decode", "dkv_greed
 NUMERIC = [  # the table keys stay text (as written in the CSV): they only group and label
     "accuracy", "accuracy_stderr", "n_samples",
     "useful_tokens", "all_tokens", "gen_seconds", "throughput_useful_tok_s", "throughput_all_tok_s",
-    "latency_s_mean", "latency_s_p50", "nfe", "recompute_ratio", "ideal_speedup",
+    "latency_s_mean", "latency_s_p50", "nfe", "tokens_per_forward", "recompute_ratio", "ideal_speedup",
     "throughput_useful_tok_s_std", "throughput_all_tok_s_std",  # absent in older CSVs; empty for one timing
 ]
 # Where rows of one table still share a label after their cache / decoding parameters: what else
@@ -314,6 +323,195 @@ def _num(value) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+# ----------------------------------------------------------------------------------------------- AUP
+# d3LLM's constants (get_aup's defaults, used for its leaderboard): the penalty factor and how many
+# accuracy points below a curve's first point still count.
+AUP_ALPHA = 3.0
+AUP_MAX_DROP = 5.0
+# 0.57 * 100 = 56.99999999999999: float noise of the fraction -> % conversion must not decide
+# whether a point lies within AUP_MAX_DROP.
+_AUP_EPS = 1e-9
+AUP_SOURCE = (
+    "d3LLM (Qian et al., arXiv:2601.07568, ICML 2026), "
+    "github.com/hao-ai-lab/d3LLM AUP_leaderboard/aup_utils.py @ e5bfcac"
+)
+
+
+def aup_weight(y: float, y_max: float, alpha: float = AUP_ALPHA) -> float:
+    """d3LLM's quality weight W(y) = min(exp(-alpha * (1 - y / y_max)), 1): 1 at the reference
+    accuracy, e^-alpha at accuracy 0."""
+    return min(math.exp(-alpha * (1.0 - y / y_max)), 1.0)
+
+
+def aup_points(points: Iterable[tuple[float, float]], max_drop: float = AUP_MAX_DROP) -> list[tuple[float, float]]:
+    """The points AUP integrates, sorted by tokens per forward: one per TPF value (the best accuracy
+    there: d3LLM's curves never repeat a TPF, and its result would then depend on input order),
+    without those more than ``max_drop`` points below the first (lowest-TPF) point's accuracy.
+
+    ValueError for no point, a TPF that is not positive, an accuracy outside 0..100 (it is in %),
+    or a curve whose highest-TPF point lies more than ``max_drop`` below its first (d3LLM's get_aup
+    asserts this: such a curve has no AUP)."""
+    best: dict[float, float] = {}
+    for rho, y in points:
+        rho, y = float(rho), float(y)
+        if not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"tokens per forward must be a positive number, got {rho}")
+        if not (math.isfinite(y) and 0.0 <= y <= 100.0):
+            raise ValueError(f"accuracy must be in % (0..100), got {y}")
+        best[rho] = max(y, best.get(rho, y))
+    if not best:
+        raise ValueError("AUP needs at least one (tokens per forward, accuracy) point")
+    curve = sorted(best.items())
+    (rho_1, y_1), (rho_n, y_n) = curve[0], curve[-1]
+    if y_1 - y_n > max_drop + _AUP_EPS:
+        raise ValueError(
+            f"accuracy at TPF {rho_n:.2f} is {y_n:.1f} %, {y_1 - y_n:.1f} points below its first "
+            f"({y_1:.1f} % at TPF {rho_1:.2f}); AUP allows at most {max_drop:g}"
+        )
+    return [(rho, y) for rho, y in curve if y >= y_1 - max_drop - _AUP_EPS]
+
+
+def aup(points: Iterable[tuple[float, float]], y_max: float, alpha: float = AUP_ALPHA,
+        max_drop: float = AUP_MAX_DROP) -> float:
+    """Accuracy under parallelism (AUP) of one curve of (tokens per forward, accuracy %) points.
+
+    Definition (d3LLM: Qian et al., "d3LLM: Ultra-Fast Diffusion LLM using Pseudo-Trajectory
+    Distillation", arXiv:2601.07568, ICML 2026; reference code github.com/hao-ai-lab/d3LLM,
+    ``AUP_leaderboard/aup_utils.py`` ``get_aup`` at commit e5bfcac, which its leaderboard uses):
+    with the points sorted by parallelism rho (tokens per forward, TPF), rho_1 < ... < rho_n, and
+    accuracies y_i in % (0..100), keep those with y_i >= y_1 - 5 (the last must be, else AUP is
+    undefined: ValueError), then
+
+        AUP = rho_1 * y_1 + sum_{i=2..n} (rho_i - rho_{i-1}) * (y_i W(y_i) + y_{i-1} W(y_{i-1})) / 2
+        W(y) = min(exp(-alpha * (1 - y / y_max)), 1),  alpha = 3
+
+    i.e. the rectangle up to the first point at its own accuracy, then the trapezoid-rule area under
+    the accuracy curve weighted by W, which penalises each accuracy point below y_max exponentially.
+    y_max is the reference accuracy: d3LLM's leaderboard takes the highest accuracy of any method on
+    the task (the autoregressive model's included). A one-point curve has AUP = rho_1 * y_1; a curve
+    that keeps y_max up to rho_n has AUP = rho_n * y_max. Where two points share a TPF only the
+    better counts (see :func:`aup_points`).
+
+    d3LLM's own numbers (``AUP_leaderboard/data_llada.yaml``, GSM8K-CoT, y_max = 74.98):
+    d3LLM-LLaDA [(1.0, 74.02), (9.11, 73.09)] -> 637.65; Fast-dLLM-LLaDA [(1.0, 74.79), (2.77, 74.68)] -> 205.78.
+    """
+    if not (math.isfinite(y_max) and 0.0 < y_max <= 100.0):
+        raise ValueError(f"y_max must be an accuracy in % above 0 (0..100], got {y_max}")
+    curve = aup_points(points, max_drop)
+    total = curve[0][0] * curve[0][1]  # the first point's rectangle is not weighted (as in get_aup)
+    for (rho_prev, y_prev), (rho, y) in zip(curve, curve[1:]):
+        total += 0.5 * (rho - rho_prev) * (y * aup_weight(y, y_max, alpha) + y_prev * aup_weight(y_prev, y_max, alpha))
+    return total
+
+
+def _aup_point(row: dict) -> tuple[float, float] | None:
+    """(TPF, accuracy in %) of a run; None where either is unknown (older CSVs, log-likelihood
+    tasks) or the TPF is not positive. The CSV's accuracy is a fraction, AUP's is in %."""
+    tpf, accuracy = _num(row.get("tokens_per_forward")), _pct(row.get("accuracy"))
+    if tpf is None or accuracy is None or not math.isfinite(tpf) or tpf <= 0:
+        return None
+    return tpf, accuracy
+
+
+def _curve_key(row: dict) -> tuple:
+    """What makes runs one curve: the same cache with the same parameters, on the same checkpoint,
+    lm-eval task and code scoring (the decoding and its parameters are what moves along it)."""
+    # _param: "50" and "50.0" (CSV rows of different writers) are the same setting.
+    params = tuple(sorted((c, _param(row, c)) for c in row if c.startswith("cache.") and _param(row, c)))
+    return row["cache"], params, tuple(_clean(row.get(c)) for c in IDENTITY_COLUMNS)
+
+
+def build_aup_tables(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """[(table key, AUP table)]: one per TABLE_KEYS group that has a curve point, one row per cache
+    configuration (its curve: every run of it in the group). y_max: the best accuracy of a point of
+    the group."""
+    tables = []
+    groups = sorted(runs.groupby(TABLE_KEYS, sort=False), key=lambda item: [_natural(v) for v in item[0]])
+    for values, group in groups:
+        rows = [r for r in group.to_dict("records") if _aup_point(r) is not None]
+        if not rows:
+            continue
+        curves: dict[tuple, list[dict]] = {}
+        for r in rows:
+            curves.setdefault(_curve_key(r), []).append(r)
+        # Labels as the main tables', from one run per curve with its decoding left out (it varies along the curve).
+        reps = pd.DataFrame([{k: v for k, v in rs[0].items() if not k.startswith("decoding") and k != "started_at"}
+                             for rs in curves.values()])
+        labels = method_labels(reps)
+        best = max(rows, key=lambda r: _aup_point(r)[1])
+        y_max = _aup_point(best)[1]
+        best_label = labels[list(curves).index(_curve_key(best))]
+        out = []
+        for label, rs in zip(labels, curves.values()):
+            points = [_aup_point(r) for r in rs]
+            try:
+                used, value, why = aup_points(points), aup(points, y_max), ""
+            except ValueError as err:
+                used, value, why = [], None, str(err)
+            left_out = sorted({p for p in points if p[0] not in {u[0] for u in used}}) if used else []
+            out.append({
+                "method": label, "AUP": value, "runs": len(rs), "points": len(used),
+                "TPF first": used[0][0] if used else None, "TPF last": used[-1][0] if used else None,
+                "accuracy first": used[0][1] if used else None, "accuracy last": used[-1][1] if used else None,
+                "y_max": y_max, "y_max run": f"{best_label}, {best['decoding']}",
+                "left out": "; ".join(f"TPF {r:.2f} ({y:.1f} %)" for r, y in left_out), "why": why,
+                "cache": rs[0]["cache"],
+            })
+        rank = lambda e: (METHOD_ORDER.index(e["cache"]) if e["cache"] in METHOD_ORDER else len(METHOD_ORDER), e["cache"], e["method"])  # noqa: E731
+        tables.append((dict(zip(TABLE_KEYS, values)), pd.DataFrame(sorted(out, key=rank))))
+    return tables
+
+
+def _span(first, last, spec: str) -> str:
+    """The curve's "first–last" value, one number where they agree."""
+    if first is None or pd.isna(first):
+        return "–"
+    return _fmt(first, spec) if _fmt(first, spec) == _fmt(last, spec) else f"{_fmt(first, spec)}–{_fmt(last, spec)}"
+
+
+def aup_display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "method": table["method"],
+        "AUP": [_fmt(v, ".1f") for v in table["AUP"]],
+        "runs": [str(v) for v in table["runs"]],
+        "points": [str(v) for v in table["points"]],
+        "TPF": [_span(a, b, ".2f") for a, b in zip(table["TPF first"], table["TPF last"])],
+        "accuracy": [_span(a, b, ".1f") for a, b in zip(table["accuracy first"], table["accuracy last"])],
+    })
+
+
+def aup_note(table: pd.DataFrame) -> str:
+    """The line under an AUP table: its y_max, the points left out, the curves without AUP."""
+    first = table.iloc[0]
+    parts = [f"y_max = {first['y_max']:.1f} % ({first['y_max run']})"]
+    parts += [f"{m}: left out {lo}" for m, lo in zip(table["method"], table["left out"]) if lo]
+    parts += [f"{m}: no AUP, {why}" for m, why in zip(table["method"], table["why"]) if why]
+    return "; ".join(parts) + "."
+
+
+AUP_NOTES = (
+    f"AUP: accuracy under parallelism, {AUP_SOURCE}. Per cache configuration, its runs (any decoding) "
+    "as points (TPF = tokens per forward, accuracy %), the best accuracy per TPF, sorted by TPF; "
+    f"points more than {AUP_MAX_DROP:g} below the first are left out (the last may not be). "
+    "AUP = TPF_1·acc_1 + Σ ΔTPF·(acc_i·W(acc_i) + acc_{i-1}·W(acc_{i-1}))/2, "
+    f"W(acc) = min(exp(-{AUP_ALPHA:g}·(1 - acc/y_max)), 1); y_max: the table's best run. "
+    "runs: runs of the curve; points: points integrated; TPF, accuracy: at the first and last of them."
+)
+
+
+def render_aup(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFrame]:
+    """(Markdown, LaTeX, rows) of the AUP tables."""
+    md, tex, rows = [AUP_NOTES + "\n"], ["% " + AUP_NOTES + "\n% needs \\usepackage{booktabs}\n"], []
+    for key, table in tables:
+        frame, note, title = aup_display_frame(table), aup_note(table), "AUP · " + title_of(key)
+        md.append(f"### {title}\n\n{to_markdown(frame)}\n\n{note}\n")
+        label = "tab:aup-" + re.sub(r"[^A-Za-z0-9]+", "-", f"{key['model']}-{key['task']}-{key['n_shot']}-{key['gen_length']}").strip("-")
+        tex.append(to_latex(frame, title, label, note))
+        rows.append(table.drop(columns=["cache"]).assign(**{k: key[k] for k in TABLE_KEYS}))
+    frame = pd.concat(rows, ignore_index=True)
+    return "\n".join(md), "\n".join(tex), frame[TABLE_KEYS + [c for c in frame.columns if c not in TABLE_KEYS]]
+
+
 # ----------------------------------------------------------------------------------------------- published
 def load_published(path: str | Path) -> pd.DataFrame:
     published = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -461,12 +659,20 @@ def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFr
     return "\n".join(md), "\n".join(tex), summary
 
 
-def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path) -> dict[str, Path]:
+def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,
+                  aup_outputs: tuple[str, str, pd.DataFrame] | None = None) -> dict[str, Path]:
+    """tables.md / .tex, summary.csv, and with ``aup_outputs`` (render_aup's) aup.md / .tex / .csv."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "tables.md", "tex": out / "tables.tex", "csv": out / "summary.csv"}
     paths["md"].write_text(md)
     paths["tex"].write_text(tex)
     summary.to_csv(paths["csv"], index=False)
+    if aup_outputs is not None:
+        aup_md, aup_tex, aup_rows = aup_outputs
+        paths.update({"aup_md": out / "aup.md", "aup_tex": out / "aup.tex", "aup_csv": out / "aup.csv"})
+        paths["aup_md"].write_text(aup_md)
+        paths["aup_tex"].write_text(aup_tex)
+        aup_rows.to_csv(paths["aup_csv"], index=False)
     return paths
 
 
@@ -482,8 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     tables = build_tables(runs, published)
     md, tex, summary = render(tables)
     print(md)
+    aup_tables = build_aup_tables(runs)
+    aup_outputs = render_aup(aup_tables) if aup_tables else None  # no run recorded tokens_per_forward: no AUP
+    if aup_outputs is not None:
+        print(aup_outputs[0])
     if args.out is not None:
-        paths = write_outputs(md, tex, summary, Path(args.out))
+        paths = write_outputs(md, tex, summary, Path(args.out), aup_outputs)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 

@@ -13,6 +13,8 @@ with the *same* decoding as the method it is compared with (computed once per de
     python scripts/bench.py --preset moe_cpu              # LLaDA-MoE-shaped 512-d model (16 experts, 4 per row)
     python scripts/bench.py --preset llada_moe            # LLaDA-MoE-7B-A1B shapes, for a GPU (bf16)
     python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
+    python scripts/bench.py --preset cpu --batch-sizes 1,4,16 --json batch.json   # batch-scaling curves
+    python scripts/bench.py --preset llada8b --batch-sizes 1,8,32,64 --json batch.json  # the same on a GPU
 
 Columns: wall seconds of the timed generation (CUDA-synchronised, one warm-up excluded),
 tokens/s (batch x gen_length / seconds), speedup over ``none`` with the same decoding,
@@ -33,6 +35,16 @@ attainable_speedup is then the share of what this hardware allows that the imple
 With ``--repeats N`` the runs go in N interleaved rounds (none, then each method, per decoding),
 so slow drift of the machine's speed hits ``none`` and the methods alike; times are medians over
 rounds and the speedup is the median of the per-round speedups.
+
+With ``--batch-sizes 1,4,16`` the whole comparison (bare-forward fit included) runs at each batch
+size in turn, smallest first: b prompts from the preset's construction (the same seed, so the
+first rows are the same at every size), every method against ``none`` at the same batch size and
+decoding. The fit is redone per batch size rather than skipped, because the fixed cost per forward
+is what a batch shares, so the attainable speedup depends on b. Every row carries ``batch_size``,
+``peak_mem_gb_per_row`` (peak memory / b, weights included: the footprint per served sequence) and
+``none_decoding`` (the decoding of the ``none`` it is compared with). The JSON is rewritten after
+each batch size, so a sweep that runs out of memory at its largest size keeps the others.
+``scripts/plot.py --bench-json FILE`` draws speedup and throughput against batch size.
 """
 from __future__ import annotations
 
@@ -122,7 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"{', '.join(SAMPLERS)}; '' for none)")
     ap.add_argument("--family", choices=("llada", "dream"), default="llada",
                     help="llada: logits unshifted; dream: shifted logits (GQA shapes are not changed)")
-    ap.add_argument("--batch-size", type=int)
+    sizes = ap.add_mutually_exclusive_group()
+    sizes.add_argument("--batch-size", type=int, help="one batch size (default: the preset's)")
+    sizes.add_argument("--batch-sizes", help="comma-separated batch sizes, each a full comparison (e.g. 1,4,16 on CPU, "
+                                             "1,8,32,64 on a GPU)")
     ap.add_argument("--prompt-length", type=int)
     ap.add_argument("--gen-length", type=int)
     ap.add_argument("--steps", type=int, help="denoising steps (default: gen_length, one token per step)")
@@ -155,7 +170,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     preset = PRESETS[args.preset]
     if preset.get("n_experts") and args.family != "llada":
         ap.error(f"--preset {args.preset} is LLaDA-MoE-shaped (unshifted logits); --family {args.family} does not apply")
-    for key in ("batch_size", "prompt_length", "gen_length"):
+    if args.batch_sizes is not None:
+        try:
+            args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
+        except ValueError:
+            ap.error(f"--batch-sizes={args.batch_sizes!r}: give comma-separated integers, e.g. 1,4,16")
+    else:
+        args.batch_sizes = [preset["batch_size"] if args.batch_size is None else args.batch_size]
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        ap.error(f"batch sizes {args.batch_sizes} must be >= 1")
+    del args.batch_size  # each run gets its own copy of args with one batch_size (main)
+    for key in ("prompt_length", "gen_length"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
         if getattr(args, key) < 1:
@@ -310,7 +335,6 @@ def main(argv=None) -> list[dict]:
     margs = model_args(args)
     t0 = time.perf_counter()
     net = build_model(margs, args.device, dtype, args.seed)
-    prompts = make_prompts(args, margs)
     n_params = sum(p.numel() for p in net.parameters())
     packed = not args.dense_weights and pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
@@ -318,13 +342,36 @@ def main(argv=None) -> list[dict]:
           f"(active per row {active_parameters(margs, n_params) / 1e6:.1f}M) device={args.device} "
           f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"packed_weights={packed}")
-    print(f"# batch={args.batch_size} prompt={args.prompt_length} gen={args.gen_length} steps={args.steps} "
-          f"warmup={args.warmup} repeats={args.repeats} (model built in {time.perf_counter() - t0:.1f}s)",
-          flush=True)
+    print(f"# batch={','.join(map(str, args.batch_sizes))} prompt={args.prompt_length} gen={args.gen_length} "
+          f"steps={args.steps} warmup={args.warmup} repeats={args.repeats} "
+          f"(model built in {time.perf_counter() - t0:.1f}s)", flush=True)
+    rows: list[dict] = []
+    failed: list[str] = []
+    for batch in args.batch_sizes:
+        batch_args = argparse.Namespace(**vars(args), batch_size=batch)
+        batch_rows, batch_failed = run_batch(net, margs, batch_args, device_name, packed)
+        rows += batch_rows
+        failed += batch_failed
+        if args.json:  # after every batch size: a later one that fails (out of memory) loses only itself
+            write_json(rows, args.json)
+    print()
+    print(format_table(rows))
+    if args.json:
+        print(f"\nwrote {args.json}")
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+    return rows
+
+
+def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, device_name: str, packed: bool
+              ) -> tuple[list[dict], list[str]]:
+    """Every comparison at ``args.batch_size``: the bare-forward fit, then none and the methods in
+    interleaved rounds. Returns the rows and the labels of the runs that failed."""
+    prompts = make_prompts(args, margs)
     T = args.prompt_length + args.gen_length
     forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
     cost, small = ForwardCost.fit(forward_ms), min(32, T)
-    print("# bare forward (ms) by active rows per sequence: "
+    print(f"# batch {args.batch_size}: bare forward (ms) by active rows per sequence: "
           + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in forward_ms.items())
           + f"\n# fit: {cost.fixed_ms:.1f} ms per forward + {cost.per_row_ms:.3f} ms per row; so a {small}-row "
           f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
@@ -333,7 +380,8 @@ def main(argv=None) -> list[dict]:
     rows: list[dict] = []
     n_tokens = args.batch_size * args.gen_length
 
-    def record(method, decoding, dparams, outs: list[GenerationOutput], refs: list[GenerationOutput]) -> dict:
+    def record(method, decoding, dparams, outs: list[GenerationOutput], refs: list[GenerationOutput],
+               none_decoding: str) -> dict:
         out, ref = outs[0], refs[0]  # every round generates the same tokens; times differ
         seconds = median([o.seconds for o in outs])
         speedup = median([r.seconds / o.seconds for r, o in zip(refs, outs)])
@@ -341,10 +389,10 @@ def main(argv=None) -> list[dict]:
         peak = max(o.peak_mem_gb for o in outs)
         ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
-            method=method, decoding=describe(decoding, dparams), wall_s=seconds,
+            method=method, decoding=describe(decoding, dparams), none_decoding=none_decoding, wall_s=seconds,
             tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
             efficiency=speedup / out.ideal_speedup, attainable_speedup=attainable,
-            attainable_efficiency=speedup / attainable, peak_mem_gb=peak,
+            attainable_efficiency=speedup / attainable, peak_mem_gb=peak, peak_mem_gb_per_row=peak / args.batch_size,
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
             agreement=float((out.tokens == ref.tokens).float().mean()),
             ideal_speedup_attention=out.total_flops / out.flops, peak_kv_gb=out.peak_kv_gb,
@@ -370,14 +418,14 @@ def main(argv=None) -> list[dict]:
         group = groups.setdefault(describe(*SAMPLER_BASELINE), [("none", *SAMPLER_BASELINE)])
         group.extend(("none", name, SAMPLERS[name]) for name in args.samplers)
     failed = []
-    for entries in groups.values():
+    for none_decoding, entries in groups.items():
         runs: list[tuple[tuple[str, str, dict], list[GenerationOutput]]] = []
         for method, decoding, dparams in entries:
             try:
                 warm_up(net, prompts, method, decoding, dparams, args)
                 runs.append(((method, decoding, dparams), []))
             except Exception as err:  # report and go on with the others
-                label = method if method != "none" else describe(decoding, dparams)
+                label = f"{method if method != 'none' else describe(decoding, dparams)} (batch {args.batch_size})"
                 print(f"  {label:<11} FAILED: {type(err).__name__}: {err}", flush=True)
                 failed.append(label)
         if not runs or runs[0][0] != entries[0]:
@@ -386,33 +434,30 @@ def main(argv=None) -> list[dict]:
             for (method, decoding, dparams), outs in runs:
                 outs.append(generate_once(net, prompts, method, decoding, dparams, args))
         for (method, decoding, dparams), outs in runs:
-            rows.append(record(method, decoding, dparams, outs, runs[0][1]))
+            rows.append(record(method, decoding, dparams, outs, runs[0][1], none_decoding))
+    return rows, failed
 
-    print()
-    print(format_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.json)  # never a half-written file
-        print(f"\nwrote {args.json}")
-    if failed:
-        raise SystemExit(f"failed: {failed}")
-    return rows
+
+def write_json(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(path)  # never a half-written file
 
 
 def format_table(rows: list[dict]) -> str:
     import pandas as pd
 
-    cols = ["method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
+    cols = ["batch_size", "method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
             "attainable_speedup", "attainable_efficiency", "ideal_speedup_attention", "peak_kv_gb", "peak_mem_gb",
-            "mem_vs_none", "agreement"]
-    df = pd.DataFrame(rows)[cols].rename(columns={"wall_s": "wall s", "tokens_per_s": "tokens/s",
+            "peak_mem_gb_per_row", "mem_vs_none", "agreement"]
+    df = pd.DataFrame(rows)[cols].rename(columns={"batch_size": "batch", "wall_s": "wall s", "tokens_per_s": "tokens/s",
                                                   "speedup": "speedup vs none", "ideal_speedup": "ideal speedup",
                                                   "attainable_speedup": "attainable speedup",
                                                   "attainable_efficiency": "attainable efficiency",
                                                   "ideal_speedup_attention": "ideal (attention) speedup",
-                                                  "peak_kv_gb": "peak KV GB"})
+                                                  "peak_kv_gb": "peak KV GB",
+                                                  "peak_mem_gb_per_row": "peak mem GB / row"})
     try:
         import tabulate  # noqa: F401
 

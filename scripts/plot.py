@@ -3,6 +3,7 @@
     python scripts/plot.py results/runs.csv                                    # -> outputs/figures/
     python scripts/plot.py results/example_runs.csv --trace --out results/figures  # (the committed ones: results/reference/figures)
     python scripts/plot.py results/runs.csv --published results/published.csv # + the papers' points
+    python scripts/plot.py --bench-json batch.json --out figures               # scripts/bench.py --batch-sizes
 
 Every figure is written as PDF (vector, fonts embedded) and PNG under ``--out`` (default
 ``outputs/figures``, not committed: the committed figures change only when asked for). Each cache
@@ -22,10 +23,15 @@ figures (``METHOD_STYLE``), so methods stay apart without colour too.
 - ``recompute_map`` (``--trace``): positions x denoising steps, one panel per method: the fraction
   of layers that recompute each position at each step, for one generation of the tiny model
   (``generate(..., record_trace=True)``; dLLM-Cache's per-layer choices are recorded from its layer hook).
+- ``batch_scaling`` (``--bench-json``, the JSON of ``scripts/bench.py --batch-sizes``): speedup over
+  ``none`` (same decoding, same batch size) and throughput against batch size (log2), one line per
+  cache method; the throughput panel also has ``none`` under each decoding (black, one dash pattern
+  each). The samplers' rows (``none`` under another decoding) are left out: the figure is about caches.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from contextlib import contextmanager
@@ -37,6 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -67,6 +74,7 @@ OTHER_MARKERS = ["*", "h", "p", "<", ">"]
 FILLS = ["full", "hollow", "left", "bottom"]
 HATCHES = ["", "//", "..", "xx", "\\\\"]
 FOOT_MARKER_Y, FOOT_MARKER_SIZE = 6, 4  # points: the method's marker drawn at the foot of its speedup bar
+DASHES = ["-", "--", ":", "-."]  # batch_scaling: lines of one colour (none per decoding; grey methods)
 PROMPT_LINE = "#E69F00"  # visible on both ends of the Blues colour map
 TRACE_METHODS = ["none", "dkv_decode", "dkv_greedy", "d2cache", "prefix", "dual", "dllm_cache"]
 TRACE_PROMPT = "Question: Tom has 9 marbles. He buys 3 more and loses 5. How many marbles does Tom have now?\nAnswer:"
@@ -270,6 +278,59 @@ def _ink_on(colour: str) -> str:
     return "black" if luminance > 0.179 else "white"
 
 
+# ----------------------------------------------------------------------------------------------- from bench.py
+def plot_batch_scaling(rows: list[dict], out: Path) -> list[Path]:
+    """Speedup over none and throughput against batch size, from scripts/bench.py's JSON rows."""
+    series: dict[str, dict[int, dict]] = {}  # label -> batch size -> row
+    nones: list[str] = []
+    for row in rows:
+        decoding = row["decoding"].split(",")[0]
+        if row["method"] != "none":
+            label = row["method"]
+        elif row["decoding"] == row["none_decoding"]:  # the baseline itself, not a sampler run with cache=none
+            label = f"none ({decoding})"
+            if label not in nones:
+                nones.append(label)
+        else:
+            continue
+        series.setdefault(label, {})[row["batch_size"]] = row
+    sizes = sorted({b for points in series.values() for b in points})
+    fig, (speed_ax, rate_ax) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
+    greys = 0  # methods without a colour of their own are told apart by dash pattern too
+    for label in nones + [label for label in series if label not in nones]:  # the legend: the baselines first
+        points = series[label]
+        batches = sorted(points)
+        if label in nones:
+            look = {"color": "black", "marker": "o", "mfc": "white", "ls": DASHES[nones.index(label) % len(DASHES)]}
+        else:
+            colour, marker = style_of(label)
+            dash = "-" if colour != OTHER_COLOUR else DASHES[greys % len(DASHES)]
+            greys += colour == OTHER_COLOUR
+            look = {"color": colour, "marker": marker, "ls": dash}
+            speed_ax.plot(batches, [points[b]["speedup"] for b in batches], ms=4, lw=1.0, label=label, **look)
+        rate_ax.plot(batches, [points[b]["tokens_per_s"] for b in batches], ms=4, lw=1.0, label=label, **look)
+    speed_ax.axhline(1.0, color="black", lw=0.6, ls=":")
+    speed_ax.set_ylim(bottom=0)
+    speed_ax.set_ylabel("speedup over none (×)")
+    speed_ax.set_title("speedup over none (same decoding and batch size)")
+    rate_ax.set_yscale("log")
+    rate_ax.set_ylabel("throughput (tokens / s)")
+    rate_ax.set_title("throughput")
+    for ax in (speed_ax, rate_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured batch sizes
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3, lw=0.5)
+    first = rows[0]
+    fig.suptitle(f"{first['preset']} preset · {first['device_name']} · {first['dtype']} · prompt {first['prompt_length']}, "
+                 f"gen {first['gen_length']}")
+    handles, labels = rate_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)), frameon=False,
+               handlelength=3)  # long enough to show each dash pattern
+    return save(fig, out, "batch_scaling")
+
+
 # ----------------------------------------------------------------------------------------------- trace
 @contextmanager
 def dllm_cache_layers():
@@ -360,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the PDF + PNG files (default outputs/figures; the committed ones: results/reference/figures)")
     parser.add_argument("--published", default=None, help="results/published.csv: the papers' points, faded")
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
+    parser.add_argument("--bench-json", default=None,
+                        help="JSON rows of scripts/bench.py (--batch-sizes): the batch_scaling figure")
     parser.add_argument("--trace", action="store_true", help="also draw the per-step recompute map (tiny model, CPU)")
     parser.add_argument("--model", default="tiny_llada", help="--trace: model config (default tiny_llada)")
     parser.add_argument("--methods", default=",".join(TRACE_METHODS), help="--trace: cache configs, comma-separated")
@@ -367,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-length", type=int, default=16, help="--trace: block length of block decoders")
     parser.add_argument("--prompt", default=TRACE_PROMPT, help="--trace: the prompt")
     args = parser.parse_args(argv)
-    if not args.csv and not args.trace:
-        parser.error("give a results CSV, --trace, or both")
+    if not args.csv and not args.trace and not args.bench_json:
+        parser.error("give a results CSV, --bench-json, --trace, or several")
     out, written = Path(args.out), []
     if args.csv:
         runs = aggregate.load_runs(args.csv, args.experiment)
@@ -376,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = aggregate.build_tables(runs, published)
         written += plot_accuracy_vs_throughput(tables, out)
         written += plot_speedup(tables, out)
+    if args.bench_json:
+        written += plot_batch_scaling(json.loads(Path(args.bench_json).read_text()), out)
     if args.trace:
         methods = [m for m in args.methods.split(",") if m]
         maps = recompute_maps(args.model, methods, args.gen_length, args.block_length, args.prompt)

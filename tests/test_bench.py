@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -160,3 +162,84 @@ def test_dense_weights_flag_keeps_torch_linear_layers(monkeypatch):
         dense_layers.clear()
         rows = bench.main(["--preset", "smoke", "--methods", "dual", "--samplers", ""])
         assert not any(dense_layers) and all(r["packed_weights"] is True for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------- batch sweeps
+@pytest.fixture(scope="module")
+def batch_sweep(tmp_path_factory) -> Path:
+    """The smoke preset at batch sizes 1 and 2 (given out of order): a cache method under each of two
+    decodings and a sampler, so every kind of row is there."""
+    out = tmp_path_factory.mktemp("batch") / "bench.json"
+    bench.main(["--preset", "smoke", "--batch-sizes", "2,1", "--methods", "dual,d2cache", "--samplers", "ar",
+                "--json", str(out)])
+    return out
+
+
+def test_batch_sizes_compare_every_method_with_none_at_each_size(batch_sweep):
+    rows = json.loads(batch_sweep.read_text())
+    assert [r["batch_size"] for r in rows] == [1] * 5 + [2] * 5  # smallest first
+    for b in (1, 2):
+        at = {(r["method"], r["decoding"].split(",")[0]): r for r in rows if r["batch_size"] == b}
+        assert set(at) == {("none", "low_confidence"), ("dual", "low_confidence"), ("none", "ar"),
+                           ("none", "certainty_prior"), ("d2cache", "certainty_prior")}
+        for row in at.values():
+            assert KEYS <= set(row) and row["speedup"] > 0
+            assert math.isclose(row["tokens_per_s"], b * row["gen_length"] / row["wall_s"], rel_tol=1e-9)
+            assert math.isclose(row["peak_mem_gb_per_row"], row["peak_mem_gb"] / b, rel_tol=1e-9)
+            # the none it is compared with ran at the same batch size: its own row, at b
+            assert ("none", row["none_decoding"].split(",")[0]) in at
+        for base in ("low_confidence", "certainty_prior"):
+            none = at[("none", base)]
+            assert none["speedup"] == 1 and none["none_decoding"] == none["decoding"]
+        assert at[("none", "ar")]["none_decoding"] == at[("none", "low_confidence")]["decoding"]
+        assert at[("dual", "low_confidence")]["ideal_speedup"] > 1
+
+
+def test_batch_size_options():
+    assert bench.parse_args(["--preset", "smoke"]).batch_sizes == [1]
+    assert bench.parse_args(["--preset", "smoke", "--batch-size", "3"]).batch_sizes == [3]
+    assert bench.parse_args(["--preset", "smoke", "--batch-sizes", "4, 1,4"]).batch_sizes == [1, 4]
+    for bad in (["--batch-sizes", "1,x"], ["--batch-sizes", "0,2"], ["--batch-size", "0"], ["--batch-sizes", ","],
+                ["--batch-size", "2", "--batch-sizes", "1,2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--preset", "smoke", *bad])
+
+
+def test_batch_sweep_keeps_the_sizes_done_when_a_later_one_fails(tmp_path, monkeypatch):
+    real = bench.generate_once
+
+    def out_of_memory_at_2(net, prompts, *args, **kwargs):
+        if len(prompts) == 2:
+            raise RuntimeError("out of memory")
+        return real(net, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "generate_once", out_of_memory_at_2)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match="batch 2"):  # the warm-up fails: none at 2 is reported, not compared
+        bench.main(["--preset", "smoke", "--batch-sizes", "1,2", "--methods", "dual", "--samplers", "",
+                    "--json", str(out)])
+    assert {r["batch_size"] for r in json.loads(out.read_text())} == {1}
+
+
+def test_batch_scaling_plot(batch_sweep, tmp_path, monkeypatch):
+    """One line per cache method in both panels, none under each decoding in the throughput panel
+    only, no sampler; both panels on the measured batch sizes."""
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    drawn, save = {}, plot.save
+
+    def keep(fig, out, name):
+        drawn[name] = fig
+        return save(fig, out, name)
+
+    monkeypatch.setattr(plot, "save", keep)
+    assert plot.main(["--bench-json", str(batch_sweep), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "batch_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "batch_scaling.pdf").stat().st_size > 1000
+    speed_ax, rate_ax = drawn["batch_scaling"].axes
+    assert {line.get_label() for line in speed_ax.get_lines() if not line.get_label().startswith("_")} == {"dual", "d2cache"}
+    assert {line.get_label() for line in rate_ax.get_lines()} == {
+        "dual", "d2cache", "none (low_confidence)", "none (certainty_prior)"}
+    for ax in (speed_ax, rate_ax):
+        assert list(ax.get_xticks()) == [1, 2] and ax.get_xscale() == "log"

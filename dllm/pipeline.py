@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dllm import REPO_ROOT
 from dllm.cache.base import CacheMethod, build_cache
 from dllm.decoding.base import Decoder, build_decoder
-from dllm.decoding.loop import check_guidance
+from dllm.decoding.loop import check_block_causal, check_guidance
 from dllm.models.loading import FAMILY_OF_NAME
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale)
 
 
-def check_model_fit(plan: RunPlan, logit_shift: int) -> None:
-    """The decoder and the cache method accept a model with this logit shift (1: Dream)."""
+def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool) -> None:
+    """The decoder and the cache method accept a model with this logit shift (1: Dream) and
+    attention (block-causal: a block-diffusion model)."""
     plan.decoder.check_model(logit_shift)
     plan.cache.check_model(logit_shift)
+    check_block_causal(block_causal, plan.decoder, plan.cache)
 
 
 def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
@@ -128,7 +130,8 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     from dllm.models.tiny import BASE_ARGS
 
     if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
-        check_model_fit(plan, BASE_ARGS[cfg.model.family]["logit_shift"])
+        base = BASE_ARGS[cfg.model.family]
+        check_model_fit(plan, base["logit_shift"], base.get("block_causal", False))
         return
     path = local_or_repo_path(str(cfg.model.path))
     local = local_folder(path)
@@ -136,7 +139,7 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     args = model_args(folder, cfg.model.family)
     if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
-    check_model_fit(plan, args.logit_shift)
+    check_model_fit(plan, args.logit_shift, args.block_causal)
     if plan.gen_length >= args.max_seq_len:
         raise ValueError(
             f"gen_length={plan.gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="

@@ -62,6 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dllm.cache.base import build_cache  # noqa: E402
+from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
@@ -89,6 +90,44 @@ PRESETS = {
     # LLaDA-MoE-7B-A1B shapes: d 2048, 16 layers, 16 heads (MHA), 64 experts of 1024, 8 per row, vocab 157184 -- for a GPU
     "llada_moe": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024, n_experts=64, n_experts_per_token=8,
                       vocab_size=157184, mask_token_id=156895, prompt_length=256, gen_length=256, batch_size=1),
+    # block diffusion, tiny: a few seconds on CPU, for tests
+    "block_smoke": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512,
+                        prompt_length=18, gen_length=32, batch_size=1,
+                        model=dict(family="sdar", qk_norm=True, rope_theta=1e6, block_causal=True),
+                        decoding=("block_diffusion", dict(block_length=4, steps=4, threshold=0.9))),
+    # Block diffusion (block-causal attention; their own decoder; the methods of BLOCK_METHODS). SDAR-shaped
+    # (Qwen3: GQA, QK-norm, head 64) and small enough for 2 CPU cores; decoded as SDAR/TraDo publish it
+    "block_cpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536, vocab_size=8192,
+                      prompt_length=256, gen_length=256, batch_size=1,
+                      model=dict(family="sdar", qk_norm=True, rope_theta=1e6, block_causal=True),
+                      decoding=("block_diffusion", dict(block_length=4, steps=4, threshold=0.9))),
+    # Fast-dLLM v2-shaped on CPU: Qwen2.5 (GQA, q/k/v biases, shifted logits), blocks of 32 in sub-blocks of 8
+    "fast_dllm_v2_cpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536, vocab_size=8192,
+                             prompt_length=256, gen_length=256, batch_size=1,
+                             model=dict(family="fast_dllm_v2", qkv_bias=True, rope_theta=1e6, logit_shift=1,
+                                        block_causal=True),
+                             decoding=("fast_dllm_v2", dict(block_length=32, sub_block_length=8, threshold=0.9))),
+    # SDAR-8B-Chat / TraDo-8B shapes (Qwen3-8B: d 4096, 36 layers, 32 heads, 8 KV heads, head 128, ffn 12288) -- GPU
+    "sdar8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=12288, vocab_size=151936,
+                   mask_token_id=151669, prompt_length=256, gen_length=256, batch_size=1,
+                   model=dict(family="sdar", qk_norm=True, explicit_head_dim=128, rope_theta=1e6, block_causal=True),
+                   decoding=("block_diffusion", dict(block_length=4, steps=4, threshold=0.9))),
+    # LLaDA2.0-mini shapes (16B MoE, ~1.4B active: d 2048, 20 layers, 16 heads, 4 KV heads, head 128, rotary 64,
+    # layer 0 dense (5120), then 256 experts of 512, 8 per row in 4 of 8 groups, 1 shared; blocks of 32) -- GPU
+    "llada2_mini": dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=4, ffn_dim=512, vocab_size=157184,
+                        mask_token_id=156895, prompt_length=256, gen_length=256, batch_size=1,
+                        model=dict(family="llada2", qk_norm=True, explicit_head_dim=128, explicit_rotary_dim=64,
+                                   rope_theta=600000.0, block_causal=True, n_experts=256, n_experts_per_token=8,
+                                   router_score="sigmoid", n_expert_groups=8, topk_expert_groups=4,
+                                   routed_scaling_factor=2.5, n_shared_experts=1, n_dense_layers=1,
+                                   dense_ffn_dim=5120),
+                        decoding=("block_diffusion", dict(block_length=32, steps=32, threshold=0.95))),
+    # Fast_dLLM_v2_7B shapes (Qwen2.5-7B: d 3584, 28 layers, 28 heads, 4 KV heads, ffn 18944) -- GPU
+    "fast_dllm_v2_7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944, vocab_size=152064,
+                            mask_token_id=151665, prompt_length=256, gen_length=256, batch_size=1,
+                            model=dict(family="fast_dllm_v2", qkv_bias=True, rope_theta=1e6, logit_shift=1,
+                                       block_causal=True),
+                            decoding=("fast_dllm_v2", dict(block_length=32, sub_block_length=8, threshold=0.9))),
 }
 
 # method -> (cache params, decoding, decoding params); the papers' settings.
@@ -122,13 +161,31 @@ SAMPLERS = {
 }
 SAMPLER_BASELINE = ("low_confidence", dict(block_length=32))
 
+# The methods that run on block-diffusion models (with the preset's decoding): prefix = the exact
+# prefix cache (finished blocks' K/V written once; the authors' own generation), dual = Fast-dLLM v2's
+# block cache (inside the block, only the current sub-block once its first token is decoded).
+BLOCK_METHODS = {"prefix": dict(), "dual": dict()}  # method -> cache params
+
+
+def is_block_preset(preset: str) -> bool:
+    return "decoding" in PRESETS[preset]
+
+
+def methods_of(preset: str) -> dict:
+    """method -> (cache params, decoding, decoding params) for this preset."""
+    if not is_block_preset(preset):
+        return METHODS
+    decoding, dparams = PRESETS[preset]["decoding"]
+    return {name: (cache, decoding, dparams) for name, cache in BLOCK_METHODS.items()}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma-separated cache methods to compare with none (allowed: {', '.join(METHODS)})")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated cache methods to compare with none (default, and allowed: "
+                         f"{', '.join(METHODS)}; for the block-diffusion presets {', '.join(BLOCK_METHODS)})")
     ap.add_argument("--samplers", default=",".join(SAMPLERS),
                     help=f"comma-separated decoders to time with cache=none against low_confidence (allowed: "
                          f"{', '.join(SAMPLERS)}; '' for none)")
@@ -157,19 +214,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "as the pipeline does (to see what the prepacking buys)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
-    bad = [m for m in methods if m not in METHODS]
+    allowed = methods_of(args.preset)
+    methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip() and m.strip() != "none"]
+    bad = [m for m in methods if m not in allowed]
     if bad:
-        ap.error(f"--methods: unknown {bad} (allowed: {list(METHODS)}, plus 'none' which always runs)")
+        ap.error(f"--methods: unknown {bad} for --preset {args.preset} (allowed: {list(allowed)}, plus 'none' which "
+                 "always runs)")
     args.methods = methods
     args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    if is_block_preset(args.preset):  # the samplers decode bidirectional models only
+        args.samplers = []
     if bad := [s for s in args.samplers if s not in SAMPLERS]:
         ap.error(f"--samplers: unknown {bad} (allowed: {list(SAMPLERS)})")
     if args.family == "dream" and "wino" in args.samplers:
         args.samplers.remove("wino")  # WINO is LLaDA-only (decoding=wino refuses Dream)
     preset = PRESETS[args.preset]
-    if preset.get("n_experts") and args.family != "llada":
-        ap.error(f"--preset {args.preset} is LLaDA-MoE-shaped (unshifted logits); --family {args.family} does not apply")
+    if (preset.get("n_experts") or "model" in preset) and args.family != "llada":
+        ap.error(f"--preset {args.preset} fixes its model family; --family {args.family} does not apply")
     if args.batch_sizes is not None:
         try:
             args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
@@ -203,20 +264,21 @@ def model_args(args: argparse.Namespace) -> ModelArgs:
         moe = dict(n_experts=p["n_experts"], n_experts_per_token=p["n_experts_per_token"], qk_norm=True)
     else:
         family, rope_theta, moe = args.family, 500000.0 if args.family == "llada" else 1e6, {}
-    return ModelArgs(
+    fields = dict(
         family=family, dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
         n_kv_heads=p["n_kv_heads"], ffn_dim=p["ffn_dim"], vocab_size=vocab,
         rope_theta=rope_theta, norm_eps=1e-5, qkv_bias=args.family == "dream",
-        tie_embeddings=False, max_seq_len=max(4096, args.prompt_length + args.gen_length),
+        tie_embeddings=False, max_seq_len=max(4096, args.prompt_length + args.gen_length + 64),
         mask_token_id=mask, eos_token_id=1, pad_token_id=0, logit_shift=1 if args.family == "dream" else 0, **moe,
     )
+    return ModelArgs(**{**fields, **p.get("model", {})})
 
 
 def active_parameters(margs: ModelArgs, n_params: int) -> int:
     """Parameters one row runs through: all but the experts a row is not routed to (MoE), else all.
     recompute_ratio counts rows, so with an MoE it is the ratio of active-parameter work too."""
     idle = margs.n_experts - margs.n_experts_per_token
-    return n_params - margs.n_layers * idle * 3 * margs.dim * margs.ffn_dim
+    return n_params - (margs.n_layers - margs.n_dense_layers) * idle * 3 * margs.dim * margs.ffn_dim
 
 
 def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
@@ -297,6 +359,8 @@ def make_prompts(args: argparse.Namespace, margs: ModelArgs) -> list[list[int]]:
 
 
 def decoder_of(name: str, params: dict, steps: int, gen_length: int):
+    if name in DECODERS.names() and DECODERS.classes[name].block_causal:  # steps per block, as given
+        return build_decoder(name, **params)
     params = dict(params)
     if params.get("block_length") is not None:
         params["block_length"] = min(params["block_length"], gen_length)
@@ -308,7 +372,7 @@ def generate_once(net, prompts, method: str, decoding: str, dparams: dict, args,
     gen_length = gen_length or args.gen_length
     steps = max(1, args.steps * gen_length // args.gen_length)
     generator = torch.Generator(device=args.device).manual_seed(args.seed + 2)  # same draws for every run
-    cache_params = METHODS[method][0] if method != "none" else {}
+    cache_params = methods_of(args.preset)[method][0] if method != "none" else {}
     return generate(net, prompts, decoder_of(decoding, dparams, steps, gen_length),
                     build_cache(method, **cache_params), gen_length, generator=generator)
 
@@ -355,7 +419,7 @@ def main(argv=None) -> list[dict]:
         if args.json:  # after every batch size: a later one that fails (out of memory) loses only itself
             write_json(rows, args.json)
     print()
-    print(format_table(rows))
+    print(format_table(rows) if rows else "(no run finished)")
     if args.json:
         print(f"\nwrote {args.json}")
     if failed:
@@ -396,7 +460,8 @@ def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, devi
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
             agreement=float((out.tokens == ref.tokens).float().mean()),
             ideal_speedup_attention=out.total_flops / out.flops, peak_kv_gb=out.peak_kv_gb,
-            nfe=out.nfe, recompute_ratio=out.recompute_ratio, cache_params=METHODS.get(method, ({},))[0],
+            nfe=out.nfe, recompute_ratio=out.recompute_ratio,
+            cache_params=methods_of(args.preset).get(method, ({},))[0],
             decoding_params=dparams, preset=args.preset, family=margs.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
@@ -412,7 +477,7 @@ def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, devi
     # baseline decoding -> runs compared with none under it, so that rows sharing a none sit together
     groups: dict[str, list[tuple[str, str, dict]]] = {}
     for method in args.methods:
-        _, decoding, dparams = METHODS[method]
+        _, decoding, dparams = methods_of(args.preset)[method]
         groups.setdefault(describe(decoding, dparams), [("none", decoding, dparams)]).append((method, decoding, dparams))
     if args.samplers:
         group = groups.setdefault(describe(*SAMPLER_BASELINE), [("none", *SAMPLER_BASELINE)])

@@ -1,7 +1,8 @@
-"""Train a tiny LLaDA- or Dream-architecture diffusion LM on CPU (the embedded default models).
+"""Train a tiny LLaDA-, Dream- or SDAR-architecture diffusion LM on CPU (the embedded default models).
 
     python scripts/train_tiny.py --family llada --out assets/tiny_llada
     python scripts/train_tiny.py --family dream --out assets/tiny_dream
+    python scripts/train_tiny.py --family sdar --block-length 4 --steps 1500 --out assets/tiny_sdar
 
 Data: the synthetic GSM8K-style word problems of :mod:`dllm.eval.arith_data` (train split only;
 the held-out test split is disjoint by construction). Each example is the *chat-templated*
@@ -13,6 +14,12 @@ Objective (LLaDA SFT): per sequence t ~ U(eps, 1] (stratified over the batch), e
 (EOS padding included) is masked with probability t, the prompt never; loss = cross-entropy on
 the masked answer tokens weighted by 1/t, normalised by the answer length. Dream is trained with
 shifted logits: the prediction for position j comes from the hidden state at j - 1.
+
+Block diffusion (SDAR, block-causal attention over blocks of ``--block-length`` counted from each
+sequence's first token): SDAR's objective. The noisy copy x_t and the clean x_0 are fed side by
+side with the same positions; a noisy block attends to itself and to the clean earlier blocks, the
+clean copy block-causally to itself (so one forward trains every block given its clean prefix, as
+the blocks are decoded); the loss is as above on the masked answer tokens of the noisy copy.
 
 Deterministic: seeded data, initialisation and masking, a fixed thread count and
 ``torch.use_deterministic_algorithms``; CPU only. Writes the checkpoint in the family's real
@@ -38,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dllm.decoding.loop import left_pad  # noqa: E402
+from dllm.decoding.layout import lay_out  # noqa: E402
 from dllm.eval import arith_data  # noqa: E402
 from dllm.models.loading import save_checkpoint  # noqa: E402
 from dllm.models.tiny import CORPUS, SPLIT_PATTERN, SPLIT_PATTERN_LLAMA3, build_tokenizer, tiny_model_args, write_tokenizer_files  # noqa: E402
@@ -80,6 +87,7 @@ class TrainConfig:
     max_value: int = arith_data.MAX_VALUE
     max_ops: int = 3
     init_std: float = 0.0  # 0: 1/sqrt(fan_in) per matrix; > 0: normal(0, init_std) everywhere
+    block_length: int = 4  # block-diffusion families: the attention block (SDAR: 4)
     head_init_from_embedding: bool = False  # LM head starts as a copy of the embedding (untied)
 
     def shape(self) -> dict:
@@ -126,14 +134,28 @@ def make_batch(prompts: list[list[int]], answers: torch.Tensor, idx: list[int], 
     """x0 (B, P+G) with left-padded prompts (answers cut to G columns), real (B, P+G) bool, and P:
     the generation loop's own padding, with the answers where it puts the masks."""
     G = G or answers.shape[1]
-    x0, real = left_pad([prompts[i] for i in idx], G, args.mask_token_id, args.pad_token_id, "cpu")
+    layout = lay_out([prompts[i] for i in idx], G, args.mask_token_id, args.pad_token_id, "cpu")
+    x0, real = layout.x, layout.real
     x0[:, -G:] = answers[idx, :G]
     return x0, real, x0.shape[1] - G
 
 
 # ----------------------------------------------------------------------------- objective
-def diffusion_loss(net: Transformer, x0, real, P: int, gen: torch.Generator, eps: float):
-    """LLaDA SFT loss of one batch (prompt never masked, answer tokens masked with prob t)."""
+def block_diffusion_hidden(net: Transformer, xt, x0, real, positions, block: int):
+    """Hidden states of the noisy copy, fed beside the clean one (SDAR's training masks)."""
+    rank = positions // block
+    q, k = rank[:, :, None], rank[:, None, :]
+    keys = real[:, None, :]
+    noisy_rows = torch.cat([(q == k) & keys, (k < q) & keys], 2)  # noisy keys | clean keys
+    clean_rows = torch.cat([torch.zeros_like(noisy_rows[..., : xt.shape[1]]), (k <= q) & keys], 2)
+    mask = torch.cat([noisy_rows, clean_rows], 1)[:, None]
+    hidden, _ = net.hidden(torch.cat([xt, x0], 1), torch.cat([positions, positions], 1), mask)
+    return hidden[:, : xt.shape[1]]
+
+
+def diffusion_loss(net: Transformer, x0, real, P: int, gen: torch.Generator, eps: float, block: int = 0):
+    """LLaDA SFT loss of one batch (prompt never masked, answer tokens masked with prob t); for a
+    block-diffusion model (``block``: its attention block) SDAR's side-by-side variant."""
     B, T = x0.shape
     G = T - P
     # Stratified t over the batch: each t is marginally U(eps, 1], the batch covers the range.
@@ -144,7 +166,10 @@ def diffusion_loss(net: Transformer, x0, real, P: int, gen: torch.Generator, eps
     xt = x0.clone()
     xt[:, P:] = torch.where(masked, net.args.mask_token_id, x0[:, P:])
     positions = (real.long().cumsum(1) - 1).clamp(min=0)
-    hidden, _ = net.hidden(xt, positions, real[:, None, None, :])
+    if net.args.block_causal:
+        hidden = block_diffusion_hidden(net, xt, x0, real, positions, block)
+    else:
+        hidden, _ = net.hidden(xt, positions, real[:, None, None, :])
     s = net.args.logit_shift  # Dream: position j is predicted from hidden j - 1
     logits = net.output(hidden[:, P - s : T - s])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x0[:, P:].reshape(-1), reduction="none")
@@ -195,8 +220,8 @@ def set_determinism(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> dict:
     """Train and save into cfg.out; returns a summary (losses, timings, the model, the tokenizer)."""
-    if cfg.family not in ("llada", "dream"):
-        raise ValueError(f"family={cfg.family!r} (allowed: llada, dream)")
+    if cfg.family not in ("llada", "dream", "sdar"):
+        raise ValueError(f"family={cfg.family!r} (allowed: llada, dream, sdar)")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     set_determinism(cfg)
     try:
@@ -242,7 +267,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
             group["lr"] = lr_at(step, cfg)
         idx, G = draw_batch(cfg, lengths, by_length, gen)
         x0, real, P = make_batch(prompts, answers, idx, args, G)
-        loss = diffusion_loss(net, x0, real, P, gen, cfg.eps)
+        loss = diffusion_loss(net, x0, real, P, gen, cfg.eps, cfg.block_length)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -271,7 +296,8 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(net: Transformer, hf_tok, docs: list[dict], gen_length: int = 64, block_length: int = 32,
              batch_size: int = 50, progress: bool = True) -> dict:
-    """Greedy low-confidence decoding (one token per step), cache=none; GSM8K-style scoring."""
+    """Greedy low-confidence decoding (one token per step), cache=none; GSM8K-style scoring. A
+    block-diffusion model: its own decoder, static, one token per step in blocks of block_length."""
     from tqdm import tqdm
 
     from dllm.cache.base import build_cache
@@ -279,7 +305,10 @@ def evaluate(net: Transformer, hf_tok, docs: list[dict], gen_length: int = 64, b
     from dllm.decoding.loop import generate
     from dllm.models.tokenization import decode_responses, stop_token_ids
 
-    decoder = build_decoder("low_confidence", steps=gen_length, block_length=block_length, temperature=0.0)
+    if net.args.block_causal:
+        decoder = build_decoder("block_diffusion", block_length=block_length, steps=block_length, remasking="static")
+    else:
+        decoder = build_decoder("low_confidence", steps=gen_length, block_length=block_length, temperature=0.0)
     cache = build_cache("none")
     stops = stop_token_ids(hf_tok, net.args)
     prompts = chat_prompts(hf_tok, [d["question"] for d in docs])
@@ -321,7 +350,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     defaults = TrainConfig(family="llada", out="")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["llada", "dream"])
+    parser.add_argument("--family", required=True, choices=["llada", "dream", "sdar"])
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     for name, value in asdict(defaults).items():
         if name in ("family", "out"):
@@ -371,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         net = load_model(str(out), "cpu", torch.float32, expected_family=cfg.family)
         docs = arith_data.load_test()[: cfg.eval_n]
-        ev = evaluate(net, result["tokenizer"], docs, cfg.gen_length, batch_size=cfg.eval_batch)
+        block = cfg.block_length if net.args.block_causal else 32
+        ev = evaluate(net, result["tokenizer"], docs, cfg.gen_length, block, batch_size=cfg.eval_batch)
         summary["heldout"] = {
             "n": ev["n"], "file": "dllm/eval/tasks/arith/data/arith_test.jsonl (first n)",
             "decoding": "low_confidence, greedy, gen_length 64, block_length 32, 64 steps, cache=none",

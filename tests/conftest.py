@@ -231,14 +231,17 @@ def assert_causal_matches(net: Transformer, hf, prompts: list[list[int]]) -> Non
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 
-def float64_reference(net: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def float64_reference(net: Transformer, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                      block_length: int | None = None) -> torch.Tensor:
     """Bidirectional logits from scratch in float64 (RMSNorm, RoPE rotate-half, masked softmax, SwiGLU),
     with per-head QK RMSNorm before RoPE where the net has it, and an MoE FFN as a dense mixture (every
-    expert on every row, weighted by the top-k routing probabilities, 0 elsewhere)."""
+    expert on every row, weighted by the top-k routing probabilities, 0 elsewhere). ``block_length``:
+    block-causal instead (block diffusion): a token sees its own block of ``block_length`` real tokens,
+    counted from the row's first, and the earlier blocks."""
     a = net.args
     w = {k: v.double() for k, v in net.state_dict().items()}
     B, T = tokens.shape
-    hd, H, Hkv = a.dim // a.n_heads, a.n_heads, a.n_kv_heads
+    hd, H, Hkv = a.head_dim, a.n_heads, a.n_kv_heads
 
     def rms(x, weight):
         return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + a.norm_eps)
@@ -261,6 +264,9 @@ def float64_reference(net: Transformer, tokens: torch.Tensor, attention_mask: to
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padded keys are never attended
+    if block_length is not None:
+        block = pos.long() // block_length  # (B, T)
+        keep = keep & (block[:, None, :, None] >= block[:, None, None, :])  # (B, 1, T queries, T keys)
     h = w["tok_embeddings.weight"][tokens]
     for i in range(a.n_layers):
         p = f"layers.{i}"

@@ -243,3 +243,22 @@ def test_batch_scaling_plot(batch_sweep, tmp_path, monkeypatch):
         "dual", "d2cache", "none (low_confidence)", "none (certainty_prior)"}
     for ax in (speed_ax, rate_ax):
         assert list(ax.get_xticks()) == [1, 2] and ax.get_xscale() == "log"
+
+
+def test_block_diffusion_preset_runs_the_exact_prefix_cache_beside_none():
+    """A block-diffusion preset: its own decoder, none / prefix / dual only; the exact prefix cache
+    generates none's tokens with fewer token-layers."""
+    rows = bench.main(["--preset", "block_smoke", "--batch-sizes", "1,2"])
+    assert [(r["batch_size"], r["method"]) for r in rows] == [(b, m) for b in (1, 2) for m in ("none", "prefix", "dual")]
+    for row in rows:
+        assert row["decoding"].startswith("block_diffusion,block_length=4")
+        assert row["family"] == "sdar"
+    prefix = [r for r in rows if r["method"] == "prefix"]
+    none = [r for r in rows if r["method"] == "none"]
+    assert all(r["agreement"] == 1.0 for r in prefix)
+    assert all(p["recompute_ratio"] < n["recompute_ratio"] < 1 for p, n in zip(prefix, none))
+
+
+def test_block_diffusion_preset_refuses_other_methods():
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "block_smoke", "--methods", "d2cache"])

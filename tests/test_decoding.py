@@ -19,10 +19,10 @@ def net_of(make_args, make_net):
     """A tiny model of each family with peaked predictions (built once per test)."""
     nets = {}
 
-    def get(family: str):
-        if family not in nets:
-            nets[family] = make_net(make_args(family), seed=100, logit_scale=3.0)
-        return nets[family]
+    def get(family: str, block_causal: bool = False):
+        if (family, block_causal) not in nets:
+            nets[family, block_causal] = make_net(make_args(family, block_causal=block_causal), seed=100, logit_scale=3.0)
+        return nets[family, block_causal]
 
     return get
 
@@ -271,6 +271,9 @@ DECODER_CASES = {
               (dict(steps=12, block_length=None, window="block", conf_threshold=0.5, kl_threshold=0.05), False)],
     "wino": [(dict(block_length=4), False), (dict(block_length=12, threshold=0.2, threshold_back=0.95), False)],
     "entropy_threshold": [(dict(block_length=4), False), (dict(block_length=12, threshold=2.0), False)],
+    # the block-diffusion decoders (run on block-causal variants of the tiny models)
+    "block_diffusion": [(dict(block_length=4, steps=4), False), (dict(block_length=8, steps=2, remasking="static"), False)],
+    "fast_dllm_v2": [(dict(block_length=4, sub_block_length=2), False), (dict(block_length=8, threshold=1.0), False)],
 }
 
 
@@ -285,8 +288,8 @@ def test_every_decoder_has_cases():
 @pytest.mark.parametrize("case", all_decoder_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
 def test_every_position_is_decoded(family, case, net_of, make_prompts):
     name, params, exact_steps = case
-    net = net_of(family)
     decoder = build_decoder(name, **params)
+    net = net_of(family, decoder.block_causal)
     try:
         decoder.check_model(net.args.logit_shift)
     except ValueError:
@@ -297,6 +300,8 @@ def test_every_position_is_decoded(family, case, net_of, make_prompts):
     assert not (out.tokens == net.args.mask_token_id).any()
     if exact_steps:
         assert out.nfe == params["steps"]
+    elif decoder.block_causal:  # at least one token per step, over whole blocks (steps are per block)
+        assert 1 <= out.nfe <= 2 * GEN + 2 * params["block_length"]
     else:
         assert 1 <= out.nfe <= params.get("steps", GEN)
 

@@ -1,6 +1,7 @@
-"""Model presets of the LLaDA / Dream descendants and LLaDA-MoE: each composes, carries its authors'
-published generation settings in a form this harness runs, is refused offline before anything loads
-(naming the Hub id and the way out), and loads a local checkpoint folder of its on-disk format."""
+"""Model presets of the LLaDA / Dream descendants, LLaDA-MoE and the block-diffusion models: each
+composes, carries its authors' published generation settings in a form this harness runs, is refused
+offline before anything loads (naming the Hub id and the way out), and loads a local checkpoint folder
+of its on-disk format."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dllm.decoding.base import build_decoder
-from dllm.models.tiny import make_tiny_checkpoint
+from dllm.models.tiny import BASE_ARGS, make_tiny_checkpoint
 
 from conftest import compose
 
@@ -30,15 +31,25 @@ PRESETS = {
     "mmada_mixcot": ("llada", "Gen-Verse/MMaDA-8B-MixCoT", True),
     "llada_moe": ("llada_moe", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", True),
     "llada_moe_base": ("llada_moe", "inclusionAI/LLaDA-MoE-7B-A1B-Base", False),
+    "sdar_1_7b": ("sdar", "JetLM/SDAR-1.7B-Chat", True),
+    "sdar_4b": ("sdar", "JetLM/SDAR-4B-Chat", True),
+    "sdar_8b": ("sdar", "JetLM/SDAR-8B-Chat", True),
+    "trado_4b": ("sdar", "Gen-Verse/TraDo-4B-Instruct", True),
+    "trado_8b": ("sdar", "Gen-Verse/TraDo-8B-Instruct", True),
+    "fast_dllm_v2_7b": ("fast_dllm_v2", "Efficient-Large-Model/Fast_dLLM_v2_7B", True),
+    "fast_dllm_v2_1_5b": ("fast_dllm_v2", "Efficient-Large-Model/Fast_dLLM_v2_1.5B", True),
+    "llada2_mini": ("llada2", "inclusionAI/LLaDA2.0-mini", True),
+    "llada2_flash": ("llada2", "inclusionAI/LLaDA2.0-flash", True),
 }
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """A tiny checkpoint per on-disk format: LLaDA, Dream, LLaDA-MoE, and MMaDA's (LLaDA's weights under
-    model_type "mmada" with its extra vocabulary fields)."""
+    """A tiny checkpoint per on-disk format: LLaDA, Dream, LLaDA-MoE, SDAR, Fast-dLLM v2, LLaDA2.0, and MMaDA's
+    (LLaDA's weights under model_type "mmada" with its extra vocabulary fields)."""
     root = tmp_path_factory.mktemp("formats")
-    out = {f: make_tiny_checkpoint(f, root / f) for f in ("llada", "dream", "llada_moe")}
+    formats = ("llada", "dream", "llada_moe", "sdar", "fast_dllm_v2", "llada2")
+    out = {f: make_tiny_checkpoint(f, root / f) for f in formats}
     mmada = Path(shutil.copytree(out["llada"], root / "mmada"))
     cfg = json.loads((mmada / "config.json").read_text())
     cfg.update(model_type="mmada", architectures=["MMadaModelLM"], llm_vocab_size=cfg["vocab_size"], codebook_size=8192,
@@ -103,7 +114,10 @@ def test_preset_is_refused_offline_before_loading(preset, offline, monkeypatch, 
 def test_preset_loads_a_local_folder_of_its_format(preset, folders):
     from dllm.pipeline import check_checkpoint, load_model_and_tokenizer, plan_run
 
-    cfg = compose(f"model={preset}", f"model.path={folder_for(preset, folders)}", "gen_length=32", "threads=1")
+    # A block-diffusion model needs a block-diffusion decoder (the default one is refused): its published one.
+    decoding = ["+experiment=published"] if BASE_ARGS[PRESETS[preset][0]].get("block_causal") else []
+    cfg = compose(f"model={preset}", *decoding, f"model.path={folder_for(preset, folders)}", "gen_length=32",
+                  "threads=1")
     plan = plan_run(cfg)
     check_checkpoint(cfg, plan)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)

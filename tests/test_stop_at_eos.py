@@ -10,6 +10,7 @@ import torch
 from conftest import compose
 from dllm.cache.base import build_cache
 from dllm.decoding.base import build_decoder
+from dllm.decoding.layout import Layout
 from dllm.decoding.loop import generate, stop_rows
 from dllm.eval.arith_data import load_test, prompt_text
 from dllm.models.loading import load_model
@@ -28,8 +29,21 @@ def test_stop_rows_hand_made():
         [1, 1, 5, 6, 6, 6, 6, 6],  # no EOS: goes on
         [1, 1, E, 5, 6, 6, M, M],  # EOS in the first block of 4, that block complete: stops either way
     ])
-    assert stop_rows(x, P, E, M, None).tolist() == [True, False, False, True]
-    assert stop_rows(x, P, E, M, 4).tolist() == [False, False, False, True]
+    layout = Layout(x, torch.ones_like(x, dtype=torch.bool), P, torch.full((4,), P), 6)
+    assert stop_rows(x, layout, E, M, None).tolist() == [True, False, False, True]
+    assert stop_rows(x, layout, E, M, 4).tolist() == [False, False, False, True]
+
+
+def test_stop_rows_block_diffusion_layout():
+    """Blocks of 4 from the region start S=4; rows' responses start inside the first block."""
+    x = torch.tensor([
+        [1, 1, 1, 1, 1, 5, E, M, M, M, M, M],  # response from column 5, EOS at 6, its block [4, 8) not done
+        [1, 1, 1, 1, 1, 1, 1, E, M, M, M, M],  # response from column 7: EOS at 7 closes its block: stops
+        [0, 0, 0, 0, 1, E, 6, 6, 6, M, M, M],  # EOS at 5 in block [4, 8), complete: stops
+    ])
+    layout = Layout(x, x != 0, 4, torch.tensor([5, 7, 5]), 5)
+    assert stop_rows(x, layout, E, M, 4).tolist() == [False, True, True]
+    assert stop_rows(x, layout, E, M, None).tolist() == [True, True, True]
 
 
 @pytest.fixture(scope="module")

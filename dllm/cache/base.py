@@ -71,6 +71,10 @@ class CacheMethod(ABC):
     needs_attention: bool = False
     #: True for a method whose every step is a full forward (what classifier-free guidance needs).
     full_every_step: bool = False
+    #: True for a method that runs on block-diffusion models (block-causal attention): there the loop
+    #: keeps finished blocks' K/V exact and never computes later blocks, and the method chooses
+    #: what to recompute inside the current block.
+    block_causal: bool = False
 
     def check(self, decoder: Decoder) -> None:
         """Raise ValueError if this method cannot run with ``decoder``."""

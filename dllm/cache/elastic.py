@@ -186,7 +186,7 @@ class ElasticCache(CacheMethod):
         y = (attn.wq if which == "q" else attn.wk)(x).view(B, S, heads, args.head_dim)
         if args.qk_norm:
             y = (attn.q_norm if which == "q" else attn.k_norm)(y)
-        cos, sin = rope_cos_sin(self.rope_positions.gather(1, positions), args.head_dim, args.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(self.rope_positions.gather(1, positions), args.rotary_dim, args.rope_theta, x.dtype)
         return apply_rope(y.transpose(1, 2), cos, sin)
 
     def write_keys(self, layer: int, block: Block, x: Tensor, positions: Tensor) -> None:

@@ -20,10 +20,25 @@ On LLaDA (no shift) both rules are the same rows, the block region, so ``referen
 and identical to ``ours``. (NVlabs' own Dream code computes the unshifted region and commits the
 block's first position at the block-start forward: that is ``dream_rows=ours`` with
 ``decoding=dream decoding.block_length=... decoding.first_token=commit``.)
+
+Block-diffusion models (block-causal attention; the loop keeps finished blocks' K/V exact and
+never computes later blocks): no block-start refresh is needed, and the rows are those of the
+attention block(s) holding the rows that predict the step's masked positions:
+
+- ``prefix``: every row of those blocks each step: the **exact prefix cache**, and the authors' own
+  generation (SDAR/TraDo ``generate.py``, Fast-dLLM v2 without ``use_block_cache``); identical
+  tokens to ``none``.
+- ``dual``: Fast-dLLM v2's block cache (``use_block_cache=True``): the whole block when it is
+  first computed or when the window's (sub-block's) first position is still masked, otherwise
+  only the window's rows, attending to the K/V the rest of the block had when last computed.
+  With a window of the whole block (SDAR/TraDo, LLaDA2.0) it is the same as ``prefix``.
 """
 from __future__ import annotations
 
 import torch
+
+from dllm.decoding.base import DecodeContext
+from dllm.decoding.layout import blocks_of, shift_to_computing
 
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
 
@@ -33,6 +48,7 @@ DREAM_ROWS = ("ours", "reference")
 class BlockCache(CacheMethod):
     #: True: recompute everything after the current block too (prefix); False: the block only (dual).
     recompute_suffix: bool
+    block_causal = True
 
     def __init__(self, refresh_interval: int | None = None, dream_rows: str = "ours") -> None:
         check_interval("refresh_interval", refresh_interval, allow_none=True)
@@ -41,7 +57,17 @@ class BlockCache(CacheMethod):
         self.refresh_interval = refresh_interval
         self.dream_rows = dream_rows
 
+    def start(self, ctx: DecodeContext) -> None:
+        super().start(ctx)
+        if ctx.attention_block and (self.refresh_interval or self.dream_rows != "ours"):
+            raise ValueError(f"cache={self.name}: refresh_interval / dream_rows have no meaning on a block-diffusion "
+                             "model, whose finished blocks are exact (leave them at null / ours)")
+        if ctx.attention_block:
+            self.computed_in_full = torch.zeros(ctx.batch, ctx.length, dtype=torch.bool, device=ctx.device)
+
     def select(self, view: StepView) -> ActiveRequest:
+        if self.ctx.attention_block:
+            return self.select_in_block(view)
         block_step = view.plan.block_step
         if block_step == 0 or (self.refresh_interval and block_step % self.refresh_interval == 0):
             return ActiveRequest.everything()
@@ -59,6 +85,20 @@ class BlockCache(CacheMethod):
             rows[:, lo - shift : end - shift] = True
             return ActiveRequest(predict=predict, refresh=rows)
         return ActiveRequest(predict=predict, refresh=region)
+
+    def select_in_block(self, view: StepView) -> ActiveRequest:
+        lo, hi = view.plan.window
+        predict = torch.zeros_like(view.masked)
+        predict[:, lo:hi] = view.masked[:, lo:hi]
+        computing = shift_to_computing(predict, self.ctx.logit_shift)
+        blocks = blocks_of(computing, self.ctx.attention_block)
+        if self.recompute_suffix:
+            return ActiveRequest(predict=predict, refresh=blocks)
+        in_full = (blocks & ~self.computed_in_full).any(1) | view.masked[:, lo]
+        self.computed_in_full |= blocks & in_full[:, None]
+        window = torch.zeros_like(view.masked)
+        window[:, lo:hi] = predict.any(1, keepdim=True)  # rows with nothing to predict compute nothing
+        return ActiveRequest(predict=predict, refresh=torch.where(in_full[:, None], blocks, window | computing))
 
 
 @register_cache

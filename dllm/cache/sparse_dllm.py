@@ -94,7 +94,7 @@ class MeanQueryScores(LayerHook):
         k = attn.wk(x_norm).view(B, A, a.n_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = rope_cos_sin(self.positions.gather(1, self.rows.clamp(max=T - 1)), a.head_dim, a.rope_theta, x_norm.dtype)
+        cos, sin = rope_cos_sin(self.positions.gather(1, self.rows.clamp(max=T - 1)), a.rotary_dim, a.rope_theta, x_norm.dtype)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         weight = (self.rows_valid & (self.rows >= self.lo) & (self.rows < self.hi)).to(q.dtype)
         mean_q = (q * weight[:, None, :, None]).sum(2) / weight.sum(1).clamp(min=1)[:, None, None]

@@ -56,6 +56,10 @@ class DecodeContext:
     device: torch.device
     #: the model's logit shift: 1 for Dream (position j predicted from j - 1), 0 for LLaDA.
     logit_shift: int = 0
+    #: a block-diffusion model's attention block (None: bidirectional; see dllm.decoding.layout): the
+    #: decoded region [prompt_length, length) starts on a block boundary, blocks are the same columns
+    #: in every row, and a row's partial last prompt block opens the region
+    attention_block: int | None = None
 
     @property
     def length(self) -> int:
@@ -72,6 +76,9 @@ class Decoder(ABC):
     confidence_is_probability: bool = True
     #: True when :meth:`remask` may take committed tokens back (the plan's ``verify`` window).
     remasks: bool = False
+    #: True for the decoders of block-diffusion models (block-causal attention over ``block_length``);
+    #: the loop pairs them with those models only.
+    block_causal: bool = False
 
     def __init__(self, steps: int, block_length: int | None = None, temperature: float = 0.0) -> None:
         if steps < 1:
@@ -83,6 +90,12 @@ class Decoder(ABC):
         self.steps = steps
         self.block_length = block_length
         self.temperature = temperature
+
+    @property
+    def stop_block(self) -> int | None:
+        """With ``stop_at_eos``, a row stops once decoded to the end of the block holding its first
+        EOS (None: up to that EOS)."""
+        return self.block_length
 
     def check(self, gen_length: int) -> None:
         """Raise ValueError if this schedule cannot decode ``gen_length`` tokens."""

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dllm.cache.base import REGISTRY as CACHES
 from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
 from dllm.metrics.accounting import attention_pair_flops, kv_bytes_per_token, token_layer_flops
 from dllm.models.transformer import KVStore, SelectedKeys, Transformer, take_rows
 
+from .base import REGISTRY as DECODERS
 from .base import DecodeContext, Decoder
+from .layout import Layout, attention_rank, block_causal_mask, lay_out, shift_to_computing
 from .verify import verification_confidence
 
 
@@ -88,21 +91,6 @@ def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     return index, mask.gather(1, index)
 
 
-def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """x (B, P+G) with left-padded prompts and an all-mask response, and real (B, P+G) bool."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    x = torch.full((len(prompts), width + gen_length), mask_id, dtype=torch.long)
-    real = torch.ones_like(x, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        pad = width - len(prompt)
-        x[row, :pad] = pad_id
-        x[row, pad:width] = torch.tensor(prompt, dtype=torch.long)
-        real[row, :pad] = False
-    return x.to(device), real.to(device)
-
-
 def check_guidance(cfg_scale: float, cache: CacheMethod, decoder: Decoder) -> None:
     """Classifier-free guidance needs a full forward of both branches every step: no cache method
     defines how to cache the unconditional branch, and no re-masking decoder how to verify with it."""
@@ -125,16 +113,33 @@ def check_remasked(remasked: Tensor, committed: Tensor, decoder: Decoder) -> Non
                            "which is not a response token committed before this step")
 
 
-def stop_rows(x: Tensor, prompt_length: int, eos: int, mask: int, block: int | None) -> Tensor:
+def stop_rows(x: Tensor, layout: Layout, eos: int, mask: int, block: int | None) -> Tensor:
     """(B,) bool: rows whose response is decoded up to and including its first EOS (and, with
-    ``block`` set, up to the end of the block holding it): nothing after it can change the answer."""
-    response = x[:, prompt_length:]
-    B, G = response.shape
-    is_eos = response == eos
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), G, device=x.device))
-    end = first + 1 if block is None else (first // block + 1) * block
-    decoded_before_end = ((response == mask) & (torch.arange(G, device=x.device)[None, :] < end[:, None])).sum(1) == 0
-    return (first < G) & decoded_before_end
+    ``block`` set, up to the end of the block holding it; blocks start at the decoded region's
+    start): nothing after it can change the answer."""
+    B, T = x.shape
+    cols = torch.arange(T, device=x.device)[None, :]
+    response = cols >= layout.response_start[:, None]
+    is_eos = (x == eos) & response
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), T, device=x.device))
+    S = layout.region_start
+    end = first + 1 if block is None else S + ((first - S) // block + 1) * block
+    decoded_before_end = ((x == mask) & response & (cols < end[:, None])).sum(1) == 0
+    return (first < T) & decoded_before_end
+
+
+def check_block_causal(block_causal: bool, decoder: Decoder, cache: CacheMethod) -> None:
+    """A block-diffusion model needs a decoder that decodes block by block with its attention block,
+    and a cache method that knows finished blocks are exact; other models need the other decoders."""
+    if block_causal != decoder.block_causal:
+        fit = [n for n in DECODERS.names() if DECODERS.classes[n].block_causal == block_causal]
+        kind = "block-diffusion (block-causal attention)" if block_causal else "bidirectional (LLaDA/Dream-style)"
+        hint = " (a model preset's own decoding: +experiment=published)" if block_causal else ""
+        raise ValueError(f"decoding={decoder.name!r} cannot decode a {kind} model (allowed: {fit}){hint}")
+    if block_causal and not cache.block_causal:
+        fit = [n for n in CACHES.names() if CACHES.classes[n].block_causal]
+        raise ValueError(f"cache={cache.name!r} does not run on block-diffusion models (block-causal attention); "
+                         f"allowed: {fit}")
 
 
 def select_keys(store: KVStore, keys: Tensor | list[Tensor], real: Tensor, rows_valid: Tensor,
@@ -166,15 +171,6 @@ def spread_attention(attention: list[Tensor], view: SelectedKeys, width: int) ->
     return out
 
 
-def shift_to_computing(predict: Tensor, shift: int) -> Tensor:
-    """Positions whose forward yields the predictions of ``predict`` (j -> j - shift)."""
-    if shift == 0:
-        return predict
-    computing = torch.zeros_like(predict)
-    computing[:, :-shift] = predict[:, shift:]
-    return computing
-
-
 @torch.inference_mode()
 def generate(
     net: Transformer,
@@ -203,11 +199,16 @@ def generate(
     decoder.check_model(args.logit_shift)
     cache.check(decoder)
     check_guidance(cfg_scale, cache, decoder)
-    x, real = left_pad(prompts, gen_length, args.mask_token_id, args.pad_token_id, device)
+    block_causal = args.block_causal
+    check_block_causal(block_causal, decoder, cache)
+    layout = lay_out(prompts, gen_length, args.mask_token_id, args.pad_token_id, device,
+                     decoder.block_length if block_causal else None)
+    x, real = layout.x, layout.real
     B, T = x.shape
     if T > args.max_seq_len:
         raise ValueError(f"prompt + gen_length = {T} exceeds the model's max_seq_len={args.max_seq_len}")
-    ctx = DecodeContext(B, T - gen_length, gen_length, args.mask_token_id, real, generator, device, args.logit_shift)
+    ctx = DecodeContext(B, layout.region_start, layout.region_length, args.mask_token_id, real, generator, device,
+                        args.logit_shift, decoder.block_length if block_causal else None)
     decoder.start(ctx)
     cache.start(ctx)
 
@@ -233,7 +234,12 @@ def generate(
     # Re-masked positions whose stored K/V still describe the token taken back: recomputed in the
     # next forward whatever the cache method asks, so nothing reads the old token as real.
     stale = torch.zeros(B, T, dtype=torch.bool, device=device)
-    response_cols = torch.arange(T, device=device)[None, :] >= ctx.prompt_length
+    response_cols = torch.arange(T, device=device)[None, :] >= layout.response_start[:, None]
+    if block_causal:
+        # A block's K/V are exact once computed with it and every earlier block final; the loop
+        # computes each finished block's rows once more if needed, then never again.
+        rank = attention_rank(real, decoder.block_length)
+        exact = torch.zeros(B, T, dtype=torch.bool, device=device)
 
     with measure(device) as cost:
         for step in itertools.count():
@@ -244,7 +250,9 @@ def generate(
             view = StepView(step, plan, x[:, :T], masked)
             request: ActiveRequest = cache.select(view)
             hook = request.layer_hook
-            if request.full and hook is None:
+            if block_causal:
+                window_rank = rank[:, plan.window[0], None]
+            if request.full and hook is None and not block_causal:
                 rows, rows_valid, write_index = all_rows, torch.ones_like(all_rows, dtype=torch.bool), None
                 active = torch.ones_like(masked)
             else:
@@ -258,19 +266,27 @@ def generate(
                 active |= stale
                 if not request.full:
                     active &= real
+                if block_causal:  # later blocks cannot change this step; earlier ones must be exact
+                    active = (active | (~exact & (rank < window_rank))) & real & (rank <= window_rank)
                 rows, rows_valid = pack(active)
                 rows = write_index = rows.masked_fill(~rows_valid, T)
             if hook is not None:
                 hook.begin(rows, rows_valid, stale.gather(1, rows.clamp(max=T - 1)) & rows_valid)
-            attended, key_counts = store, real_keys.expand(args.n_layers, B)
+            attended, key_counts, step_mask = store, real_keys.expand(args.n_layers, B), key_mask
             if request.keys is not None:
                 attended, key_counts = select_keys(store, request.keys, real, rows_valid, args.n_layers)
+            if block_causal:
+                step_mask = block_causal_mask(rank, key_mask, rows)
+                row_keys = step_mask[:, 0].sum(-1).masked_fill(~rows_valid, 0).double()  # (B, A)
             hidden, attention = net.hidden(
-                x.gather(1, rows), positions.gather(1, rows), key_mask, attended, write_index, cache.needs_attention, hook
+                x.gather(1, rows), positions.gather(1, rows), step_mask, attended, write_index, cache.needs_attention, hook
             )
             if attention is not None and request.keys is not None:
                 attention = spread_attention(attention, attended, T + 1)
             stale &= ~active
+            if block_causal:
+                first_masked = torch.where(masked, rank, T).min(1).values
+                exact |= active & (rank < first_masked[:, None])
             if plan.verify is not None:
                 verified = verification_confidence(net, x, positions, key_mask, store, plan.verify)
 
@@ -304,11 +320,10 @@ def generate(
                 remasked_count += remasked.sum(1)
                 stale |= remasked
             if stop_at_eos:
-                newly = stop_rows(x[:, :T], ctx.prompt_length, args.eos_token_id, args.mask_token_id, decoder.block_length) & ~stopped
-                response = x[:, ctx.prompt_length : T]  # a view: filled in place
-                fill = (response == args.mask_token_id) & newly[:, None]
-                generated -= fill.sum(1)
-                response.masked_fill_(fill, args.eos_token_id)
+                newly = stop_rows(x[:, :T], layout, args.eos_token_id, args.mask_token_id, decoder.stop_block) & ~stopped
+                fill = (x[:, :T] == args.mask_token_id) & response_cols & newly[:, None]
+                generated -= layout.response(fill).sum(1)
+                x[:, :T] = x[:, :T].masked_fill(fill, args.eos_token_id)
                 stopped |= newly
 
             cache.observe(view, StepOutcome(active, transferred, fresh_conf, rows, rows_valid, attention, remasked))
@@ -318,6 +333,9 @@ def generate(
                 rows_valid.sum(1) * args.n_layers
             keys_held = key_counts.double().mean(0)  # (B,) per row, averaged over layers
             pairs = branches * float((queries * keys_held).sum())
+            if block_causal:  # each row attends to its block and the earlier ones only
+                keys_held = row_keys.max(1).values
+                pairs = float(row_keys.sum()) * args.n_layers
             full_pairs = branches * T * args.n_layers * float(real_keys.sum())
             if plan.verify is not None:  # the shadow rows, one per position of the window and row, in both
                 width = plan.verify[1] - plan.verify[0]
@@ -342,7 +360,7 @@ def generate(
             f"decoding={decoder.name!r} with cache={cache.name!r} ended with {left} [MASK] token(s) in the response"
         )
     return GenerationOutput(
-        tokens=x[:, ctx.prompt_length : T].clone(),
+        tokens=layout.response(x[:, :T]),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
         total_token_layers=full_total,

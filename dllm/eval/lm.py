@@ -310,7 +310,9 @@ class DllmLM(LM):
 
     @torch.inference_mode()
     def _score_rows(self, rows: list[_Row]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One full forward over a left-padded batch of rows (context + continuation variant).
+        """One full forward over a left-padded batch of rows (context + continuation variant); a
+        block-diffusion model attends block-causally, as it generates (a one-token continuation
+        is then scored exactly as Fast-dLLM v2's harness does: masked, after its context).
 
         Returns per row the log-softmax (float32, len(row.predict) x V) at the positions it
         predicts, and its argmax.
@@ -327,7 +329,11 @@ class DllmLM(LM):
             real[r, start:] = True
         x, real = x.to(device), real.to(device)
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        hidden, _ = self.net.hidden(x, positions, real[:, None, None, :])
+        key_mask = real[:, None, None, :]
+        if args.block_causal:  # block diffusion: blocks of the decoder's block_length from the first token
+            rank = positions // self.plan.decoder.block_length
+            key_mask = key_mask & (rank[:, None, None, :] <= rank[:, None, :, None])
+        hidden, _ = self.net.hidden(x, positions, key_mask)
         out = []
         for r, row in enumerate(rows):
             # Dream (logit_shift 1) predicts position j from the hidden state at j - 1.

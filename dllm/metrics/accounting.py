@@ -22,12 +22,20 @@ class SampleStats:
 
 
 def token_layer_flops(args) -> int:
-    """FLOPs of one position through one layer's linear layers (2 per multiply-add): the q/k/v/o
-    projections and the FFN (for a mixture of experts: the router and the experts a row uses)."""
+    """FLOPs of one position through one layer's linear layers (2 per multiply-add), averaged over
+    the layers: the q/k/v/o projections and the FFN (for a mixture of experts: the router, the
+    experts a row uses and any shared experts; the leading dense layers of LLaDA2.0 at their width)."""
     attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     experts = getattr(args, "n_experts", 0)
-    ffn = 3 * args.dim * args.ffn_dim * (getattr(args, "n_experts_per_token", 0) if experts else 1)
-    return 2 * (attention + ffn + args.dim * experts)
+    if not experts:
+        return 2 * (attention + 3 * args.dim * args.ffn_dim)
+    per_row = getattr(args, "n_experts_per_token", 0) + getattr(args, "n_shared_experts", 0)
+    moe = args.dim * experts + 3 * args.dim * args.ffn_dim * per_row
+    dense_layers = getattr(args, "n_dense_layers", 0)
+    dense = 3 * args.dim * getattr(args, "dense_ffn_dim", 0)
+    # Integer mean over layers (off by under one FLOP per token-layer when the layers differ).
+    ffn = (dense_layers * dense + (args.n_layers - dense_layers) * moe) // args.n_layers
+    return 2 * (attention + ffn)
 
 
 def attention_pair_flops(args) -> int:

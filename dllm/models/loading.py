@@ -16,13 +16,22 @@ from types import ModuleType
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import dream, llada, llada_moe
+from . import dream, fast_dllm_v2, llada, llada2, llada_moe, sdar
 from .packed import PackedLinear
 from .transformer import ModelArgs, Transformer
 
 # model.family -> the module that reads and writes that family's config.json and key names.
-FAMILY_OF_NAME: dict[str, ModuleType] = {"llada": llada, "dream": dream, "llada_moe": llada_moe}
-MODEL_TYPES = sorted({*llada.MODEL_TYPES, dream.MODEL_TYPE, *llada_moe.MODEL_TYPES})
+FAMILY_OF_NAME: dict[str, ModuleType] = {"llada": llada, "dream": dream, "llada_moe": llada_moe, "sdar": sdar,
+                                          "fast_dllm_v2": fast_dllm_v2, "llada2": llada2}
+MODEL_TYPES = sorted({*llada.MODEL_TYPES, dream.MODEL_TYPE, *llada_moe.MODEL_TYPES, sdar.MODEL_TYPE,
+                      fast_dllm_v2.MODEL_TYPE, llada2.MODEL_TYPE})
+# A family's key_pairs map a checkpoint key to one native key, or to a tuple of native keys when the
+# checkpoint stores their tensors fused, concatenated along dim 0 (LLaDA2.0's query_key_value).
+Native = str | tuple[str, ...]
+
+
+def native_keys(native: Native) -> tuple[str, ...]:
+    return (native,) if isinstance(native, str) else native
 
 
 class CheckpointError(ValueError):
@@ -113,12 +122,17 @@ def open_shard(shard: Path, device: str = "cpu") -> Iterator:
         raise CheckpointError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
-def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, str]]]:
-    """Which (checkpoint key, native key) pairs to read from which shard; raises on any mismatch."""
+def fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of tensors of these shapes concatenated along dim 0."""
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, Native]]]:
+    """Which (checkpoint key, native key(s)) pairs to read from which shard; raises on any mismatch."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     to_native = dict(FAMILY_OF_NAME[args.family].key_pairs(args))
-    plan: dict[Path, list[tuple[str, str]]] = {}
+    plan: dict[Path, list[tuple[str, Native]]] = {}
     found: set[str] = set()
     problems: list[str] = []
     for shard in shard_files(folder):
@@ -132,8 +146,9 @@ def plan_loading(folder: Path, args: ModelArgs) -> dict[Path, list[tuple[str, st
                         problems.append(f"unexpected key {key}")
                     continue
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[native]:
-                    problems.append(f"{key}: shape {shape}, config.json implies {expected[native]}")
+                implied = fused_shape([expected[n] for n in native_keys(native)])
+                if shape != implied:
+                    problems.append(f"{key}: shape {shape}, config.json implies {implied}")
                 plan.setdefault(shard, []).append((key, native))
                 found.add(key)
     problems += [f"missing key {k}" for k in to_native if k not in found]
@@ -162,7 +177,10 @@ def load_model(
     for shard, pairs in plan.items():
         with open_shard(shard, str(device)) as f:
             for key, native in pairs:
-                params[native].copy_(f.get_tensor(key).to(dtype))
+                parts = native_keys(native)
+                pieces = f.get_tensor(key).to(dtype).split([params[n].shape[0] for n in parts])
+                for part, piece in zip(parts, pieces):
+                    params[part].copy_(piece)
     if args.tie_embeddings:
         net.output.weight = net.tok_embeddings.weight
     return net.eval().requires_grad_(False)
@@ -181,7 +199,12 @@ def save_checkpoint(net: Transformer, folder: str | Path, max_shard_bytes: int =
     family = FAMILY_OF_NAME[args.family]
     (folder / "config.json").write_text(json.dumps(family.config_from_args(args), indent=2) + "\n")
     state = net.state_dict()
-    tensors = {ck: state[nk].detach().to("cpu").contiguous() for ck, nk in family.key_pairs(args)}
+
+    def stored(native: Native) -> torch.Tensor:  # a fused tensor is a new one, any other the model's own
+        parts = [state[n].detach().to("cpu") for n in native_keys(native)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
+
+    tensors = {ck: stored(nk) for ck, nk in family.key_pairs(args)}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():

@@ -1,4 +1,5 @@
-"""Tiny random LLaDA / Dream / LLaDA-MoE checkpoints in the exact on-disk format of the published ones.
+"""Tiny random LLaDA / Dream / LLaDA-MoE / SDAR / Fast-dLLM v2 checkpoints in the exact on-disk format of
+the published ones.
 
 A folder holds config.json (the family's real field names), model.safetensors (or shards plus
 model.safetensors.index.json) with the real key names, and a byte-level BPE tokenizer
@@ -65,8 +66,20 @@ SPECIALS = {
     # LLaDA-MoE's ids 156892 (<|endoftext|>, eos = pad) and 156895 (<|mask|>), in that order; its
     # chat markup uses <role>...</role> and <|role_end|>.
     "llada_moe": ["<|endoftext|>", "<role>", "</role>", "<|mask|>", "<|role_end|>"],
+    # Qwen's 151643 / 151644 / 151645, then the mask: SDAR's <|MASK|> 151669, Fast-dLLM v2's |<MASK>| 151665.
+    "sdar": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"],
+    "fast_dllm_v2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|"],
+    # LLaDA2.0's 156891 (<|startoftext|>, not added to prompts), 156892 (<|endoftext|>, eos = pad) and
+    # 156895 (<|mask|>), in that order; its chat markup's <role>, </role>, <|role_end|> (real ids not read).
+    "llada2": ["<|startoftext|>", "<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"],
 }
-MASK_TOKEN = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "llada_moe": "<|mask|>"}
+MASK_TOKEN = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "llada_moe": "<|mask|>", "sdar": "<|MASK|>",
+              "fast_dllm_v2": "|<MASK>|", "llada2": "<|mask|>"}
+# The tokenizer's eos_token where it is not <|endoftext|> (Fast-dLLM v2's is <|im_end|>; pad stays <|endoftext|>).
+TOKENIZER_EOS = {"fast_dllm_v2": "<|im_end|>"}
+# ModelArgs.eos_token_id, the token a generation stops on, where it is not <|endoftext|>: the chat turn's
+# end for the block-diffusion chat models (see dllm.models.sdar / fast_dllm_v2).
+STOP_TOKEN = {"sdar": "<|im_end|>", "fast_dllm_v2": "<|im_end|>"}
 
 CHAT_TEMPLATE = {
     # LLaDA-8B-Instruct ships the LLaMA-3 template.
@@ -93,7 +106,32 @@ CHAT_TEMPLATE = {
         "{{ '<role>' + role + '</role>' + message['content'] + '<|role_end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
     ),
+    # SDAR / TraDo ship Qwen3's template: no default system prompt, and an empty think block only when
+    # enable_thinking=false is passed (tool calls and reasoning_content are left out here).
+    "sdar": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+        "{% endif %}"
+    ),
 }
+# Fast-dLLM v2 ships Qwen2.5's ChatML template with Dream's default system prompt ("You are a helpful
+# assistant.", not Qwen2.5-Instruct's "You are Qwen, created by Alibaba Cloud. ...").
+CHAT_TEMPLATE["fast_dllm_v2"] = CHAT_TEMPLATE["dream"]
+# LLaDA2.0: the Ling-2.0 template (a SYSTEM turn that always ends "detailed thinking off", HUMAN /
+# ASSISTANT turns closed by <|role_end|>) without its tool and reasoning branches; dInfer's and
+# dFactory's prompts have this form. That the LLaDA2.0 tokenizer ships it is assumed, not read.
+CHAT_TEMPLATE["llada2"] = (
+    "{{ '<role>SYSTEM</role>' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n' }}"
+    "{% endif %}{{ 'detailed thinking off<|role_end|>' }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '<role>HUMAN</role>' + message['content'] + '<|role_end|>' }}"
+    "{% elif message['role'] == 'system' and not loop.first %}"
+    "{{ '<role>SYSTEM</role>' + message['content'] + '<|role_end|>' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<role>ASSISTANT</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
 
 # generation_config.json of Dream-org/Dream-v0-Instruct-7B (transformers 4.46.2) but its special
 # ids (151643 there), which write_generation_config sets from the tiny tokenizer.
@@ -110,6 +148,13 @@ DREAM_GENERATION_CONFIG = {
     "top_p": None,
     "transformers_version": "4.46.2",
 }
+# generation_config.json of SDAR-4B/8B-Chat and Fast_dLLM_v2_7B but their special ids: Qwen's sampling
+# defaults (which their diffusion generation ignores) and the stop list [<|im_end|>, <|endoftext|>], set
+# from the tiny tokenizer by write_generation_config.
+QWEN_GENERATION_CONFIG = {
+    "sdar": {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
+    "fast_dllm_v2": {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8},
+}
 
 # Real architecture constants of each family; only the sizes are shrunk.
 BASE_ARGS = {
@@ -117,10 +162,23 @@ BASE_ARGS = {
     "dream": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, max_seq_len=131072, logit_shift=1),
     "llada_moe": dict(rope_theta=50000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=8192, logit_shift=0,
                       qk_norm=True),
+    "sdar": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, max_seq_len=32768, logit_shift=0,
+                 qk_norm=True, block_causal=True),
+    "fast_dllm_v2": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, max_seq_len=32768, logit_shift=1,
+                         block_causal=True),
+    "llada2": dict(rope_theta=600000.0, norm_eps=1e-6, qkv_bias=False, max_seq_len=32768, logit_shift=0,
+                   qk_norm=True, block_causal=True, router_score="sigmoid", norm_topk_prob=True,
+                   routed_scaling_factor=2.5, n_shared_experts=1, n_dense_layers=1),
 }
 DEFAULT_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 # LLaDA-MoE: 8 narrow experts, 2 per token (the real one: 64 experts of 1024, 8 per token, d 2048).
-FAMILY_SHAPE = {"llada_moe": dict(ffn_dim=32, n_experts=8, n_experts_per_token=2)}
+FAMILY_SHAPE = {"llada_moe": dict(ffn_dim=32, n_experts=8, n_experts_per_token=2),
+                # SDAR: config.json's head_dim, wider than dim / n_heads, as in SDAR-4B (128 > 2560 / 32).
+                "sdar": dict(explicit_head_dim=32),
+                # LLaDA2.0: a dense first layer, then 16 experts of 16 in 4 groups (2 kept), 4 per token, a
+                # shared one; half of each head rotated (the real mini: 256 of 512 in 8 groups, 4 kept, top 8).
+                "llada2": dict(ffn_dim=16, dense_ffn_dim=128, n_experts=16, n_experts_per_token=4, n_expert_groups=4,
+                               topk_expert_groups=2, explicit_head_dim=16, explicit_rotary_dim=8)}
 SHAPE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
                 "n_experts", "n_experts_per_token"}
 
@@ -153,11 +211,16 @@ def write_generation_config(family: str, ids: dict[str, int], out: Path) -> Path
     """Dream: write generation_config.json as Dream-v0-Instruct-7B publishes it, with this
     tokenizer's special ids; Dream's own loading code (``DreamModel.from_pretrained``) reads it and
     fails without it. Its mask id is null as published (Dream's generation code takes the mask id
-    from config.json). LLaDA: nothing (LLaDA's loading code does not need the file)."""
-    if family != "dream":
-        return None
+    from config.json). SDAR / Fast-dLLM v2: as published (SDAR's generate.py stops on its eos list).
+    LLaDA: nothing (LLaDA's loading code does not need the file)."""
     eos = ids["<|endoftext|>"]
-    config = {**DREAM_GENERATION_CONFIG, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    if family == "dream":
+        config = {**DREAM_GENERATION_CONFIG, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    elif family in QWEN_GENERATION_CONFIG:
+        config = {**QWEN_GENERATION_CONFIG[family], "bos_token_id": eos, "eos_token_id": [ids["<|im_end|>"], eos],
+                  "pad_token_id": eos}
+    else:
+        return None
     path = out / "generation_config.json"
     path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     return path
@@ -168,8 +231,8 @@ def write_tokenizer_files(family: str, tok: Tokenizer, out: Path) -> dict[str, i
     special_tokens_map.json (and Dream's generation_config.json); return the special ids."""
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIALS[family]}
-    eos = "<|endoftext|>"
-    roles = {"eos_token": eos, "pad_token": eos, "mask_token": MASK_TOKEN[family]}
+    roles = {"eos_token": TOKENIZER_EOS.get(family, "<|endoftext|>"), "pad_token": "<|endoftext|>",
+             "mask_token": MASK_TOKEN[family]}
     if family == "llada":
         roles["bos_token"] = "<|startoftext|>"
     config = {
@@ -204,14 +267,13 @@ def tiny_model_args(family: str, tok: Tokenizer, ids: dict[str, int], **shape: i
     vocab_size = shape.pop("vocab_size", -(-n_tokens // 64) * 64)
     if vocab_size < n_tokens:
         raise ValueError(f"vocab_size={vocab_size} does not cover the tokenizer's {n_tokens} ids")
-    eos = ids["<|endoftext|>"]
     return ModelArgs(
         family=family,
         vocab_size=vocab_size,
         tie_embeddings=False,
         mask_token_id=ids[MASK_TOKEN[family]],
-        eos_token_id=eos,
-        pad_token_id=eos,
+        eos_token_id=ids[STOP_TOKEN.get(family, "<|endoftext|>")],
+        pad_token_id=ids["<|endoftext|>"],
         **{**BASE_ARGS[family], **DEFAULT_SHAPE, **FAMILY_SHAPE.get(family, {}), **shape},
     )
 
@@ -226,6 +288,9 @@ def _init_weights(net: Transformer, seed: int) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        # Buffers after the parameters (only LLaDA2.0's expert_bias, non-zero as a trained one is).
+        for _, b in sorted(net.named_buffers()):
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
 def make_tiny_checkpoint(
@@ -236,7 +301,7 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     **shape: int,
 ) -> Path:
-    """Write a random tiny ``family`` ("llada" | "dream" | "llada_moe") checkpoint folder and return its path.
+    """Write a random tiny ``family`` (a key of SPECIALS) checkpoint folder and return its path.
 
     shape overrides DEFAULT_SHAPE (dim, n_layers, n_heads, n_kv_heads, ffn_dim; for llada_moe also
     n_experts, n_experts_per_token, with ffn_dim the width of one expert) and may set

@@ -8,7 +8,7 @@ cached paths are the same code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +39,71 @@ class ModelArgs:
     n_experts: int = 0
     n_experts_per_token: int = 0
     norm_topk_prob: bool = False  # renormalise a row's top-k routing weights to sum to 1
+    # Router scores: "softmax" (OLMoE, LLaDA-MoE) or "sigmoid" (DeepSeek-V3-style, LLaDA2.0). A sigmoid
+    # router holds an expert bias (a load-balancing buffer) that is added for choosing experts only.
+    router_score: str = "softmax"
+    # Group-limited choice (LLaDA2.0's n_group / topk_group): the experts form n_expert_groups equal
+    # groups, a row keeps its topk_expert_groups best groups (a group scores the sum of its two best
+    # experts) and picks its top-k experts inside them. 1 / 1: plain top-k.
+    n_expert_groups: int = 1
+    topk_expert_groups: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routing weights (after any renormalisation)
+    # Shared experts: one SwiGLU of width n_shared_experts * ffn_dim that every row goes through.
+    n_shared_experts: int = 0
+    # The first n_dense_layers layers of an MoE model keep a dense SwiGLU of width dense_ffn_dim
+    # (LLaDA2.0's first_k_dense_replace / intermediate_size).
+    n_dense_layers: int = 0
+    dense_ffn_dim: int = 0
     # RMSNorm of every head's query and key (over head_dim) before RoPE (LLaDA-MoE's qk_layernorm).
     qk_norm: bool = False
+    # Width of a head when the config gives it (Qwen3: 128 with hidden 2560 and 32 heads); 0: dim // n_heads.
+    explicit_head_dim: int = 0
+    # Leading dims of each head that RoPE rotates (partial rotary, LLaDA2.0); 0: the whole head.
+    explicit_rotary_dim: int = 0
+    # Block diffusion (SDAR, Fast-dLLM v2, LLaDA2.0): attention is bidirectional inside a block of
+    # the decoder's block_length and causal across blocks, so finished blocks have exact K/V.
+    block_causal: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.explicit_rotary_dim or self.head_dim
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (not self.explicit_head_dim and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"inconsistent heads: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
             )
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
         if self.n_experts < 0 or not (1 if self.n_experts else 0) <= self.n_experts_per_token <= self.n_experts:
             raise ValueError(
                 f"inconsistent experts: n_experts={self.n_experts}, n_experts_per_token={self.n_experts_per_token} "
                 "(a dense FFN has 0 and 0; an MoE FFN routes each row to 1 ... n_experts experts)"
+            )
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router_score={self.router_score!r} (allowed: ['softmax', 'sigmoid'])")
+        groups, kept = self.n_expert_groups, self.topk_expert_groups
+        per_group = self.n_experts // groups if groups > 0 else 0
+        if self.n_experts and (
+            groups < 1 or self.n_experts % groups or not 1 <= kept <= groups
+            or (groups > 1 and per_group < 2)  # a group scores its two best experts
+            or self.n_experts_per_token > kept * per_group
+        ):
+            raise ValueError(
+                f"inconsistent expert groups: n_experts={self.n_experts} in n_expert_groups={groups}, "
+                f"topk_expert_groups={kept}, n_experts_per_token={self.n_experts_per_token} (groups of at least 2 "
+                "experts dividing n_experts; 1 <= topk_expert_groups <= n_expert_groups; the kept groups hold "
+                "the top-k)"
+            )
+        dense = self.n_dense_layers
+        if not 0 <= dense <= self.n_layers or (dense and not (self.n_experts and self.dense_ffn_dim > 0)):
+            raise ValueError(
+                f"n_dense_layers={dense} with dense_ffn_dim={self.dense_ffn_dim}, n_experts={self.n_experts}: dense "
+                f"leading layers need an MoE model, a width > 0 and at most n_layers={self.n_layers} of them"
             )
 
 
@@ -139,7 +188,11 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
+    """Rotate the first cos.shape[-1] dims of each head (rotate-half layout); the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
+    half = rotary // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
@@ -221,12 +274,17 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Sparse mixture of SwiGLU experts (OLMoE's block, as LLaDA-MoE uses it).
+    """Sparse mixture of SwiGLU experts: OLMoE's block (LLaDA-MoE) and LLaDA2.0's (DeepSeek-V3-style).
 
-    A linear router scores the experts of every row (softmax in float32); the row goes through
-    its top-k experts and their outputs are summed, weighted by the routing probabilities
-    (renormalised over the k when ``norm_topk_prob``). Only the rows passed in are routed, so a
-    cached step routes just the rows it recomputes.
+    A linear router scores the experts of every row, in float32:
+    - ``router_score="softmax"``: probabilities; a row goes through its top-k experts, weighted by
+      their probabilities;
+    - ``"sigmoid"``: independent scores; the experts are chosen on score + ``expert_bias`` and
+      weighted by the unbiased scores (the bias balances the load without changing the mixture).
+    With ``n_expert_groups`` > 1 the choice is group-limited (see ModelArgs). The k weights are
+    renormalised to sum to 1 when ``norm_topk_prob``, then multiplied by ``routed_scaling_factor``;
+    shared experts, if any, are added for every row. Only the rows passed in are routed, so a cached
+    step routes just the rows it recomputes.
 
     Dispatch: the (row, slot) pairs are sorted by expert once, so each expert reads its rows as
     one contiguous slice; the loop runs over experts (never over tokens) and skips idle ones.
@@ -238,33 +296,82 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.top_k = args.n_experts_per_token
         self.norm_topk_prob = args.norm_topk_prob
+        self.sigmoid = args.router_score == "sigmoid"
+        self.groups, self.topk_groups = args.n_expert_groups, args.topk_expert_groups
+        self.scaling = args.routed_scaling_factor
         self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        if self.sigmoid:
+            # A buffer as in the published checkpoints (updated outside the gradient); it follows the
+            # model's dtype, as the HF model's does once loaded in bfloat16.
+            self.register_buffer("expert_bias", torch.zeros(args.n_experts))
         self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+        shared_width = args.n_shared_experts * args.ffn_dim
+        self.shared = FeedForward(replace(args, ffn_dim=shared_width)) if args.n_shared_experts else None
+
+    def route(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's k experts (N, k), by descending choice score, and their float32 weights (N, k)."""
+        if self.sigmoid:
+            # LLaDA2.0 runs the router GEMM in float32 (router_dtype "fp32"); a float32 model is there
+            # already (and its router may be prepacked, dllm.models.packed, with no .weight).
+            if rows.dtype == torch.float32:
+                logits = self.router(rows)
+            else:
+                logits = F.linear(rows.float(), self.router.weight.float())
+            scores = logits.sigmoid()
+            choice = scores + self.expert_bias
+        else:
+            scores = choice = self.router(rows).softmax(-1, dtype=torch.float32)
+        if self.groups > 1:
+            choice = self.keep_best_groups(choice)
+        experts = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, experts)
+        if self.norm_topk_prob:
+            # LLaDA2.0's + 1e-20 guards an all-zero sum; it is below half an ulp of any softmax top-k
+            # sum (>= k / n_experts), so LLaDA-MoE's weights are unchanged.
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return experts, weights * self.scaling
+
+    def keep_best_groups(self, choice: Tensor) -> Tensor:
+        """``choice`` (N, E) at -inf outside each row's topk_expert_groups best groups of experts,
+        a group scoring the sum of its two best choice scores."""
+        N, E = choice.shape
+        grouped = choice.view(N, self.groups, E // self.groups)
+        best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices
+        kept = torch.zeros(N, self.groups, dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+        return grouped.masked_fill(~kept[..., None], float("-inf")).view(N, E)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        probs = self.router(rows).softmax(-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights, experts = weights.to(x.dtype).flatten(), experts.flatten()
+        experts, weights = self.route(rows)
+        # LLaDA2.0 weights and sums the experts' outputs in float32 (its moe_infer) and rounds once;
+        # LLaDA-MoE (OLMoE) accumulates in the model's dtype.
+        acc = torch.promote_types(x.dtype, torch.float32) if self.sigmoid else x.dtype
+        weights, experts = weights.to(acc).flatten(), experts.flatten()
         order = experts.argsort(stable=True)  # (row, slot) pairs grouped by expert
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(rows)
+        out = torch.zeros(rows.shape, dtype=acc, device=rows.device)
         for expert, pairs in zip(self.experts, order.split(counts)):
             if len(pairs):
                 picked = pairs // self.top_k
-                out.index_add_(0, picked, expert(rows[picked]) * weights[pairs, None])
+                out.index_add_(0, picked, expert(rows[picked]).to(acc) * weights[pairs, None])
+        out = out.to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(rows)
         return out.view(x.shape)
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoEFeedForward(args) if args.n_experts else FeedForward(args)
+        if not args.n_experts:
+            self.ffn = FeedForward(args)
+        elif layer < args.n_dense_layers:  # LLaDA2.0: the first layers keep a dense SwiGLU
+            self.ffn = FeedForward(replace(args, ffn_dim=args.dense_ffn_dim))
+        else:
+            self.ffn = MoEFeedForward(args)
 
     def forward(self, h, cos, sin, key_mask, store, layer, index, want_attention):
         attn_out, head_mean = self.attn(self.attn_norm(h), cos, sin, key_mask, store, layer, index, want_attention)
@@ -344,7 +451,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -380,7 +487,7 @@ class Transformer(nn.Module):
         a per-layer subset of the rows and reuse cached features for the rest.
         Returns hidden (B, A, dim) and, if asked, per-layer head-averaged attention (B, A, K).
         """
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.dtype)
+        cos, sin = rope_cos_sin(positions, self.args.rotary_dim, self.args.rope_theta, self.dtype)
         h = self.tok_embeddings(tokens)
         attention = [] if want_attention else None
         if layer_hook is not None:
@@ -395,11 +502,15 @@ class Transformer(nn.Module):
                 attention.append(head_mean)
         return self.norm(h), attention
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
+                block_length: int | None = None) -> Tensor:
         """Plain full forward (training, likelihoods, parity tests): logits (B, T, V), unshifted.
 
         attention_mask: (B, T) 1 for real tokens, 0 for left padding. RoPE positions count real
         tokens only, so a left-padded row computes the same as the unpadded one.
+        causal: each token attends to itself and earlier ones. block_length: block-causal
+        attention (block diffusion): bidirectional inside blocks of that many positions, counted
+        from each row's first token, and causal across them.
         """
         B, T = tokens.shape
         if attention_mask is None:
@@ -409,5 +520,8 @@ class Transformer(nn.Module):
         key_mask = attention_mask[:, None, None, :]
         if causal:
             key_mask = key_mask & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        if block_length is not None:
+            rank = positions // block_length
+            key_mask = key_mask & (rank[:, None, None, :] <= rank[:, None, :, None])
         hidden, _ = self.hidden(tokens, positions, key_mask)
         return self.output(hidden)

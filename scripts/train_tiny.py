@@ -404,7 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
         ev = evaluate(net, result["tokenizer"], docs, cfg.gen_length, block, batch_size=cfg.eval_batch)
         summary["heldout"] = {
             "n": ev["n"], "file": "dllm/eval/tasks/arith/data/arith_test.jsonl (first n)",
-            "decoding": "low_confidence, greedy, gen_length 64, block_length 32, 64 steps, cache=none",
+            "decoding": (f"block_diffusion static, greedy, gen_length {cfg.gen_length}, block_length {block}, one token "
+                         "per step, cache=none") if net.args.block_causal else
+                        f"low_confidence, greedy, gen_length {cfg.gen_length}, block_length 32, {cfg.gen_length} steps, "
+                        "cache=none",
             "strict_match": ev["strict_match"], "flexible_extract": ev["flexible_extract"],
         }
         for d, g in list(zip(docs, ev["generations"]))[:3]:

@@ -1,4 +1,4 @@
-"""The embedded default: tiny LLaDA / Dream checkpoints trained on CPU (assets/, scripts/train_tiny.py)
+"""The embedded default: tiny LLaDA / Dream (and block-diffusion SDAR) checkpoints trained on CPU (assets/, scripts/train_tiny.py)
 on the synthetic word problems of dllm/eval/arith_data.py.
 
 - the committed checkpoints load and clear their accuracy floors on a fixed held-out subset;
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, offline_env, subprocess_env
+from conftest import compose, offline_env, subprocess_env, tiny_args, tiny_net
 from dllm.eval import arith_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
-FLOORS = {"llada": 0.6, "dream": 0.5}  # accuracy floors on the fixed subset (greedy, cache=none)
+FLOORS = {"llada": 0.6, "dream": 0.5, "sdar": 0.9}  # accuracy floors on the fixed subset (greedy, cache=none)
 SUBSET = 50  # the first 50 problems of the committed held-out file
 
 
@@ -52,7 +52,7 @@ def offline(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
 def test_committed_checkpoint_reaches_its_accuracy_floor(family, offline):
     """The whole default path (config -> model -> lm-eval task=arith -> record) on 50 problems."""
     from dllm.eval import runner
@@ -62,6 +62,8 @@ def test_committed_checkpoint_reaches_its_accuracy_floor(family, offline):
         assert (folder / name).is_file(), f"{folder} lacks {name}"
     overrides = [f"model=tiny_{family}", "cache=none", f"task.limit={SUBSET}", "batch_size=25", "device=cpu",
                  f"results_csv={offline / 'runs.csv'}"]
+    if family == "sdar":  # block diffusion: its own decoder (the preset's published one)
+        overrides.append("+experiment=published")
     cfg = compose(*overrides)
     assert cfg.task.name == "arith"  # the embedded default task
     row = runner.run_eval(cfg)
@@ -69,19 +71,19 @@ def test_committed_checkpoint_reaches_its_accuracy_floor(family, offline):
     assert row["accuracy"] >= FLOORS[family], row
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
 def test_training_json_reports_the_full_run(family):
     info = json.loads((ASSETS / f"tiny_{family}" / "training.json").read_text())
     assert info["family"] == family and info["command"].startswith("python scripts/train_tiny.py")
-    assert info["final_loss"] > 0 and info["steps"] > 0 and info["data"]["train_problems"] > 0
+    assert info["final_loss"] >= 0 and info["steps"] > 0 and info["data"]["train_problems"] > 0
     assert info["heldout"]["n"] == 200
     assert info["heldout"]["flexible_extract"] >= FLOORS[family]
     config = json.loads((ASSETS / f"tiny_{family}" / "config.json").read_text())
-    assert config["model_type"] == {"llada": "llada", "dream": "Dream"}[family]
+    assert config["model_type"] == {"llada": "llada", "dream": "Dream", "sdar": "sdar"}[family]
 
 
 def test_checkpoints_are_small():
-    for family in ("llada", "dream"):
+    for family in ("llada", "dream", "sdar"):
         size = (ASSETS / f"tiny_{family}" / "model.safetensors").stat().st_size
         assert size < 8 * 2**20, f"tiny_{family} weighs {size / 2**20:.1f} MiB"
 
@@ -136,6 +138,36 @@ def test_training_is_reproducible(tmp_path, train_tiny):
 
     net = load_model(str(tmp_path / "a"), expected_family="dream")
     assert net.args.logit_shift == 1
+
+
+def test_block_diffusion_training_learns_and_writes_a_block_causal_checkpoint(tmp_path, train_tiny):
+    cfg = train_tiny.TrainConfig(
+        family="sdar", out=str(tmp_path / "sdar"), steps=20, batch_size=8, warmup=5, train_size=400, dim=32,
+        n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, eval_n=0, block_length=4,
+    )
+    losses = train_tiny.train(cfg, progress=False)["losses"]
+    assert losses[-1] < losses[0]
+    from dllm.models.loading import load_model
+
+    net = load_model(str(tmp_path / "sdar"), expected_family="sdar")
+    assert net.args.block_causal and net.args.qk_norm
+
+
+def test_block_diffusion_training_cannot_see_the_block_it_predicts(train_tiny):
+    """The noisy copy's predictions depend on the clean copy's earlier blocks only: changing a clean
+    token of the same or a later block leaves them unchanged, changing an earlier one does not."""
+    net = tiny_net(tiny_args("llada", block_causal=True))
+    x0 = torch.randint(0, 60, (1, 12))
+    xt = x0.clone()
+    xt[0, 4:8] = net.args.mask_token_id  # block 1 noisy
+    real = torch.ones_like(x0, dtype=torch.bool)
+    positions = torch.arange(12)[None]
+    base = train_tiny.block_diffusion_hidden(net, xt, x0, real, positions, 4)[0, 4:8]
+    for column, same in ((5, True), (9, True), (2, False)):
+        changed = x0.clone()
+        changed[0, column] = (changed[0, column] + 1) % 60
+        hidden = train_tiny.block_diffusion_hidden(net, xt, changed, real, positions, 4)[0, 4:8]
+        assert torch.allclose(hidden, base) == same, column
 
 
 def test_training_prompt_is_lm_evals_context(train_tiny):

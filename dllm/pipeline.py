@@ -36,6 +36,7 @@ class RunPlan:
     threads: int  # torch's intra-op CPU threads for this run
     stop_at_eos: bool = False  # decoding.stop_at_eos: a loop option, not the decoder's
     cfg_scale: float = 0.0  # decoding.cfg_scale: classifier-free guidance, a loop option
+    compile: bool = False  # run the layers compiled (dllm.models.compiled), after loading
 
 
 def resolve_threads(value) -> int:
@@ -110,7 +111,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     cache.check(decoder)
     device = resolve_device(cfg.device)
     threads = resolve_threads(OmegaConf.select(cfg, "threads", default="auto"))
-    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale)
+    compiled = OmegaConf.select(cfg, "compile", default=False)
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compile={compiled!r} must be true or false")
+    return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale,
+                   compiled)
 
 
 def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool) -> None:
@@ -213,6 +218,10 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     folder = checkpoint_folder(cfg)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
+    if plan.compile:
+        from dllm.models.compiled import compile_layers
+
+        compile_layers(net)  # graphs compile on first use: in the warm-up batch, left out of the timings
     return net, load_tokenizer(folder, cfg.model.trust_remote_code)
 
 
@@ -244,6 +253,12 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path("outputs/runs/manual")
 
 
+def log_compiled(out, what: str) -> None:
+    """Log the graphs a generation compiled (compiled layers; its seconds leave that time out)."""
+    if out.recompiles:
+        log.info("%s: compiled %d new graph(s) in %.1f s (not in its timing)", what, out.recompiles, out.compile_seconds)
+
+
 def run_generate(cfg: DictConfig) -> list[dict]:
     from dllm.decoding.loop import generate
     from dllm.models.tokenization import decode_responses, encode_prompts, stop_token_ids
@@ -261,11 +276,13 @@ def run_generate(cfg: DictConfig) -> list[dict]:
         ids = encode_prompts(tokenizer, batch, chat=cfg.model.instruct)
         out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, stop_at_eos=plan.stop_at_eos,
                        cfg_scale=plan.cfg_scale)
+        log_compiled(out, f"batch {start // cfg.batch_size}")
         texts, lengths = decode_responses(tokenizer, out.tokens, stops)
         for prompt, text, n in zip(batch, texts, lengths):
             records.append({
                 "prompt": prompt, "generation": text, "useful_tokens": n,
                 "batch_seconds": out.seconds, "nfe": out.nfe, "recompute_ratio": out.recompute_ratio,
+                "compile_seconds": out.compile_seconds, "recompiles": out.recompiles,
             })
             print(f"\n>>> {prompt}\n{text}")
     run_dir = run_dir_of(cfg)

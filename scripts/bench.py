@@ -15,6 +15,7 @@ with the *same* decoding as the method it is compared with (computed once per de
     python scripts/bench.py --preset smoke --json out.json  # seconds; what tests/test_bench.py runs
     python scripts/bench.py --preset cpu --batch-sizes 1,4,16 --json batch.json   # batch-scaling curves
     python scripts/bench.py --preset llada8b --batch-sizes 1,8,32,64 --json batch.json  # the same on a GPU
+    python scripts/bench.py --preset llada8b --compile --batch-sizes 1,32 --json compiled.json  # eager vs torch.compile
 
 Columns: wall seconds of the timed generation (CUDA-synchronised, one warm-up excluded),
 tokens/s (batch x gen_length / seconds), speedup over ``none`` with the same decoding,
@@ -45,6 +46,17 @@ is what a batch shares, so the attainable speedup depends on b. Every row carrie
 ``none_decoding`` (the decoding of the ``none`` it is compared with). The JSON is rewritten after
 each batch size, so a sweep that runs out of memory at its largest size keeps the others.
 ``scripts/plot.py --bench-json FILE`` draws speedup and throughput against batch size.
+
+With ``--compile`` every run (none and each method) also runs on a second copy of the same weights
+(built again from the same seed) whose per-layer step goes through torch.compile
+(``dllm.models.compiled.compile_layers``; CUDA graphs on a GPU). Every row carries ``mode``
+(eager | compiled), its speedup over ``none`` of the same mode, ``compile_seconds`` (warm-up and
+timed runs; not in ``wall_s``) and ``recompiles``; a compiled row also carries ``compiled_vs_eager``
+(eager seconds / compiled seconds, median over rounds). The bare-forward fit is done per mode, so
+the fixed cost per forward is shown before and after compiling. The warm-up defaults to ``full``:
+compiled graphs are specialised to the sequence length and the row buckets, and a short warm-up
+would leave those compiles to the timed run. The compiled copy keeps dense weights (the oneDNN
+packing of the eager copy on CPU cannot be traced by torch.compile).
 """
 from __future__ import annotations
 
@@ -54,6 +66,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,17 +216,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--warmup", choices=("short", "full", "none"), default="short",
-                    help="one excluded warm-up generation per run: short (32 tokens, every code path), "
-                         "full (the timed setting), none")
+    ap.add_argument("--warmup", choices=("short", "full", "none"),
+                    help="one excluded warm-up generation per run: short (32 tokens, every code path; the "
+                         "default), full (the timed setting; the default with --compile), none")
     ap.add_argument("--repeats", type=int, default=1,
                     help="interleaved rounds of timed generations (none, then each method); medians are "
                          "reported (helps on a shared machine)")
     ap.add_argument("--dense-weights", action="store_true",
                     help="keep torch's dense linear weights on CPU instead of prepacking them for oneDNN "
                          "as the pipeline does (to see what the prepacking buys)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run every method on a torch.compile'd copy of the same weights and compare "
+                         "(columns speedup_eager, speedup_compiled, compiled_vs_eager, compile_seconds, recompiles)")
+    ap.add_argument("--compile-mode", help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
+                                           "CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = ap.parse_args(argv)
+    if args.compile:
+        compile_layers_or_exit()  # before any model is built
+    args.warmup = args.warmup or ("full" if args.compile else "short")
     allowed = methods_of(args.preset)
     methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip() and m.strip() != "none"]
     bad = [m for m in methods if m not in allowed]
@@ -252,7 +273,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
+    args.compile_mode = args.compile_mode or compile_mode_for(args.device)
     return args
+
+
+def compile_layers_or_exit() -> Callable[..., None]:
+    """``dllm.models.compiled.compile_layers``, or exit naming what is missing."""
+    try:
+        from dllm.models.compiled import compile_layers
+    except ImportError as err:
+        raise SystemExit(f"--compile needs dllm.models.compiled.compile_layers, which this checkout lacks ({err})")
+    return compile_layers
+
+
+def compile_mode_for(device: torch.device) -> str:
+    """CUDA graphs on a GPU, where launching a cached step's many small kernels is what they save."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
 
 
 def model_args(args: argparse.Namespace) -> ModelArgs:
@@ -377,10 +413,11 @@ def generate_once(net, prompts, method: str, decoding: str, dparams: dict, args,
                     build_cache(method, **cache_params), gen_length, generator=generator)
 
 
-def warm_up(net, prompts, method: str, decoding: str, dparams: dict, args) -> None:
-    if args.warmup != "none":
-        short = args.gen_length if args.warmup == "full" else min(32, args.gen_length)
-        generate_once(net, prompts, method, decoding, dparams, args, short)
+def warm_up(net, prompts, method: str, decoding: str, dparams: dict, args) -> GenerationOutput | None:
+    if args.warmup == "none":
+        return None
+    short = args.gen_length if args.warmup == "full" else min(32, args.gen_length)
+    return generate_once(net, prompts, method, decoding, dparams, args, short)
 
 
 def median(values: list[float]) -> float:
@@ -401,11 +438,17 @@ def main(argv=None) -> list[dict]:
     net = build_model(margs, args.device, dtype, args.seed)
     n_params = sum(p.numel() for p in net.parameters())
     packed = not args.dense_weights and pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
+    nets, packed_by_mode = {"eager": net}, {"eager": packed}
+    if args.compile:
+        # The same weights (same seed), kept dense: torch.compile cannot trace oneDNN's packed weights.
+        nets["compiled"], packed_by_mode["compiled"] = build_model(margs, args.device, dtype, args.seed), False
+        compile_layers_or_exit()(nets["compiled"], mode=args.compile_mode)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     print(f"# preset={args.preset} family={margs.family} params={n_params / 1e6:.1f}M "
           f"(active per row {active_parameters(margs, n_params) / 1e6:.1f}M) device={args.device} "
           f"({device_name}) dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"packed_weights={packed}")
+          f"packed_weights={packed} modes={','.join(nets)}"
+          + (f" compile_mode={args.compile_mode}" if args.compile else ""))
     print(f"# batch={','.join(map(str, args.batch_sizes))} prompt={args.prompt_length} gen={args.gen_length} "
           f"steps={args.steps} warmup={args.warmup} repeats={args.repeats} "
           f"(model built in {time.perf_counter() - t0:.1f}s)", flush=True)
@@ -413,13 +456,16 @@ def main(argv=None) -> list[dict]:
     failed: list[str] = []
     for batch in args.batch_sizes:
         batch_args = argparse.Namespace(**vars(args), batch_size=batch)
-        batch_rows, batch_failed = run_batch(net, margs, batch_args, device_name, packed)
+        batch_rows, batch_failed = run_batch(nets, margs, batch_args, device_name, packed_by_mode)
         rows += batch_rows
         failed += batch_failed
         if args.json:  # after every batch size: a later one that fails (out of memory) loses only itself
             write_json(rows, args.json)
     print()
     print(format_table(rows) if rows else "(no run finished)")
+    if args.compile and rows:
+        print()
+        print(format_compile_table(rows))
     if args.json:
         print(f"\nwrote {args.json}")
     if failed:
@@ -427,34 +473,39 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, device_name: str, packed: bool
-              ) -> tuple[list[dict], list[str]]:
-    """Every comparison at ``args.batch_size``: the bare-forward fit, then none and the methods in
-    interleaved rounds. Returns the rows and the labels of the runs that failed."""
+def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Namespace, device_name: str,
+              packed: dict[str, bool]) -> tuple[list[dict], list[str]]:
+    """Every comparison at ``args.batch_size``: per mode (eager, and compiled with --compile) the
+    bare-forward fit, then none and the methods in interleaved rounds. Returns the rows and the
+    labels of the runs that failed."""
     prompts = make_prompts(args, margs)
     T = args.prompt_length + args.gen_length
-    forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
-    cost, small = ForwardCost.fit(forward_ms), min(32, T)
-    print(f"# batch {args.batch_size}: bare forward (ms) by active rows per sequence: "
-          + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in forward_ms.items())
-          + f"\n# fit: {cost.fixed_ms:.1f} ms per forward + {cost.per_row_ms:.3f} ms per row; so a {small}-row "
-          f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
-          f"(the linear-layer bound says {small / T:.1%})", flush=True)
+    fits: dict[str, tuple[dict[int, float], ForwardCost]] = {}
+    for mode, net in nets.items():
+        forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
+        cost, small = ForwardCost.fit(forward_ms), min(32, T)
+        fits[mode] = forward_ms, cost
+        print(f"# batch {args.batch_size}{f' {mode}' if args.compile else ''}: bare forward (ms) by active rows "
+              "per sequence: " + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in forward_ms.items())
+              + f"\n# fit: {cost.fixed_ms:.1f} ms per forward + {cost.per_row_ms:.3f} ms per row; so a {small}-row "
+              f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
+              f"(the linear-layer bound says {small / T:.1%})", flush=True)
 
     rows: list[dict] = []
     n_tokens = args.batch_size * args.gen_length
 
-    def record(method, decoding, dparams, outs: list[GenerationOutput], refs: list[GenerationOutput],
-               none_decoding: str) -> dict:
+    def record(mode: str, method, decoding, dparams, warm: GenerationOutput | None, outs: list[GenerationOutput],
+               refs: list[GenerationOutput], none_decoding: str, eager: list[GenerationOutput] | None) -> dict:
         out, ref = outs[0], refs[0]  # every round generates the same tokens; times differ
+        forward_ms, cost = fits[mode]
         seconds = median([o.seconds for o in outs])
         speedup = median([r.seconds / o.seconds for r, o in zip(refs, outs)])
         attainable = cost.run_ms(ref, margs.n_layers, args.batch_size) / cost.run_ms(out, margs.n_layers, args.batch_size)
         peak = max(o.peak_mem_gb for o in outs)
         ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
-            method=method, decoding=describe(decoding, dparams), none_decoding=none_decoding, wall_s=seconds,
-            tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
+            method=method, decoding=describe(decoding, dparams), none_decoding=none_decoding, mode=mode,
+            wall_s=seconds, tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
             efficiency=speedup / out.ideal_speedup, attainable_speedup=attainable,
             attainable_efficiency=speedup / attainable, peak_mem_gb=peak, peak_mem_gb_per_row=peak / args.batch_size,
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
@@ -465,13 +516,18 @@ def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, devi
             decoding_params=dparams, preset=args.preset, family=margs.family, batch_size=args.batch_size,
             prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
-            threads=torch.get_num_threads(), packed_weights=packed, repeats=len(outs), torch=torch.__version__,
+            threads=torch.get_num_threads(), packed_weights=packed[mode], repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
             forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms,
         )
-        print(f"  {method:<11} {row['decoding']:<34} {seconds:8.2f}s  {row['tokens_per_s']:8.1f} tok/s  "
-              f"x{speedup:.2f} (ideal x{out.ideal_speedup:.2f}, attainable x{attainable:.2f})  "
-              f"agree {row['agreement']:.3f}", flush=True)
+        if args.compile:  # compile columns only where a compiled copy runs
+            ran = [o for o in (warm, *outs) if o is not None]
+            row.update(compile_seconds=sum(o.compile_seconds for o in ran), recompiles=sum(o.recompiles for o in ran))
+        if eager is not None:
+            row["compiled_vs_eager"] = median([e.seconds / o.seconds for e, o in zip(eager, outs)])
+        print(f"  {f'{mode:<9}' if args.compile else ''}{method:<11} {row['decoding']:<34} {seconds:8.2f}s  "
+              f"{row['tokens_per_s']:8.1f} tok/s  x{speedup:.2f} (ideal x{out.ideal_speedup:.2f}, attainable "
+              f"x{attainable:.2f})  agree {row['agreement']:.3f}", flush=True)
         return row
 
     # baseline decoding -> runs compared with none under it, so that rows sharing a none sit together
@@ -484,22 +540,29 @@ def run_batch(net: Transformer, margs: ModelArgs, args: argparse.Namespace, devi
         group.extend(("none", name, SAMPLERS[name]) for name in args.samplers)
     failed = []
     for none_decoding, entries in groups.items():
-        runs: list[tuple[tuple[str, str, dict], list[GenerationOutput]]] = []
-        for method, decoding, dparams in entries:
-            try:
-                warm_up(net, prompts, method, decoding, dparams, args)
-                runs.append(((method, decoding, dparams), []))
-            except Exception as err:  # report and go on with the others
-                label = f"{method if method != 'none' else describe(decoding, dparams)} (batch {args.batch_size})"
-                print(f"  {label:<11} FAILED: {type(err).__name__}: {err}", flush=True)
-                failed.append(label)
-        if not runs or runs[0][0] != entries[0]:
-            continue  # the baseline none failed: nothing to compare with
-        for _ in range(args.repeats):  # interleaved rounds: drift hits none and the methods alike
-            for (method, decoding, dparams), outs in runs:
-                outs.append(generate_once(net, prompts, method, decoding, dparams, args))
-        for (method, decoding, dparams), outs in runs:
-            rows.append(record(method, decoding, dparams, outs, runs[0][1], none_decoding))
+        # mode -> (index into entries, warm-up output, timed outputs) of the runs whose warm-up succeeded
+        runs: dict[str, list[tuple[int, GenerationOutput | None, list[GenerationOutput]]]] = {}
+        for mode, net in nets.items():
+            ok = []
+            for i, (method, decoding, dparams) in enumerate(entries):
+                try:
+                    ok.append((i, warm_up(net, prompts, method, decoding, dparams, args), []))
+                except Exception as err:  # report and go on with the others
+                    label = (f"{method if method != 'none' else describe(decoding, dparams)} (batch {args.batch_size}"
+                             f"{f', {mode}' if args.compile else ''})")
+                    print(f"  {label:<11} FAILED: {type(err).__name__}: {err}", flush=True)
+                    failed.append(label)
+            if ok and ok[0][0] == 0:  # else the baseline none failed: nothing to compare with
+                runs[mode] = ok
+        for _ in range(args.repeats):  # interleaved rounds: drift hits none and the methods (and modes) alike
+            for mode, mode_runs in runs.items():
+                for i, _, outs in mode_runs:
+                    outs.append(generate_once(nets[mode], prompts, *entries[i], args))
+        eager = {i: outs for i, _, outs in runs.get("eager", [])}
+        for mode, mode_runs in runs.items():
+            for i, warm, outs in mode_runs:
+                rows.append(record(mode, *entries[i], warm, outs, mode_runs[0][2], none_decoding,
+                                   eager.get(i) if mode == "compiled" else None))
     return rows, failed
 
 
@@ -513,9 +576,10 @@ def write_json(rows: list[dict], path: Path) -> None:
 def format_table(rows: list[dict]) -> str:
     import pandas as pd
 
-    cols = ["batch_size", "method", "decoding", "wall_s", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
-            "attainable_speedup", "attainable_efficiency", "ideal_speedup_attention", "peak_kv_gb", "peak_mem_gb",
-            "peak_mem_gb_per_row", "mem_vs_none", "agreement"]
+    modes = ["mode"] if any(r["mode"] == "compiled" for r in rows) else []
+    cols = ["batch_size", "method", "decoding", *modes, "wall_s", "tokens_per_s", "speedup", "ideal_speedup",
+            "efficiency", "attainable_speedup", "attainable_efficiency", "ideal_speedup_attention", "peak_kv_gb",
+            "peak_mem_gb", "peak_mem_gb_per_row", "mem_vs_none", "agreement"]
     df = pd.DataFrame(rows)[cols].rename(columns={"batch_size": "batch", "wall_s": "wall s", "tokens_per_s": "tokens/s",
                                                   "speedup": "speedup vs none", "ideal_speedup": "ideal speedup",
                                                   "attainable_speedup": "attainable speedup",
@@ -523,6 +587,24 @@ def format_table(rows: list[dict]) -> str:
                                                   "ideal_speedup_attention": "ideal (attention) speedup",
                                                   "peak_kv_gb": "peak KV GB",
                                                   "peak_mem_gb_per_row": "peak mem GB / row"})
+    return render(df)
+
+
+def format_compile_table(rows: list[dict]) -> str:
+    """One line per run present in both modes: each mode's speedup over its own none, and compiled vs eager."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    key = ["batch_size", "method", "decoding"]
+    both = df[df["mode"] == "eager"].merge(df[df["mode"] == "compiled"], on=key, suffixes=("_eager", "_compiled"))
+    cols = {"batch_size": "batch", "method": "method", "decoding": "decoding", "tokens_per_s_eager": "tokens/s eager",
+            "tokens_per_s_compiled": "tokens/s compiled", "speedup_eager": "speedup_eager",
+            "speedup_compiled": "speedup_compiled", "compiled_vs_eager_compiled": "compiled_vs_eager",
+            "compile_seconds_compiled": "compile_seconds", "recompiles_compiled": "recompiles"}
+    return render(both[list(cols)].rename(columns=cols))
+
+
+def render(df) -> str:
     try:
         import tabulate  # noqa: F401
 

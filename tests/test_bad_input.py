@@ -54,6 +54,7 @@ CASES = [
     (["cache=d2cahe"], None),  # Hydra refuses an unknown group option itself (tested by the subprocess case)
     (["model=tiny_dream", "model.family=llada"], r"family"),
     (["model=llada"], r"huggingface-cli download GSAI-ML/LLaDA-8B-Instruct.*model\.path=/local/folder"),
+    (["compile=yes"], r"compile='yes' must be true or false"),
     (["cache=dkv_decode", "cache.shift_rule=un"], r"cache\.shift_rule='un' is the dKV-Cache reference's Dream rule"),
     (["model.path=/nonexistent/folder"], r"model\.path='/nonexistent/folder' is not a folder"),
     (["model.path={truncated}"], r"truncated/model\.safetensors is not a readable safetensors file"),

@@ -54,6 +54,7 @@ def make_record(**overrides) -> RunRecord:
         latency_s_mean=gen_seconds / 4, latency_s_p50=0.08, latency_s_p90=0.1, nfe=32, tokens_per_forward=1.0,
         recompute_ratio=0.3, ideal_speedup=1 / 0.3, peak_mem_gb=0.25, mask_tokens_left=0, remasked_tokens=0, timing_repeats=3, attention_ratio=0.4, ideal_speedup_attention=2.0, peak_kv_gb=0.01,
         throughput_useful_tok_s_std=0.5, throughput_all_tok_s_std=0.75, status="ok",
+        compile=True, compile_seconds=12.5, recompiles=3, padding_ratio=0.05,
     )
     return RunRecord(**{**settings, **overrides})
 

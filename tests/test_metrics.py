@@ -189,3 +189,23 @@ def test_positions_filled_after_an_early_stop_are_not_generated():
     meter.add_batch(out, [3, 6])
     summary = meter.summary()
     assert summary["all_tokens"] == 3 + G and summary["useful_tokens"] == 3 + 6
+
+
+def test_compile_time_counts_the_warm_up_and_padding_is_apart():
+    """Compiled layers: compile time and graphs count every batch, the warm-up included (where most
+    compiling happens; never in gen_seconds); bucket padding is its own ratio of full-forward rows."""
+    meter = ThroughputMeter()
+    rows = [r for r, _ in ROWS[:2]]
+    warm = output(rows, seconds=1.0)
+    warm.compile_seconds, warm.recompiles, warm.padded_token_layers = 30.0, 3, 999.0
+    meter.add_batch(warm, [3, 6], warmup=True)
+    counted = output(rows, seconds=2.0, active_per_row=40)  # total: G x 2 rows x 10 x 2 layers = 240
+    counted.compile_seconds, counted.recompiles, counted.padded_token_layers = 5.0, 1, 24.0
+    meter.add_batch(counted, [3, 6])
+    summary = meter.summary()
+    assert summary["compile_seconds"] == 35.0 and summary["recompiles"] == 4
+    assert summary["gen_seconds"] == 2.0
+    assert summary["recompute_ratio"] == pytest.approx(80 / 240) and summary["padding_ratio"] == pytest.approx(24 / 240)
+    eager = ThroughputMeter()
+    eager.add_batch(output(rows), [3, 6])
+    assert eager.summary()["compile_seconds"] == 0.0 and eager.summary()["padding_ratio"] == 0.0

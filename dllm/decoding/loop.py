@@ -11,6 +11,7 @@ from dllm.cache.base import REGISTRY as CACHES
 from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
 from dllm.metrics.accounting import attention_pair_flops, kv_bytes_per_token, token_layer_flops
+from dllm.models.compiled import bucket_rows
 from dllm.models.transformer import KVStore, SelectedKeys, Transformer, take_rows
 
 from .base import REGISTRY as DECODERS
@@ -43,6 +44,12 @@ class GenerationOutput:
     total_flops: float = 0.0
     #: the most K/V any forward attended to (summed over rows, layers averaged), in GB
     peak_kv_gb: float = 0.0
+    #: compiled layers (net.compiled): wall time of the calls that compiled a new graph during this
+    #: generation (left out of ``seconds``), the graphs compiled, and the token-layers computed only
+    #: because active rows were padded to a bucket (not in ``active_token_layers``)
+    compile_seconds: float = 0.0
+    recompiles: int = 0
+    padded_token_layers: float = 0.0
 
     @property
     def recompute_ratio(self) -> float:
@@ -226,7 +233,9 @@ def generate(
     full_total = 0  # what the same forwards cost with every position recomputed
     linear_flops, pair_flops = token_layer_flops(args), attention_pair_flops(args)
     real_keys = real.sum(1).double()  # (B,) keys a row attends to when nothing is left out
-    attention_pairs = total_pairs = flops = total_flops = peak_kv_tokens = 0.0
+    attention_pairs = total_pairs = flops = total_flops = peak_kv_tokens = padded = 0.0
+    compiled = net.compiled
+    compiled_before = (compiled.compile_seconds, compiled.recompiles) if compiled is not None else (0.0, 0)
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
@@ -269,6 +278,12 @@ def generate(
                 if block_causal:  # later blocks cannot change this step; earlier ones must be exact
                     active = (active | (~exact & (rank < window_rank))) & real & (rank <= window_rank)
                 rows, rows_valid = pack(active)
+                # A forward through the compiled step runs on a bucket's row count (a layer hook or a
+                # key set runs eagerly: no padding); the padding rows write to the trash slot.
+                if compiled is not None and hook is None and request.keys is None:
+                    width = rows.shape[1]
+                    rows, rows_valid = bucket_rows(rows, rows_valid, T)
+                    padded += branches * B * (rows.shape[1] - width) * args.n_layers
                 rows = write_index = rows.masked_fill(~rows_valid, T)
             if hook is not None:
                 hook.begin(rows, rows_valid, stale.gather(1, rows.clamp(max=T - 1)) & rows_valid)
@@ -359,12 +374,16 @@ def generate(
         raise IncompleteDecoding(
             f"decoding={decoder.name!r} with cache={cache.name!r} ended with {left} [MASK] token(s) in the response"
         )
+    compile_seconds, recompiles = 0.0, 0
+    if compiled is not None:  # what this generation compiled
+        compile_seconds = compiled.compile_seconds - compiled_before[0]
+        recompiles = compiled.recompiles - compiled_before[1]
     return GenerationOutput(
         tokens=layout.response(x[:, :T]),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
         total_token_layers=full_total,
-        seconds=cost.seconds,
+        seconds=cost.seconds - compile_seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,
         token_layers_per_forward=per_forward,
@@ -375,4 +394,7 @@ def generate(
         flops=flops,
         total_flops=total_flops,
         peak_kv_gb=peak_kv_tokens * kv_bytes_per_token(args, net.dtype.itemsize) / 2**30,
+        compile_seconds=compile_seconds,
+        recompiles=recompiles,
+        padded_token_layers=padded,
     )

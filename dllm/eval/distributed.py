@@ -84,6 +84,10 @@ def merge_meters(meters: list[ThroughputMeter]) -> ThroughputMeter:
         merged.row_forwards += m.row_forwards
         merged.active_token_layers += m.active_token_layers
         merged.total_token_layers += m.total_token_layers
+        merged.padded_token_layers += m.padded_token_layers
+        # Every rank compiles the same graphs at the same time: the longest rank's, as for gen_seconds.
+        merged.compile_seconds = max(merged.compile_seconds, m.compile_seconds)
+        merged.recompiles = max(merged.recompiles, m.recompiles)
         if m.peak_mem_gb is not None:
             merged.peak_mem_gb = m.peak_mem_gb if merged.peak_mem_gb is None else max(merged.peak_mem_gb, m.peak_mem_gb)
     merged.gen_seconds = max((m.gen_seconds for m in meters), default=0.0)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from dllm.decoding.loop import GenerationOutput, generate
 from dllm.metrics.accounting import ThroughputMeter
 from dllm.models.tokenization import decode_responses, stop_token_ids
+from dllm.pipeline import log_compiled
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,10 @@ class DllmLM(LM):
         (random remasking, sampling) does not depend on the batches before it.
         """
         generator = torch.Generator(device=self.plan.device).manual_seed(self.seed * 1_000_003 + batch_index)
-        return generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator,
-                        stop_at_eos=self.plan.stop_at_eos, cfg_scale=self.plan.cfg_scale)
+        out = generate(self.net, prompts, self.plan.decoder, self.plan.cache, self.plan.gen_length, generator,
+                       stop_at_eos=self.plan.stop_at_eos, cfg_scale=self.plan.cfg_scale)
+        log_compiled(out, f"batch {batch_index}")
+        return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:

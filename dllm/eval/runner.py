@@ -292,11 +292,13 @@ NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "debug", "device", "dty
 
 def run_settings(cfg: DictConfig, plan, checkpoint: dict) -> dict:
     """Everything that can change a number of this run (its resume key hashes this): the resolved
-    config minus ``NOT_IN_KEY``, plus the device type, dtype and the checkpoint's identity
-    (:func:`dllm.pipeline.checkpoint_identity`)."""
+    config minus ``NOT_IN_KEY`` (and minus ``compile`` when false), plus the device type, dtype and the
+    checkpoint's identity (:func:`dllm.pipeline.checkpoint_identity`)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_KEY:
         tree.pop(key, None)
+    if not plan.compile:  # in the key only when on: eager runs keep the keys of rows recorded before it existed
+        tree.pop("compile", None)
     return {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
 
 
@@ -465,6 +467,7 @@ def _evaluate(
         device=str(plan.device),
         gpu_name=torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else None,
         dtype=str(plan.dtype).removeprefix("torch."),
+        compile=plan.compile,
         accuracy_metric=settings.metric,
         accuracy=accuracy,
         accuracy_stderr=stderr,
@@ -503,5 +506,7 @@ def _print_summary(record, csv_path) -> None:
         f"({_fmt(record.throughput_all_tok_s, '.1f')} all tok/s), latency p50 {_fmt(record.latency_s_p50, '.3f')} s, "
         f"nfe {record.nfe}, recompute ratio {_fmt(record.recompute_ratio, '.3f')} "
         f"(ideal speedup {_fmt(record.ideal_speedup, '.2f')}x)\n"
-        f"  row -> {csv_path}; run dir -> {record.run_dir}"
+        + (f"  compiled: {record.recompiles} graph(s) in {_fmt(record.compile_seconds, '.1f')} s (not in the timings), "
+           f"bucket padding {_fmt(record.padding_ratio, '.3f')} of full-forward rows\n" if record.compile else "")
+        + f"  row -> {csv_path}; run dir -> {record.run_dir}"
     )

@@ -72,6 +72,7 @@ class RunRecord:
     device: str | None = None
     gpu_name: str | None = None
     dtype: str | None = None
+    compile: bool | None = None  # the layers ran compiled (``compile: true``, dllm.models.compiled)
     accuracy_metric: str | None = None
     accuracy: float | None = None
     accuracy_stderr: float | None = None
@@ -100,6 +101,9 @@ class RunRecord:
     peak_kv_gb: float | None = None  # the most K/V one forward attended to
     mask_tokens_left: int | None = None
     remasked_tokens: int | None = None  # committed tokens a re-masking decoder took back
+    compile_seconds: float | None = None  # compiling new graphs, warm-up included (not in gen_seconds)
+    recompiles: int | None = None  # graphs compiled during the run, warm-up included
+    padding_ratio: float | None = None  # bucket padding token-layers / full-forward token-layers
     status: str = "ok"
     experiment: str | None = None
     run_dir: str | None = None

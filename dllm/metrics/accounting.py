@@ -98,6 +98,12 @@ class ThroughputMeter:
       multiply-add; the bound beside the linear one, for methods that save attention by choosing keys).
     - ``peak_kv_gb``: the most K/V a forward attended to (rows summed, layers averaged), in GB: the
       store a method that keeps only its key set would need.
+    - ``compile_seconds`` / ``recompiles`` (compiled layers, ``compile: true``): time spent compiling
+      new graphs and their number, over every batch *including* the warm-up (where most of it
+      happens); it is left out of every generation's seconds, so of the throughputs.
+    - ``padding_ratio``: token-layers computed only because a compiled forward padded its active rows
+      to a bucket / full-forward token-layers, the denominator of ``recompute_ratio``: a compiled run
+      computes recompute_ratio + padding_ratio of the full forwards' rows.
 
     Warm-up batches (``warmup=True``) are generated but left out of every total. Fields that
     are undefined while nothing was counted (rates, latencies, ratios, memory) are ``None``.
@@ -114,6 +120,9 @@ class ThroughputMeter:
         self.attention_pairs = self.total_attention_pairs = self.flops = self.total_flops = 0.0
         self.peak_kv_gb: float | None = None
         self.repeat_seconds: list[float] = []  # per extra timing repeat, its total over batches
+        self.compile_seconds = 0.0
+        self.recompiles = 0
+        self.padded_token_layers = 0.0
 
     def add_batch(self, out: GenerationOutput, useful: list[int], warmup: bool = False,
                   mask_token_id: int | None = None, repeat_seconds: list[float] = ()) -> list[SampleStats]:
@@ -129,6 +138,8 @@ class ThroughputMeter:
         remasked = out.remasked or [0] * rows
         stats = [SampleStats(int(n), int(g), out.seconds, int(m), int(r))
                  for n, g, m, r in zip(useful, generated, masks, remasked)]
+        self.compile_seconds += out.compile_seconds  # the warm-up's too: it compiles the most
+        self.recompiles += out.recompiles
         if warmup:
             return stats
         if not self.samples:
@@ -142,6 +153,7 @@ class ThroughputMeter:
         self.row_forwards += out.nfe * rows
         self.active_token_layers += out.active_token_layers
         self.total_token_layers += out.total_token_layers
+        self.padded_token_layers += out.padded_token_layers
         self.peak_mem_gb = out.peak_mem_gb if self.peak_mem_gb is None else max(self.peak_mem_gb, out.peak_mem_gb)
         self.attention_pairs += out.attention_pairs
         self.total_attention_pairs += out.total_attention_pairs
@@ -181,4 +193,7 @@ class ThroughputMeter:
             "peak_mem_gb": self.peak_mem_gb,
             "mask_tokens_left": sum(s.mask_tokens for s in self.samples),
             "remasked_tokens": sum(s.remasked_tokens for s in self.samples),
+            "compile_seconds": self.compile_seconds,
+            "recompiles": self.recompiles,
+            "padding_ratio": self.padded_token_layers / self.total_token_layers if self.total_token_layers else None,
         }

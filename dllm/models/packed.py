@@ -28,6 +28,19 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+@torch.library.custom_op("dllm::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The same oneDNN call as an op that torch.compile leaves opaque: inductor lowers
+    ``mkldnn._linear_pointwise`` only for weights it froze into constants itself, whereas a compiled
+    layer takes its (prepacked) weights as inputs, so that one graph serves every layer."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # a packed weight keeps its (out, in) shape
+
+
 class PackedLinear(nn.Module):
     """``y = x Wᵀ + b`` with W held in oneDNN's layout (any number of leading dims in x)."""
 
@@ -39,6 +52,8 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # a compiled layer (dllm.models.compiled): see packed_linear
+            return packed_linear(x, self.packed, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # a type only: importing torch.compile's machinery costs ~1.5 s
+    from dllm.models.compiled import CompiledLayers
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,7 @@ class KVStore:
 
     def write(self, layer: int, index: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k/v (B, Hkv, A, hd) at slots ``index`` (B, A); ``None`` means all T slots."""
-        if index is None:
-            self.k[layer][:, :, : self.length].copy_(k)
-            self.v[layer][:, :, : self.length].copy_(v)
-        else:
-            # Through (B, T + 1, Hkv, hd) views, so that a slot is one row to assign.
-            put_rows(self.k[layer].transpose(1, 2), index, k.transpose(1, 2))
-            put_rows(self.v[layer].transpose(1, 2), index, v.transpose(1, 2))
+        write_kv(self.k[layer], self.v[layer], index, k, v)
         return self.k[layer], self.v[layer]
 
     def write_values(self, layer: int, index: Tensor, v: Tensor) -> None:
@@ -139,6 +137,19 @@ class KVStore:
     def key_mask(self, layer: int, key_mask: Tensor) -> Tensor:
         """The attention mask over the keys :meth:`write` returned (here: every slot, as given)."""
         return key_mask
+
+
+def write_kv(k_store: Tensor, v_store: Tensor, index: Tensor | None, k: Tensor, v: Tensor) -> None:
+    """One layer's store (B, Hkv, T + 1, hd): k/v (B, Hkv, A, hd) written at slots ``index`` (B, A),
+    ``None`` meaning all T slots (a plain function of tensors, so a compiled layer can take them)."""
+    if index is None:
+        T = k_store.shape[2] - 1
+        k_store[:, :, :T].copy_(k)
+        v_store[:, :, :T].copy_(v)
+    else:
+        # Through (B, T + 1, Hkv, hd) views, so that a slot is one row to assign.
+        put_rows(k_store.transpose(1, 2), index, k.transpose(1, 2))
+        put_rows(v_store.transpose(1, 2), index, v.transpose(1, 2))
 
 
 class SelectedKeys:
@@ -456,6 +467,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Set by dllm.models.compiled.compile_layers: the layers' standard path then runs compiled
+        # (and the denoising loop pads active rows to buckets); None: everything eager.
+        self.compiled: CompiledLayers | None = None
 
     # Read off the embedding, which stays a dense parameter even when the linear weights are
     # prepacked for CPU inference (dllm.models.packed).
@@ -485,6 +499,8 @@ class Transformer(nn.Module):
         and attend over every stored key (K = T + 1, the trash slot masked by the caller).
         layer_hook: with a store and an explicit index, lets a method compute attention/FFN on
         a per-layer subset of the rows and reuse cached features for the rest.
+        With ``compiled`` set (dllm.models.compiled), layers run compiled when ``store`` is a plain
+        :class:`KVStore` and there is no hook; the same computation otherwise.
         Returns hidden (B, A, dim) and, if asked, per-layer head-averaged attention (B, A, K).
         """
         cos, sin = rope_cos_sin(positions, self.args.rotary_dim, self.args.rope_theta, self.dtype)
@@ -496,8 +512,13 @@ class Transformer(nn.Module):
             for layer, block in enumerate(self.layers):
                 h = block.forward_partial(h, cos, sin, key_mask, store, layer, index, layer_hook)
             return self.norm(h), None
+        # Compiled: only the generation's own store (SelectedKeys / WINO's shadow rows stay eager).
+        compiled = self.compiled if isinstance(store, KVStore) else None
         for layer, block in enumerate(self.layers):
-            h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
+            if compiled is not None:
+                h, head_mean = compiled(block, h, cos, sin, key_mask, store.k[layer], store.v[layer], index, want_attention)
+            else:
+                h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
             if want_attention:
                 attention.append(head_mean)
         return self.norm(h), attention

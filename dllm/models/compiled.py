@@ -1,0 +1,113 @@
+"""The compiled per-layer step (``compile: true``) and the row buckets it runs on.
+
+What is compiled: one layer's standard computation, :meth:`Block.forward` (attention with the K/V
+store write, the FFN), as a function of tensors: the layer's module (under torch.compile its
+weights are graph inputs, so one graph serves every layer), the rows' hidden states, RoPE tables
+and key mask, the layer's K/V store tensors and the slots to write. Dynamic shapes: batch, rows and
+sequence length are symbols, so new prompt lengths or batch sizes reuse the graphs; a graph is
+compiled per variant of the step (slots given or all of them, attention rows asked or not, a
+per-key or a row x key mask, size-1 dimensions, the model's structure).
+
+What stays eager: forwards through a :class:`LayerHook` (dLLM-Cache, Elastic-Cache, Sparse-dLLM's
+full forwards) or over a key set (:class:`SelectedKeys`: Sparse-dLLM, Streaming-dLLM and DPad when
+they prune keys), WINO's verification rows, the embedding and LM head, ``Transformer.forward``
+(likelihoods), and the experts of an MoE FFN (a loop over experts that follows the routing, with a
+host sync: a graph break, run eagerly between two compiled parts).
+
+Buckets: the denoising loop pads a compiled forward's active rows up to :func:`row_bucket` of
+their count, with rows that write to the store's trash slot, so the step sees a small fixed set of
+row counts: a CUDA graph (``mode="reduce-overhead"``) is recorded per shape, and oneDNN builds a
+GEMM kernel per row count on CPU.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .transformer import Block, MoEFeedForward, Transformer, write_kv
+
+
+def row_bucket(n: int, total: int) -> int:
+    """The row count a compiled forward of ``n`` active rows (per batch row) computes: the next of
+    1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped at ``total`` (the
+    sequence length T, a full forward's count). About 2 log2(T) buckets, and padding is under a
+    third of the rows computed (powers of two alone would allow half)."""
+    power = 1 << max(n - 1, 0).bit_length()  # the smallest power of two >= n (1 for n = 0)
+    between = power * 3 // 4
+    return min(between if power >= 4 and n <= between else power, total)
+
+
+def bucket_rows(rows: Tensor, rows_valid: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``rows`` / ``rows_valid`` (B, A) padded with invalid rows at slot ``total`` (the trash slot)
+    to ``row_bucket(A, total)`` columns."""
+    B, A = rows.shape
+    extra = row_bucket(A, total) - A
+    if not extra:
+        return rows, rows_valid
+    return (torch.cat([rows, rows.new_full((B, extra), total)], 1),
+            torch.cat([rows_valid, rows_valid.new_zeros((B, extra))], 1))
+
+
+class LayerKV:
+    """One layer's K/V store tensors behind the store interface :class:`Attention` calls (the layer
+    number is ignored: the tensors are that layer's)."""
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    def write(self, layer: int, index: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        write_kv(self.k, self.v, index, k, v)
+        return self.k, self.v
+
+    def key_mask(self, layer: int, key_mask: Tensor) -> Tensor:
+        return key_mask
+
+
+def layer_step(block: Block, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: Tensor, v: Tensor,
+               index: Tensor | None, want_attention: bool) -> tuple[Tensor, Tensor | None]:
+    """:meth:`Block.forward` on one layer's store tensors (what gets compiled)."""
+    return block(h, cos, sin, key_mask, LayerKV(k, v), 0, index, want_attention)
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has produced in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@dataclass
+class CompiledLayers:
+    """The compiled step and what compiling it has cost so far (the loop reads the differences)."""
+
+    step: Callable
+    mode: str
+    compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
+    recompiles: int = 0  # graphs compiled
+
+    def __call__(self, block: Block, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: Tensor, v: Tensor,
+                 index: Tensor | None, want_attention: bool) -> tuple[Tensor, Tensor | None]:
+        before, start = graphs_compiled(), time.perf_counter()
+        out = self.step(block, h, cos, sin, key_mask, k, v, index, want_attention)
+        if (new := graphs_compiled() - before):  # this call compiled (its one layer's run is counted too)
+            self.compile_seconds += time.perf_counter() - start
+            self.recompiles += new
+        return out
+
+
+def compile_layers(net: Transformer, mode: str = "default") -> None:
+    """Run ``net``'s layers through a compiled :func:`layer_step` (``mode``: torch.compile's; inductor
+    on CPU), and have the denoising loop pad active rows to :func:`row_bucket` (``net.compiled``)."""
+    import torch._dynamo  # ~1.5 s to import: only where something is compiled
+
+    for module in net.modules():
+        if isinstance(module, MoEFeedForward):
+            # Its expert loop follows the routing (host sync for the counts): run it eagerly rather
+            # than let torch.compile specialise on every count pattern.
+            module.forward = torch.compiler.disable(module.forward)
+    # One code object serves every compiled model of the process: its variants (step kinds x model
+    # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    net.compiled = CompiledLayers(torch.compile(layer_step, mode=mode, dynamic=True), mode)

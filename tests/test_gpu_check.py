@@ -1,0 +1,124 @@
+"""scripts/gpu_check.sh --tiny (the one-shot GPU check on CPU shapes) and scripts/bench.py --compile."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
+import gpu_check  # noqa: E402
+
+from dllm.cache.base import cache_names  # noqa: E402
+from dllm.models.packed import can_pack  # noqa: E402
+
+METHODS = [m for m in cache_names() if m != "none"]
+DECODINGS = {bench.describe(*bench.METHODS[m][1:]) for m in METHODS}  # one none per decoding
+
+
+def run_check(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    out = tmp_path / "gc"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--tiny", "--out", str(out), *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"outputs: {out}/gpu_check.json, {out}/gpu_check.md" in proc.stdout
+    return proc, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+def test_tiny_eager_check_runs_every_method_and_passes_exactness(tmp_path):
+    _, report, md = run_check(tmp_path, "--no-compile")
+    meta, runs = report["meta"], report["runs"]
+    assert meta["modes"] == ["eager"] and meta["torch"] == torch.__version__ and meta["dtype"] == "float32"
+    assert not meta["budget_spent"] and meta["errors"] == 0 and meta["exact_fail"] == 0
+    expected = {(f, b, m) for f in ("llada", "dream") for b in (1, 4) for m in ["none", *METHODS]}
+    assert {(r["family"], r["batch_size"], r["method"]) for r in runs} == expected
+    for r in runs:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and 0 <= r["agreement"] <= 1
+        assert "compile_seconds" not in r  # eager only
+        # the checked methods are those with an interval that can refresh every step; each passes
+        assert r["exact"] == ("pass" if r["method"] in gpu_check.REFRESH_EVERY_STEP else "n/a"), r
+        if r["method"] == "none":
+            assert r["speedup"] == 1 and r["agreement"] == 1
+    assert meta["exact_pass"] == 2 * 2 * len(gpu_check.REFRESH_EVERY_STEP)
+    assert md.startswith("# GPU check") and f"torch {torch.__version__}" in md and "CUDA" in md
+    assert sum(r["method"] == "none" for r in runs) == 2 * 2 * len(DECODINGS)
+    assert "| family | batch | mode | method |" in md
+    assert md.count("| llada | 1 | eager |") == len(DECODINGS) + len(METHODS)
+
+
+def test_tiny_compiled_check_on_two_methods(tmp_path):
+    _, report, md = run_check(tmp_path, "--methods", "dual,dllm_cache")
+    meta, runs = report["meta"], report["runs"]
+    assert meta["modes"] == ["eager", "compiled"] and meta["compile_mode"] == "default"
+    assert meta["errors"] == 0 and meta["exact_fail"] == 0 and meta["exact_pass"] == 2 * 2 * 2 * 2
+    compiled = [r for r in runs if r["mode"] == "compiled"]
+    assert {(r["family"], r["batch_size"], r["method"]) for r in compiled} == {
+        (f, b, m) for f in ("llada", "dream") for b in (1, 4) for m in ("none", "dual", "dllm_cache")}
+    for r in compiled:
+        assert r["status"] == "ok" and r["compile_seconds"] >= 0 and r["recompiles"] >= 0
+        assert r["compiled_vs_eager"] > 0
+    # each model is compiled afresh (dynamo reset between them): its first run compiles
+    assert all(r["recompiles"] > 0 for r in compiled if r["method"] == "none" and r["batch_size"] == 1)
+    assert "| compiled |" in md and "torch.compile mode default" in md
+
+
+def test_a_failed_exactness_check_fails_the_run(tmp_path, monkeypatch):
+    # dual with its default (no refresh) is not none, so "checking" it must fail, and say so
+    monkeypatch.setitem(gpu_check.REFRESH_EVERY_STEP, "dual", {})
+    threads = torch.get_num_threads()
+    try:
+        status = gpu_check.main(["--tiny", "--no-compile", "--methods", "dual", "--families", "dream",
+                                 "--batch-sizes", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # --tiny sets one thread for this process
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 1 and report["meta"]["exact_fail"] == 1
+    dual = next(r for r in report["runs"] if r["method"] == "dual")
+    assert dual["exact"] == "FAIL" and dual["exact_agreement"] < 1
+    assert "| FAIL |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_time_budget_stops_adding_runs(tmp_path):
+    _, report, md = run_check(tmp_path, "--no-compile", "--time-budget", "0", "--methods", "dual")
+    assert report["meta"]["budget_spent"] and report["meta"]["exact_pass"] == 0
+    assert report["runs"] and all(r["status"] == "not run" and "time budget" in r["note"] for r in report["runs"])
+    assert "budget spent" in md
+
+
+def test_bad_arguments_are_refused():
+    for bad in (["--methods", "nope"], ["--families", "gpt"], ["--batch-sizes", "0"], ["--batch-sizes", "x"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["--tiny", *bad])
+
+
+def test_bench_compile_runs_eager_and_compiled_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "smoke", "--methods", "dual", "--samplers", "",
+         "--threads", "1", "--compile", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["mode"]) for r in rows] == [("none", "eager"), ("dual", "eager"),
+                                                       ("none", "compiled"), ("dual", "compiled")]
+    by = {(r["method"], r["mode"]): r for r in rows}
+    for (method, mode), r in by.items():
+        assert r["compile_seconds"] >= 0 and r["recompiles"] >= 0 and r["tokens_per_s"] > 0
+        assert r["forward_fixed_ms"] >= 0 and r["forward_per_row_ms"] >= 0  # the fit of this mode's model
+        assert ("compiled_vs_eager" in r) == (mode == "compiled")
+        if method == "none":
+            assert r["speedup"] == 1  # each mode against its own none
+    assert by[("none", "eager")]["packed_weights"] == can_pack(torch.device("cpu"), torch.float32)
+    assert by[("none", "compiled")]["packed_weights"] is False  # torch.compile cannot trace packed weights
+    assert all(by[m, "eager"]["compile_seconds"] == 0 and by[m, "eager"]["recompiles"] == 0 for m in ("none", "dual"))
+    assert "speedup_compiled" in proc.stdout and "compiled_vs_eager" in proc.stdout
+    assert "compile_mode=default" in proc.stdout

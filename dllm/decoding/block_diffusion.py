@@ -75,10 +75,39 @@ def block_schedule(block_length: int, steps: int) -> list[int]:
     return [block_length // steps + (s < block_length % steps) for s in range(steps)]
 
 
-@register_decoder
-class BlockDiffusion(Decoder):
-    name = "block_diffusion"
+class BlockCausalDecoder(Decoder):
+    """Base of the block-diffusion models' decoders: attention blocks of ``block_length`` decoded left
+    to right, the current one being the first that any row still has masked positions in."""
+
     block_causal = True
+
+    def check(self, gen_length: int) -> None:
+        if gen_length < 1:  # any length: the region is extended to whole blocks (dllm.decoding.layout)
+            raise ValueError(f"gen_length={gen_length} must be >= 1")
+
+    def start(self, ctx: DecodeContext) -> None:
+        self.ctx, self.block = ctx, self.block_length
+        self.current_block, self.block_start_step = -1, 0
+
+    def current(self, step: int, masked: Tensor) -> tuple[int, int, int] | None:
+        """(block index, its first column, step inside it), or None when nothing is left to decode."""
+        P, B = self.ctx.prompt_length, masked.shape[0]
+        pending = masked[:, P:].reshape(B, -1, self.block).any(2).any(0)
+        if not pending.any():
+            return None
+        block = int(pending.nonzero()[0])
+        if block != self.current_block:
+            self.current_block, self.block_start_step = block, step
+            self.start_block()
+        return block, P + block * self.block, step - self.block_start_step
+
+    def start_block(self) -> None:
+        """Hook for what a decoder resets at each block."""
+
+
+@register_decoder
+class BlockDiffusion(BlockCausalDecoder):
+    name = "block_diffusion"
 
     def __init__(self, block_length: int = 4, steps: int = 4, remasking: str = "dynamic", threshold: float = 0.9,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -95,24 +124,10 @@ class BlockDiffusion(Decoder):
         self.remasking, self.threshold, self.top_k, self.top_p = remasking, float(threshold), top_k, top_p
         self.schedule = block_schedule(block_length, steps)
 
-    def check(self, gen_length: int) -> None:
-        if gen_length < 1:  # any length: the region is extended to whole blocks (dllm.decoding.layout)
-            raise ValueError(f"gen_length={gen_length} must be >= 1")
-
-    def start(self, ctx: DecodeContext) -> None:
-        self.ctx, self.block = ctx, self.block_length
-        self.current_block, self.block_start_step = -1, 0
-
     def plan(self, step: int, masked: Tensor) -> StepPlan | None:
-        P, B = self.ctx.prompt_length, masked.shape[0]
-        pending = masked[:, P:].reshape(B, -1, self.block).any(2).any(0)
-        if not pending.any():
+        if (current := self.current(step, masked)) is None:
             return None
-        block = int(pending.nonzero()[0])
-        if block != self.current_block:
-            self.current_block, self.block_start_step = block, step
-        lo = P + block * self.block
-        block_step = step - self.block_start_step
+        block, lo, block_step = current
         left = masked[:, lo : lo + self.block].sum(1)
         return StepPlan((lo, lo + self.block), left.clamp(max=self.schedule[block_step]), block, block_step)
 

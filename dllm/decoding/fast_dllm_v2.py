@@ -22,14 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, register_decoder, top_n_mask
-from .block_diffusion import check_sampling, sample_filtered
+from .base import StepPlan, register_decoder, top_n_mask
+from .block_diffusion import BlockCausalDecoder, check_sampling, sample_filtered
 
 
 @register_decoder
-class FastDllmV2(Decoder):
+class FastDllmV2(BlockCausalDecoder):
     name = "fast_dllm_v2"
-    block_causal = True
     stop_block = None  # a row stops at its first EOS, not at the end of that EOS's block
 
     def __init__(self, block_length: int = 32, sub_block_length: int = 8, threshold: float = 0.9,
@@ -46,28 +45,19 @@ class FastDllmV2(Decoder):
         check_sampling(temperature, None, top_p)
         self.sub_block_length, self.threshold, self.top_p = sub_block_length, float(threshold), top_p
 
-    def check(self, gen_length: int) -> None:
-        if gen_length < 1:  # any length: the region is extended to whole blocks (dllm.decoding.layout)
-            raise ValueError(f"gen_length={gen_length} must be >= 1")
-
     def check_model(self, logit_shift: int) -> None:
         if logit_shift != 1:
             raise ValueError("decoding=fast_dllm_v2 commits a block's first token from the previous position: it needs "
                              "a model that predicts position j from j - 1 (Fast-dLLM v2); use decoding=block_diffusion")
 
-    def start(self, ctx: DecodeContext) -> None:
-        self.ctx, self.block = ctx, self.block_length
-        self.current_block, self.block_start_step, self.first_done, self.committing_first = -1, 0, False, False
+    def start_block(self) -> None:
+        self.first_done = False
 
     def plan(self, step: int, masked: Tensor) -> StepPlan | None:
-        P, B = self.ctx.prompt_length, masked.shape[0]
-        pending = masked[:, P:].reshape(B, -1, self.block).any(2).any(0)
-        if not pending.any():
+        if (current := self.current(step, masked)) is None:
             return None
-        block = int(pending.nonzero()[0])
-        if block != self.current_block:
-            self.current_block, self.block_start_step, self.first_done = block, step, False
-        lo, block_step = P + block * self.block, step - self.block_start_step
+        block, lo, block_step = current
+        B = masked.shape[0]
         first = masked[:, lo]
         self.committing_first = not self.first_done and bool(first.any())
         self.first_done = True

@@ -78,10 +78,16 @@ def config_from_args(args: ModelArgs) -> dict:
 
 
 def key_pairs(args: ModelArgs) -> list[tuple[str, str]]:
-    pairs = [p for p in KEYS if "{i}" not in p[0]]
+    return qwen_key_pairs(KEYS, args)
+
+
+def qwen_key_pairs(keys: list[tuple[str, str]], args: ModelArgs) -> list[tuple[str, str]]:
+    """(checkpoint, native) names of a Qwen-style checkpoint: ``keys`` with ``{i}`` per layer, and no
+    ``lm_head.weight`` when the head is tied to the embedding."""
+    pairs = [p for p in keys if "{i}" not in p[0]]
     if args.tie_embeddings:
         pairs = [p for p in pairs if p[0] != "lm_head.weight"]
-    per_block = [p for p in KEYS if "{i}" in p[0]]
+    per_block = [p for p in keys if "{i}" in p[0]]
     for i in range(args.n_layers):
         pairs += [(ck.format(i=i), nk.format(i=i)) for ck, nk in per_block]
     return pairs

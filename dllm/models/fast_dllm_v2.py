@@ -8,6 +8,7 @@ the tiny checkpoints write for their own tokenizer, is read when present.
 """
 from __future__ import annotations
 
+from .dream import KEYS, key_pairs  # noqa: F401  (Qwen2's key names, q/k/v biases: Dream's)
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Fast_dLLM_Qwen"
@@ -15,24 +16,6 @@ MODEL_TYPE = "Fast_dLLM_Qwen"
 # and pad; the only stop token of the authors' generate), |<MASK>| 151665.
 ENDOFTEXT, IM_END, MASK_TOKEN_ID = 151643, 151645, 151665
 BD_SIZE = 32  # the attention block Fast-dLLM v2 was trained with
-
-KEYS = [
-    ("model.embed_tokens.weight", "tok_embeddings.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq.weight"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.wq.bias"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk.weight"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.wk.bias"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv.weight"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.wv.bias"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.ffn.w_gate.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.ffn.w_up.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.ffn.w_down.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
-    ("model.norm.weight", "norm.weight"),
-    ("lm_head.weight", "output.weight"),
-]
 
 # config field -> the values the published modeling.py computes with at inference (None = absent / null).
 SUPPORTED = {
@@ -106,13 +89,3 @@ def config_from_args(args: ModelArgs) -> dict:
         "use_cache": True,
         "torch_dtype": "bfloat16",
     }
-
-
-def key_pairs(args: ModelArgs) -> list[tuple[str, str]]:
-    pairs = [p for p in KEYS if "{i}" not in p[0]]
-    if args.tie_embeddings:
-        pairs = [p for p in pairs if p[0] != "lm_head.weight"]
-    per_block = [p for p in KEYS if "{i}" in p[0]]
-    for i in range(args.n_layers):
-        pairs += [(ck.format(i=i), nk.format(i=i)) for ck, nk in per_block]
-    return pairs

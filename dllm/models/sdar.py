@@ -10,6 +10,7 @@ on the Hub do not, so both are optional here.
 """
 from __future__ import annotations
 
+from .dream import qwen_key_pairs
 from .transformer import ModelArgs
 
 MODEL_TYPE = "sdar"
@@ -122,10 +123,4 @@ def config_from_args(args: ModelArgs) -> dict:
 
 
 def key_pairs(args: ModelArgs) -> list[tuple[str, str]]:
-    pairs = [p for p in KEYS if "{i}" not in p[0]]
-    if args.tie_embeddings:
-        pairs = [p for p in pairs if p[0] != "lm_head.weight"]
-    per_block = [p for p in KEYS if "{i}" in p[0]]
-    for i in range(args.n_layers):
-        pairs += [(ck.format(i=i), nk.format(i=i)) for ck, nk in per_block]
-    return pairs
+    return qwen_key_pairs(KEYS, args)

@@ -1,6 +1,7 @@
 """Dream (Dream-org/Dream-v0-*-7B): Qwen2-style config and key names, run non-causally, shifted logits."""
 from __future__ import annotations
 
+from .hf_config import qwen_key_pairs, qwen_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Dream"
@@ -29,22 +30,11 @@ def describes(cfg: dict) -> bool:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    # transformers 5 moved rope_theta into rope_parameters; the published configs have it flat.
-    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
     eos = cfg.get("eos_token_id", 151643)
     return ModelArgs(
         family="dream",
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        ffn_dim=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(rope_theta),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **qwen_shape(cfg, 131072),
         qkv_bias=True,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=cfg.get("max_position_embeddings", 131072),
         mask_token_id=cfg.get("mask_token_id", 151666),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         pad_token_id=cfg.get("pad_token_id", 151643),
@@ -80,14 +70,3 @@ def config_from_args(args: ModelArgs) -> dict:
 def key_pairs(args: ModelArgs) -> list[tuple[str, str]]:
     return qwen_key_pairs(KEYS, args)
 
-
-def qwen_key_pairs(keys: list[tuple[str, str]], args: ModelArgs) -> list[tuple[str, str]]:
-    """(checkpoint, native) names of a Qwen-style checkpoint: ``keys`` with ``{i}`` per layer, and no
-    ``lm_head.weight`` when the head is tied to the embedding."""
-    pairs = [p for p in keys if "{i}" not in p[0]]
-    if args.tie_embeddings:
-        pairs = [p for p in pairs if p[0] != "lm_head.weight"]
-    per_block = [p for p in keys if "{i}" in p[0]]
-    for i in range(args.n_layers):
-        pairs += [(ck.format(i=i), nk.format(i=i)) for ck, nk in per_block]
-    return pairs

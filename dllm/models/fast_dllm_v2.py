@@ -9,6 +9,7 @@ the tiny checkpoints write for their own tokenizer, is read when present.
 from __future__ import annotations
 
 from .dream import KEYS, key_pairs  # noqa: F401  (Qwen2's key names, q/k/v biases: Dream's)
+from .hf_config import check_supported, qwen_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Fast_dLLM_Qwen"
@@ -30,24 +31,12 @@ def describes(cfg: dict) -> bool:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    for field, allowed in SUPPORTED.items():
-        if cfg.get(field) not in allowed:
-            raise ValueError(f"Fast-dLLM v2 config: {field}={cfg[field]!r} is not supported (allowed: {list(allowed)})")
-    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    check_supported(cfg, SUPPORTED, "Fast-dLLM v2")
     eos = cfg.get("eos_token_id", IM_END)
     return ModelArgs(
         family="fast_dllm_v2",
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        ffn_dim=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(rope_theta),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **qwen_shape(cfg, 32768),
         qkv_bias=True,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=cfg.get("max_position_embeddings", 32768),
         mask_token_id=cfg.get("mask_token_id", MASK_TOKEN_ID),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         # The tokenizer's pad <|endoftext|> (= bos), which batch_sample writes after a row's EOS;

@@ -19,6 +19,7 @@ Mask, eos and pad ids are not in the published config.json: 156895 (<|mask|>) an
 """
 from __future__ import annotations
 
+from .hf_config import check_supported
 from .transformer import ModelArgs
 
 MODEL_TYPE = "llada2_moe"
@@ -81,12 +82,7 @@ def describes(cfg: dict) -> bool:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    for field, allowed in SUPPORTED.items():
-        if cfg.get(field) not in allowed:
-            raise ValueError(
-                f"LLaDA2.0 config: {field}={cfg[field]!r} is not supported (allowed: {list(allowed)}; "
-                "the published modeling_llada2_moe.py computes only these)"
-            )
+    check_supported(cfg, SUPPORTED, "LLaDA2.0", "; the published modeling_llada2_moe.py computes only these")
     if not cfg.get("num_experts"):
         raise ValueError(f"LLaDA2.0 config: num_experts={cfg.get('num_experts')!r} is not supported "
                          "(allowed: an MoE model, as LLaDA2.0-mini / -flash)")

@@ -10,7 +10,7 @@ on the Hub do not, so both are optional here.
 """
 from __future__ import annotations
 
-from .dream import qwen_key_pairs
+from .hf_config import check_supported, qwen_key_pairs, qwen_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "sdar"
@@ -51,24 +51,12 @@ def describes(cfg: dict) -> bool:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    for field, allowed in SUPPORTED.items():
-        if cfg.get(field) not in allowed:
-            raise ValueError(f"SDAR config: {field}={cfg[field]!r} is not supported (allowed: {list(allowed)})")
-    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    check_supported(cfg, SUPPORTED, "SDAR")
     endoftext = cfg.get("bos_token_id", ENDOFTEXT)
     return ModelArgs(
         family="sdar",
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        ffn_dim=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(rope_theta),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **qwen_shape(cfg, 32768),
         qkv_bias=False,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=cfg.get("max_position_embeddings", 32768),
         mask_token_id=cfg.get("mask_token_id", MASK_TOKEN_ID),
         # config.json's eos is <|endoftext|>, the end of a document. Every SDAR / TraDo checkpoint is a
         # chat model whose turn ends with <|im_end|>: generation_config.json's stop list is

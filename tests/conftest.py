@@ -292,3 +292,15 @@ def float64_reference(net: Transformer, tokens: torch.Tensor, attention_mask: to
         else:
             h = h + swiglu(x, f"{p}.ffn")
     return linear(rms(h, w["norm.weight"]), "output")
+
+
+def edited_config(checkpoint: Path, tmp_path: Path, **fields) -> Path:
+    """A copy of a checkpoint folder whose config.json has ``fields`` set."""
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "edited"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(fields)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder

@@ -19,7 +19,7 @@ from dllm.models.loading import CheckpointError, load_model, save_checkpoint
 from dllm.models.tiny import make_tiny_checkpoint
 from dllm.models.transformer import ModelArgs, MoEFeedForward, Transformer, apply_rope, rope_cos_sin
 
-from conftest import left_padded, random_prompts, tiny_args, tiny_net
+from conftest import edited_config, left_padded, random_prompts, tiny_args, tiny_net
 from test_checkpoint import no_weight_reads  # noqa: F401 - the fixture: no tensor data read before validation
 
 transformers = pytest.importorskip("transformers")
@@ -368,14 +368,6 @@ def test_tokenizer_and_chat_format(checkpoint):
     assert tok.convert_tokens_to_ids("<|role_end|>") in stop_token_ids(tok, net.args)
 
 
-def edited(checkpoint: Path, tmp_path: Path, **fields) -> Path:
-    folder = Path(shutil.copytree(checkpoint, tmp_path / "edited"))
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(fields)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
 @pytest.mark.parametrize("fields, message", [
     (dict(num_key_value_heads=1),
      r"model\.layers\.0\.attention\.query_key_value\.weight: shape \(128, 64\), config.json implies \(96, 64\)"),
@@ -385,7 +377,7 @@ def edited(checkpoint: Path, tmp_path: Path, **fields) -> Path:
 ])
 def test_mismatches_are_refused_before_any_weight_is_read(checkpoint, tmp_path, no_weight_reads, fields, message):
     with pytest.raises(CheckpointError, match=message):
-        load_model(str(edited(checkpoint, tmp_path, **fields)))
+        load_model(str(edited_config(checkpoint, tmp_path, **fields)))
 
 
 def test_a_missing_expert_bias_is_refused(checkpoint, tmp_path, no_weight_reads):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from dllm.models.loading import CheckpointError, load_model
 from dllm.models.tiny import make_tiny_checkpoint
 from dllm.models.transformer import KVStore, MoEFeedForward
 
-from conftest import (MASK_ID, assert_causal_matches, float64_reference, left_padded, random_prompts, tiny_args,
+from conftest import (MASK_ID, assert_causal_matches, edited_config, float64_reference, left_padded, random_prompts, tiny_args,
                       tiny_net, with_weights)
 
 transformers = pytest.importorskip("transformers")
@@ -201,14 +200,6 @@ def test_tokenizer_and_chat_format(checkpoint):
     assert tok.convert_tokens_to_ids("<|role_end|>") in stop_token_ids(tok, net.args)
 
 
-def edited(checkpoint: Path, tmp_path: Path, **fields) -> Path:
-    folder = Path(shutil.copytree(checkpoint, tmp_path / "edited"))
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(fields)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
 @pytest.mark.parametrize("fields, message", [
     (dict(norm_topk_prob=True), r"norm_topk_prob=True is not supported \(allowed: \[None, False\]"),
     (dict(moe_router_score_function="sigmoid"), r"moe_router_score_function='sigmoid' is not supported"),
@@ -218,14 +209,14 @@ def edited(checkpoint: Path, tmp_path: Path, **fields) -> Path:
 ])
 def test_unsupported_configs_are_refused_before_weights(checkpoint, tmp_path, fields, message):
     with pytest.raises(CheckpointError, match=message):
-        load_model(str(edited(checkpoint, tmp_path, **fields)))
+        load_model(str(edited_config(checkpoint, tmp_path, **fields)))
 
 
 def test_family_is_told_apart_from_dense_llada(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"is a 'llada_moe' checkpoint \(model_type 'llada'\).*family='llada'"):
         load_model(str(checkpoint), expected_family="llada")
     # The dllm toolkit's instructions rename the model_type; the checkpoint is the same.
-    renamed = load_model(str(edited(checkpoint, tmp_path, model_type="lladamoe")), expected_family="llada_moe")
+    renamed = load_model(str(edited_config(checkpoint, tmp_path, model_type="lladamoe")), expected_family="llada_moe")
     assert renamed.args == load_model(str(checkpoint)).args
 
 

@@ -209,3 +209,39 @@ def test_compile_time_counts_the_warm_up_and_padding_is_apart():
     eager = ThroughputMeter()
     eager.add_batch(output(rows), [3, 6])
     assert eager.summary()["compile_seconds"] == 0.0 and eager.summary()["padding_ratio"] == 0.0
+
+
+def test_merged_ranks_equal_one_meter_except_wall_time():
+    """Data-parallel ranks' meters merged (ThroughputMeter.merge) give what one meter over all their
+    batches gives, for every summary field that is not a wall time: work totals and their ratios
+    (recompute, attention, FLOPs, padding), maxima (peak memory, peak K/V) and per-sample stats.
+    The wall times are the longest rank's, so throughput = all tokens / that time."""
+    def batch(rows: list[list[int]], seconds: float, scale: float) -> GenerationOutput:
+        out = output(rows, seconds=seconds, active_per_row=7 * scale, peak=0.5 * scale)
+        out.attention_pairs, out.total_attention_pairs = 30.0 * scale, 100.0
+        out.flops, out.total_flops = 40.0 * scale, 90.0
+        out.peak_kv_gb, out.padded_token_layers = 0.1 * scale, 2.0 * scale
+        out.compile_seconds, out.recompiles = 1.5 * scale, int(2 * scale)
+        return out
+
+    ranks = [[batch([ROWS[0][0], ROWS[1][0]], 2.0, 1.0)], [batch([ROWS[2][0]], 3.0, 2.0), batch([ROWS[3][0]], 1.0, 3.0)]]
+    parts, whole = [], ThroughputMeter()
+    for outs in ranks:
+        meter = ThroughputMeter()
+        for out in outs:
+            useful = useful_lengths(out.tokens, STOPS)
+            meter.add_batch(out, useful, repeat_seconds=[out.seconds + 1])
+            whole.add_batch(out, useful, repeat_seconds=[out.seconds + 1])
+        parts.append(meter)
+    merged = ThroughputMeter.merge(parts).summary()
+    expected = whole.summary()
+    wall = {"gen_seconds", "throughput_useful_tok_s", "throughput_all_tok_s", "throughput_useful_tok_s_std",
+            "throughput_all_tok_s_std", "compile_seconds", "recompiles"}
+    assert set(merged) == set(expected)
+    assert {k: v for k, v in merged.items() if k not in wall} == {k: v for k, v in expected.items() if k not in wall}
+    assert merged["attention_ratio"] == pytest.approx((30 + 60 + 90) / 300)  # what the old merge dropped (None)
+    assert merged["peak_kv_gb"] == pytest.approx(0.3)
+    # The longest rank's times: generation 2 s vs 3 + 1 s, the repeat 3 s vs 4 + 2 s; compiling 1.5 s vs 3 + 4.5 s.
+    assert merged["gen_seconds"] == pytest.approx((4.0 + 6.0) / 2)
+    assert merged["throughput_all_tok_s"] == pytest.approx(4 * G / 5.0)
+    assert (merged["compile_seconds"], merged["recompiles"]) == (pytest.approx(7.5), 10)

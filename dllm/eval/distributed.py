@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dllm.metrics.accounting import ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +70,3 @@ class DataParallel:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def merge_meters(meters: list[ThroughputMeter]) -> ThroughputMeter:
-    """One meter for the whole run: token, forward and compute totals summed over ranks, every
-    sample's latency kept, ``gen_seconds`` the longest rank's (the ranks generate at the same time),
-    so throughput = total tokens / max wall time."""
-    merged = ThroughputMeter()
-    for m in meters:
-        merged.samples.extend(m.samples)
-        merged.nfe += m.nfe
-        merged.row_forwards += m.row_forwards
-        merged.active_token_layers += m.active_token_layers
-        merged.total_token_layers += m.total_token_layers
-        merged.padded_token_layers += m.padded_token_layers
-        # Every rank compiles the same graphs at the same time: the longest rank's, as for gen_seconds.
-        merged.compile_seconds = max(merged.compile_seconds, m.compile_seconds)
-        merged.recompiles = max(merged.recompiles, m.recompiles)
-        if m.peak_mem_gb is not None:
-            merged.peak_mem_gb = m.peak_mem_gb if merged.peak_mem_gb is None else max(merged.peak_mem_gb, m.peak_mem_gb)
-    merged.gen_seconds = max((m.gen_seconds for m in meters), default=0.0)
-    merged.repeat_seconds = [max(totals) for totals in zip(*(m.repeat_seconds for m in meters))]
-    return merged

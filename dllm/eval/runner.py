@@ -441,12 +441,12 @@ def _evaluate(
         confirm_run_unsafe_code=settings.allow_code_execution,
     )
     if dp is not None:  # every rank's speed totals and per-sample records to rank 0, which writes
-        from .distributed import merge_meters
+        from dllm.metrics.accounting import ThroughputMeter
 
         parts = lm.gather_object((lm.meter, lm.records))
         if not dp.is_main:
             return None
-        lm.meter = merge_meters([meter for meter, _ in parts])
+        lm.meter = ThroughputMeter.merge([meter for meter, _ in parts])
         lm.records = {k: v for _, records in parts for k, v in records.items()}
     accuracy, stderr = primary_metric(results, settings.lm_eval_task, settings.metric)
     samples = join_samples(results, lm, settings.metric)

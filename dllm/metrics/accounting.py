@@ -162,6 +162,32 @@ class ThroughputMeter:
         self.peak_kv_gb = out.peak_kv_gb if self.peak_kv_gb is None else max(self.peak_kv_gb, out.peak_kv_gb)
         return stats
 
+    @classmethod
+    def merge(cls, meters: list["ThroughputMeter"]) -> "ThroughputMeter":
+        """One meter for meters that ran at the same time (data-parallel ranks): counts, work and
+        samples summed, maxima kept, and the wall times (``gen_seconds``, each timing repeat's,
+        ``compile_seconds``) the longest one's, since the ranks generate and compile side by side.
+        So throughput = total tokens / the longest rank's time."""
+        merged = cls()
+        for m in meters:
+            merged.samples.extend(m.samples)
+            merged.nfe += m.nfe
+            merged.row_forwards += m.row_forwards
+            merged.active_token_layers += m.active_token_layers
+            merged.total_token_layers += m.total_token_layers
+            merged.padded_token_layers += m.padded_token_layers
+            merged.attention_pairs += m.attention_pairs
+            merged.total_attention_pairs += m.total_attention_pairs
+            merged.flops += m.flops
+            merged.total_flops += m.total_flops
+            merged.peak_mem_gb = _max_or_none(merged.peak_mem_gb, m.peak_mem_gb)
+            merged.peak_kv_gb = _max_or_none(merged.peak_kv_gb, m.peak_kv_gb)
+            merged.compile_seconds = max(merged.compile_seconds, m.compile_seconds)
+            merged.recompiles = max(merged.recompiles, m.recompiles)
+        merged.gen_seconds = max((m.gen_seconds for m in meters), default=0.0)
+        merged.repeat_seconds = [max(totals) for totals in zip(*(m.repeat_seconds for m in meters))]
+        return merged
+
     def summary(self) -> dict:
         useful = sum(s.useful_tokens for s in self.samples)
         every = sum(s.all_tokens for s in self.samples)
@@ -197,3 +223,7 @@ class ThroughputMeter:
             "recompiles": self.recompiles,
             "padding_ratio": self.padded_token_layers / self.total_token_layers if self.total_token_layers else None,
         }
+
+
+def _max_or_none(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)

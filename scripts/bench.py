@@ -32,6 +32,9 @@ if every forward cost exactly that fit, i.e. (nfe_none x fixed + rows_none x per
 (nfe x fixed + rows x per_row) with rows summed over forwards. attainable_efficiency = speedup /
 attainable_speedup is then the share of what this hardware allows that the implementation gets
 (the rest is the denoising loop, the LM head, attention statistics, cache bookkeeping).
+weight_read_ms is the memory floor under the fixed cost: the time to read as many bytes as the
+layers' weights once (with an MoE, one row's routed experts), measured as a sum over a buffer that
+size; a kernel can overlap it with the per-row arithmetic, but no kernel can skip it.
 
 With ``--repeats N`` the runs go in N interleaved rounds (none, then each method, per decoding),
 so slow drift of the machine's speed hits ``none`` and the methods alike; times are medians over
@@ -55,8 +58,8 @@ timed runs; not in ``wall_s``) and ``recompiles``; a compiled row also carries `
 (eager seconds / compiled seconds, median over rounds). The bare-forward fit is done per mode, so
 the fixed cost per forward is shown before and after compiling. The warm-up defaults to ``full``:
 compiled graphs are specialised to the sequence length and the row buckets, and a short warm-up
-would leave those compiles to the timed run. The compiled copy keeps dense weights (the oneDNN
-packing of the eager copy on CPU cannot be traced by torch.compile).
+would leave those compiles to the timed run. The compiled copy is prepacked like the eager one (CPU,
+float32; ``--dense-weights`` keeps both dense), so ``compiled_vs_eager`` compares compiling alone.
 """
 from __future__ import annotations
 
@@ -356,6 +359,21 @@ def forward_seconds(net: Transformer, args: argparse.Namespace, rows: int, repea
     return sorted(times[1:])[(repeats - 1) // 2]
 
 
+@torch.inference_mode()
+def weight_read_ms(n_params: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Milliseconds to read ``n_params`` values of ``dtype`` once: the fastest of ``repeats`` sums over
+    a buffer that size. A sum does nothing but read, so for the parameters a forward must read (the
+    layers' weights; with an MoE a row's routed experts) this is the memory floor under a forward's
+    fixed cost, which no kernel, compiled or not, can go below."""
+    buffer = torch.ones(n_params, dtype=dtype, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        with measure(device) as cost:
+            buffer.sum()
+        times.append(cost.seconds)
+    return 1e3 * min(times[1:])
+
+
 @dataclass(frozen=True)
 class ForwardCost:
     """Least-squares fit ``forward_ms = fixed_ms + per_row_ms x rows`` of bare forward times."""
@@ -437,11 +455,15 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     net = build_model(margs, args.device, dtype, args.seed)
     n_params = sum(p.numel() for p in net.parameters())
+    # what a forward must read of the layers' weights (before packing: packed weights are not parameters)
+    layer_params = active_parameters(margs, sum(p.numel() for p in net.layers.parameters()))
     packed = not args.dense_weights and pack_linear_weights(net)  # as the pipeline does: float32 on CPU only
     nets, packed_by_mode = {"eager": net}, {"eager": packed}
     if args.compile:
-        # The same weights (same seed), kept dense: torch.compile cannot trace oneDNN's packed weights.
-        nets["compiled"], packed_by_mode["compiled"] = build_model(margs, args.device, dtype, args.seed), False
+        # The same weights (same seed), prepacked like the eager copy, as the pipeline does before it
+        # compiles (a compiled layer calls the packed GEMM as one opaque op: dllm::packed_linear).
+        nets["compiled"] = build_model(margs, args.device, dtype, args.seed)
+        packed_by_mode["compiled"] = not args.dense_weights and pack_linear_weights(nets["compiled"])
         compile_layers_or_exit()(nets["compiled"], mode=args.compile_mode)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     print(f"# preset={args.preset} family={margs.family} params={n_params / 1e6:.1f}M "
@@ -456,7 +478,7 @@ def main(argv=None) -> list[dict]:
     failed: list[str] = []
     for batch in args.batch_sizes:
         batch_args = argparse.Namespace(**vars(args), batch_size=batch)
-        batch_rows, batch_failed = run_batch(nets, margs, batch_args, device_name, packed_by_mode)
+        batch_rows, batch_failed = run_batch(nets, margs, batch_args, device_name, packed_by_mode, layer_params)
         rows += batch_rows
         failed += batch_failed
         if args.json:  # after every batch size: a later one that fails (out of memory) loses only itself
@@ -474,12 +496,13 @@ def main(argv=None) -> list[dict]:
 
 
 def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Namespace, device_name: str,
-              packed: dict[str, bool]) -> tuple[list[dict], list[str]]:
+              packed: dict[str, bool], layer_params: int) -> tuple[list[dict], list[str]]:
     """Every comparison at ``args.batch_size``: per mode (eager, and compiled with --compile) the
     bare-forward fit, then none and the methods in interleaved rounds. Returns the rows and the
-    labels of the runs that failed."""
+    labels of the runs that failed. ``layer_params``: the layer weights a forward must read."""
     prompts = make_prompts(args, margs)
     T = args.prompt_length + args.gen_length
+    read_ms = weight_read_ms(layer_params, getattr(torch, args.dtype), args.device)
     fits: dict[str, tuple[dict[int, float], ForwardCost]] = {}
     for mode, net in nets.items():
         forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
@@ -489,7 +512,8 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
               "per sequence: " + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in forward_ms.items())
               + f"\n# fit: {cost.fixed_ms:.1f} ms per forward + {cost.per_row_ms:.3f} ms per row; so a {small}-row "
               f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
-              f"(the linear-layer bound says {small / T:.1%})", flush=True)
+              f"(the linear-layer bound says {small / T:.1%}); reading the layers' weights once takes "
+              f"{read_ms:.1f} ms", flush=True)
 
     rows: list[dict] = []
     n_tokens = args.batch_size * args.gen_length
@@ -518,7 +542,7 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
             device=str(args.device), device_name=device_name, dtype=args.dtype,
             threads=torch.get_num_threads(), packed_weights=packed[mode], repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
-            forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms,
+            forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms, weight_read_ms=read_ms,
         )
         if args.compile:  # compile columns only where a compiled copy runs
             ran = [o for o in (warm, *outs) if o is not None]

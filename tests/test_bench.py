@@ -50,6 +50,8 @@ def test_bench_smoke_writes_json_rows(tmp_path):
         # bare forward times from 1 to all P + G = 48 active rows, and their affine fit
         assert set(row["bare_forward_ms"]) == {"1", "8", "32", "48"} and min(row["bare_forward_ms"].values()) > 0
         assert row["forward_fixed_ms"] >= 0 and row["forward_per_row_ms"] >= 0
+    # the memory floor under the fixed cost: measured once per batch size, on every row
+    assert len({r["weight_read_ms"] for r in rows}) == 1 and rows[0]["weight_read_ms"] > 0
     methods = [r["method"] for r in rows]
     assert CORE <= set(methods)
     # one none per decoding, each compared method sits with the none of its own decoding

@@ -342,21 +342,29 @@ def build_model(margs: ModelArgs, device: torch.device, dtype: torch.dtype, seed
 
 
 @torch.inference_mode()
-def forward_seconds(net: Transformer, args: argparse.Namespace, rows: int, repeats: int = 3) -> float:
-    """Median time of one bare model forward over ``rows`` active positions per sequence, attending
-    over all P + G stored keys (no decoding, no LM head)."""
+def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repeats: int = 10
+                    ) -> dict[str, dict[int, float]]:
+    """Per mode, milliseconds of one bare model forward over 1 ... P + G active rows per sequence
+    (:func:`forward_rows`), attending over all P + G stored keys (no decoding, no LM head). Each is
+    the fastest of ``repeats`` rounds, and a round times every mode and row count in turn: on a
+    shared machine noise only ever adds time, and drift then hits every point alike (one median of
+    3 per point, as before, timed the cpu preset's 1-row forward at 13.3 ms in one run and 9.6 ms in
+    the next)."""
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
-    store = KVStore(net.args, B, T, device, net.dtype)
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
-    index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
-    tokens = torch.full((B, rows), net.args.mask_token_id, device=device)
-    times = []
-    for _ in range(repeats + 1):  # the first one warms up
-        with measure(device) as cost:
-            net.hidden(tokens, index, key_mask, store, index)
-        times.append(cost.seconds)
-    return sorted(times[1:])[(repeats - 1) // 2]
+    stores = {mode: KVStore(net.args, B, T, device, net.dtype) for mode, net in nets.items()}
+    times: dict[str, dict[int, list[float]]] = {mode: {rows: [] for rows in forward_rows(T)} for mode in nets}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for mode, net in nets.items():
+            for rows, measured in times[mode].items():
+                index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
+                tokens = torch.full((B, rows), net.args.mask_token_id, device=device)
+                with measure(device) as cost:
+                    net.hidden(tokens, index, key_mask, stores[mode], index)
+                if round_:
+                    measured.append(cost.seconds)
+    return {mode: {rows: 1e3 * min(ts) for rows, ts in by_rows.items()} for mode, by_rows in times.items()}
 
 
 @torch.inference_mode()
@@ -504,8 +512,7 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
     T = args.prompt_length + args.gen_length
     read_ms = weight_read_ms(layer_params, getattr(torch, args.dtype), args.device)
     fits: dict[str, tuple[dict[int, float], ForwardCost]] = {}
-    for mode, net in nets.items():
-        forward_ms = {rows: 1e3 * forward_seconds(net, args, rows) for rows in forward_rows(T)}
+    for mode, forward_ms in bare_forward_ms(nets, args).items():
         cost, small = ForwardCost.fit(forward_ms), min(32, T)
         fits[mode] = forward_ms, cost
         print(f"# batch {args.batch_size}{f' {mode}' if args.compile else ''}: bare forward (ms) by active rows "

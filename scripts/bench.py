@@ -353,7 +353,8 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
-    stores = {mode: KVStore(net.args, B, T, device, net.dtype) for mode, net in nets.items()}
+    first = next(iter(nets.values()))  # every mode's copy has the same shapes: one scratch store serves all
+    store = KVStore(first.args, B, T, device, first.dtype)
     times: dict[str, dict[int, list[float]]] = {mode: {rows: [] for rows in forward_rows(T)} for mode in nets}
     for round_ in range(repeats + 1):  # round 0 warms up
         for mode, net in nets.items():
@@ -361,7 +362,7 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
                 index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
                 tokens = torch.full((B, rows), net.args.mask_token_id, device=device)
                 with measure(device) as cost:
-                    net.hidden(tokens, index, key_mask, stores[mode], index)
+                    net.hidden(tokens, index, key_mask, store, index)
                 if round_:
                     measured.append(cost.seconds)
     return {mode: {rows: 1e3 * min(ts) for rows, ts in by_rows.items()} for mode, by_rows in times.items()}

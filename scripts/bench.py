@@ -347,9 +347,8 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
     """Per mode, milliseconds of one bare model forward over 1 ... P + G active rows per sequence
     (:func:`forward_rows`), attending over all P + G stored keys (no decoding, no LM head). Each is
     the fastest of ``repeats`` rounds, and a round times every mode and row count in turn: on a
-    shared machine noise only ever adds time, and drift then hits every point alike (one median of
-    3 per point, as before, timed the cpu preset's 1-row forward at 13.3 ms in one run and 9.6 ms in
-    the next)."""
+    shared machine noise only ever adds time, and drift then hits every point alike (a median of 3
+    per point timed the cpu preset's 1-row forward at 13.3 ms in one run and 9.6 ms in the next)."""
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
@@ -373,14 +372,17 @@ def weight_read_ms(n_params: int, dtype: torch.dtype, device: torch.device, repe
     """Milliseconds to read ``n_params`` values of ``dtype`` once: the fastest of ``repeats`` sums over
     a buffer that size. A sum does nothing but read, so for the parameters a forward must read (the
     layers' weights; with an MoE a row's routed experts) this is the memory floor under a forward's
-    fixed cost, which no kernel, compiled or not, can go below."""
-    buffer = torch.ones(n_params, dtype=dtype, device=device)
+    fixed cost, which no kernel, compiled or not, can go below. At most 2^28 values are read and the
+    time scaled up (an 8B model's weights would otherwise need a second copy in memory); that is
+    still far more than any cache, so the rate is memory's."""
+    measured = min(n_params, 1 << 28)
+    buffer = torch.ones(measured, dtype=dtype, device=device)
     times = []
     for _ in range(repeats + 1):  # the first one warms up
         with measure(device) as cost:
             buffer.sum()
         times.append(cost.seconds)
-    return 1e3 * min(times[1:])
+    return 1e3 * min(times[1:]) * n_params / measured
 
 
 @dataclass(frozen=True)

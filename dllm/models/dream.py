@@ -1,7 +1,7 @@
 """Dream (Dream-org/Dream-v0-*-7B): Qwen2-style config and key names, run non-causally, shifted logits."""
 from __future__ import annotations
 
-from .hf_config import qwen_key_pairs, qwen_shape
+from .hf_config import qwen_key_pairs, hf_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Dream"
@@ -33,7 +33,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
     eos = cfg.get("eos_token_id", 151643)
     return ModelArgs(
         family="dream",
-        **qwen_shape(cfg, 131072),
+        **hf_shape(cfg, 131072),
         qkv_bias=True,
         mask_token_id=cfg.get("mask_token_id", 151666),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,

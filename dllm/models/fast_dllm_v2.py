@@ -9,7 +9,7 @@ the tiny checkpoints write for their own tokenizer, is read when present.
 from __future__ import annotations
 
 from .dream import KEYS, key_pairs  # noqa: F401  (Qwen2's key names, q/k/v biases: Dream's)
-from .hf_config import check_supported, qwen_shape
+from .hf_config import check_supported, hf_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Fast_dLLM_Qwen"
@@ -35,7 +35,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
     eos = cfg.get("eos_token_id", IM_END)
     return ModelArgs(
         family="fast_dllm_v2",
-        **qwen_shape(cfg, 32768),
+        **hf_shape(cfg, 32768),
         qkv_bias=True,
         mask_token_id=cfg.get("mask_token_id", MASK_TOKEN_ID),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,

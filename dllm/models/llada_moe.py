@@ -18,6 +18,7 @@ What the published ``modeling_lladamoe.py`` computes, and so what this module ac
 """
 from __future__ import annotations
 
+from .hf_config import check_supported, hf_shape
 from .transformer import ModelArgs
 
 MODEL_TYPES = ("llada", "lladamoe")
@@ -69,12 +70,7 @@ def describes(cfg: dict) -> bool:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    for field, allowed in SUPPORTED.items():
-        if cfg.get(field) not in allowed:
-            raise ValueError(
-                f"LLaDA-MoE config: {field}={cfg[field]!r} is not supported (allowed: {list(allowed)}; "
-                "the published modeling_lladamoe.py computes only these)"
-            )
+    check_supported(cfg, SUPPORTED, "LLaDA-MoE", "; the published modeling_lladamoe.py computes only these")
     n_layers = cfg["num_hidden_layers"]
     layer_freq = cfg.get("moe_layer_freq") or [1] * n_layers
     if len(layer_freq) != n_layers or not all(layer_freq):
@@ -82,22 +78,13 @@ def args_from_config(cfg: dict) -> ModelArgs:
             f"LLaDA-MoE config: moe_layer_freq={layer_freq!r} is not supported (allowed: an MoE FFN in every "
             f"one of the {n_layers} layers, [1] * {n_layers}, as in LLaDA-MoE-7B-A1B)"
         )
-    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 50000.0)
     eos = cfg.get("eos_token_id", EOS_TOKEN_ID)
     pad = cfg.get("pad_token_id")
     return ModelArgs(
         family="llada_moe",
-        dim=cfg["hidden_size"],
-        n_layers=n_layers,
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        ffn_dim=cfg["expert_intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(rope_theta),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        # tie_word_embeddings is False in every config SUPPORTED accepts
+        **hf_shape(cfg, 8192, ffn_field="expert_intermediate_size", rope_theta=50000.0, norm_eps=1e-5),
         qkv_bias=False,
-        tie_embeddings=False,
-        max_seq_len=cfg.get("max_position_embeddings", 8192),
         mask_token_id=cfg.get("mask_token_id", MASK_TOKEN_ID),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         pad_token_id=EOS_TOKEN_ID if pad is None else pad,

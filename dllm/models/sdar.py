@@ -10,7 +10,7 @@ on the Hub do not, so both are optional here.
 """
 from __future__ import annotations
 
-from .hf_config import check_supported, qwen_key_pairs, qwen_shape
+from .hf_config import check_supported, qwen_key_pairs, hf_shape
 from .transformer import ModelArgs
 
 MODEL_TYPE = "sdar"
@@ -55,7 +55,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
     endoftext = cfg.get("bos_token_id", ENDOFTEXT)
     return ModelArgs(
         family="sdar",
-        **qwen_shape(cfg, 32768),
+        **hf_shape(cfg, 32768),
         qkv_bias=False,
         mask_token_id=cfg.get("mask_token_id", MASK_TOKEN_ID),
         # config.json's eos is <|endoftext|>, the end of a document. Every SDAR / TraDo checkpoint is a

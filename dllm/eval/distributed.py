@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 log = logging.getLogger(__name__)
 
 

@@ -1,7 +1,7 @@
 """Dream (Dream-org/Dream-v0-*-7B): Qwen2-style config and key names, run non-causally, shifted logits."""
 from __future__ import annotations
 
-from .hf_config import qwen_key_pairs, hf_shape
+from .hf_config import hf_shape, qwen_key_pairs
 from .transformer import ModelArgs
 
 MODEL_TYPE = "Dream"

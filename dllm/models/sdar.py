@@ -10,7 +10,7 @@ on the Hub do not, so both are optional here.
 """
 from __future__ import annotations
 
-from .hf_config import check_supported, qwen_key_pairs, hf_shape
+from .hf_config import check_supported, hf_shape, qwen_key_pairs
 from .transformer import ModelArgs
 
 MODEL_TYPE = "sdar"

@@ -69,7 +69,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +81,7 @@ from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
+from dllm.models.compiled import compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.transformer import KVStore, ModelArgs, Transformer  # noqa: E402
 
@@ -235,8 +235,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = ap.parse_args(argv)
-    if args.compile:
-        compile_layers_or_exit()  # before any model is built
     args.warmup = args.warmup or ("full" if args.compile else "short")
     allowed = methods_of(args.preset)
     methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip() and m.strip() != "none"]
@@ -278,15 +276,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
     return args
-
-
-def compile_layers_or_exit() -> Callable[..., None]:
-    """``dllm.models.compiled.compile_layers``, or exit naming what is missing."""
-    try:
-        from dllm.models.compiled import compile_layers
-    except ImportError as err:
-        raise SystemExit(f"--compile needs dllm.models.compiled.compile_layers, which this checkout lacks ({err})")
-    return compile_layers
 
 
 def compile_mode_for(device: torch.device) -> str:
@@ -475,7 +464,7 @@ def main(argv=None) -> list[dict]:
         # compiles (a compiled layer calls the packed GEMM as one opaque op: dllm::packed_linear).
         nets["compiled"] = build_model(margs, args.device, dtype, args.seed)
         packed_by_mode["compiled"] = not args.dense_weights and pack_linear_weights(nets["compiled"])
-        compile_layers_or_exit()(nets["compiled"], mode=args.compile_mode)
+        compile_layers(nets["compiled"], mode=args.compile_mode)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     print(f"# preset={args.preset} family={margs.family} params={n_params / 1e6:.1f}M "
           f"(active per row {active_parameters(margs, n_params) / 1e6:.1f}M) device={args.device} "

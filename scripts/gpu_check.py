@@ -288,7 +288,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    compile_layers = None if args.no_compile else bench.compile_layers_or_exit()  # fail before any work
     budget = Budget(args.time_budget)
     if args.tiny:  # tiny ops gain nothing from threads, and on a busy machine extra threads slow them several-fold
         torch.set_num_threads(1)
@@ -312,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             models[family] = describe_model(margs, sum(p.numel() for p in net.parameters()))
             if mode == "compiled":
                 torch._dynamo.reset()  # frees the previous model's graphs and CUDA-graph pools: peaks are its own
-                compile_layers(net, mode=compile_mode)
+                bench.compile_layers(net, mode=compile_mode)
             for batch in args.batch_sizes:
                 rows += check_model(net, margs, family, mode, batch, args.methods, setting, budget, eager_none)
             del net

@@ -83,7 +83,6 @@ class CompiledLayers:
     """The compiled step and what compiling it has cost so far (the loop reads the differences)."""
 
     step: Callable
-    mode: str
     compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
     recompiles: int = 0  # graphs compiled
 
@@ -110,4 +109,4 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     # One code object serves every compiled model of the process: its variants (step kinds x model
     # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    net.compiled = CompiledLayers(torch.compile(layer_step, mode=mode, dynamic=True), mode)
+    net.compiled = CompiledLayers(torch.compile(layer_step, mode=mode, dynamic=True))

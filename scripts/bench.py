@@ -51,8 +51,8 @@ each batch size, so a sweep that runs out of memory at its largest size keeps th
 ``scripts/plot.py --bench-json FILE`` draws speedup and throughput against batch size.
 
 With ``--compile`` every run (none and each method) also runs on a second copy of the same weights
-(built again from the same seed) whose per-layer step goes through torch.compile
-(``dllm.models.compiled.compile_layers``; CUDA graphs on a GPU). Every row carries ``mode``
+(built again from the same seed) whose layer stack goes through torch.compile
+(``dllm.models.compiled.compile_layers``; ``--compile-mode reduce-overhead`` on a GPU, the default there). Every row carries ``mode``
 (eager | compiled), its speedup over ``none`` of the same mode, ``compile_seconds`` (warm-up and
 timed runs; not in ``wall_s``) and ``recompiles``; a compiled row also carries ``compiled_vs_eager``
 (eager seconds / compiled seconds, median over rounds). The bare-forward fit is done per mode, so
@@ -461,7 +461,7 @@ def main(argv=None) -> list[dict]:
     nets, packed_by_mode = {"eager": net}, {"eager": packed}
     if args.compile:
         # The same weights (same seed), prepacked like the eager copy, as the pipeline does before it
-        # compiles (a compiled layer calls the packed GEMM as one opaque op: dllm::packed_linear).
+        # compiles (the compiled stack calls the packed GEMM as one opaque op: dllm::packed_linear).
         nets["compiled"] = build_model(margs, args.device, dtype, args.seed)
         packed_by_mode["compiled"] = not args.dense_weights and pack_linear_weights(nets["compiled"])
         compile_layers(nets["compiled"], mode=args.compile_mode)

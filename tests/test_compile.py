@@ -63,15 +63,22 @@ def assert_same(eager_out, compiled_out, what: str) -> None:
     assert eager_out.padded_token_layers == 0 and eager_out.recompiles == 0 and eager_out.compile_seconds == 0
 
 
-def test_a_repeated_generation_compiles_nothing_and_one_graph_serves_every_layer(nets):
+def test_a_repeated_generation_compiles_nothing_and_one_graph_runs_the_whole_stack(nets):
     """From a clean slate: ``none`` (full forwards only: one variant of the step) compiles exactly one
-    graph for both layers, and the same generation again compiles nothing."""
+    graph, for both layers at once, and the same generation again compiles nothing. The compiled stack
+    is called once per forward, not once per layer (each call pays dynamo's guard check)."""
     torch._dynamo.reset()
     eager, compiled = nets["llada"]
-    first, second = run(compiled, "none", "low_confidence"), run(compiled, "none", "low_confidence")
+    step, calls = compiled.compiled.step, []
+    compiled.compiled.step = lambda *args: calls.append(1) or step(*args)
+    try:
+        first, second = run(compiled, "none", "low_confidence"), run(compiled, "none", "low_confidence")
+    finally:
+        compiled.compiled.step = step
     assert first.recompiles == 1 and first.compile_seconds > 0
     assert second.recompiles == 0 and second.compile_seconds == 0
     assert first.seconds < first.compile_seconds  # the compile time is left out of the generation's time
+    assert len(calls) == first.nfe + second.nfe and compiled.args.n_layers == 2
     assert_same(run(eager, "none", "low_confidence"), second, "none")
 
 

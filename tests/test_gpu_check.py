@@ -118,7 +118,7 @@ def test_bench_compile_runs_eager_and_compiled_side_by_side(tmp_path):
         if method == "none":
             assert r["speedup"] == 1  # each mode against its own none
     assert by[("none", "eager")]["packed_weights"] == can_pack(torch.device("cpu"), torch.float32)
-    # both copies prepacked alike (a compiled layer calls the packed GEMM as one opaque op), so
+    # both copies prepacked alike (the compiled stack calls the packed GEMM as one opaque op), so
     # compiled_vs_eager measures compiling alone
     assert by[("none", "compiled")]["packed_weights"] == by[("none", "eager")]["packed_weights"]
     assert all(by[m, "eager"]["compile_seconds"] == 0 and by[m, "eager"]["recompiles"] == 0 for m in ("none", "dual"))

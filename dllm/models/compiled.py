@@ -1,9 +1,12 @@
-"""The compiled per-layer step (``compile: true``) and the row buckets it runs on.
+"""The compiled layer stack (``compile: true``) and the row buckets it runs on.
 
-What is compiled: one layer's standard computation, :meth:`Block.forward` (attention with the K/V
-store write, the FFN), as a function of tensors: the layer's module (under torch.compile its
-weights are graph inputs, so one graph serves every layer), the rows' hidden states, RoPE tables
-and key mask, the layer's K/V store tensors and the slots to write. Dynamic shapes: batch, rows and
+What is compiled: the loop of :meth:`Transformer.hidden` over the layers, i.e. each layer's standard
+computation, :meth:`Block.forward` (attention with the K/V store write, the FFN), as one function
+of tensors: the layers (under torch.compile their weights are graph inputs, so the graphs serve any
+model of the same structure), the rows' hidden states, RoPE tables and key mask, the store's K/V
+tensors and the slots to write. One call per forward, not one per layer: each call of a compiled
+function pays dynamo's guard check and wrappers (~0.2 ms on a 2-core CPU, and the host time of a
+GPU step), so a per-layer call would pay it n_layers times. Dynamic shapes: batch, rows and
 sequence length are symbols, so new prompt lengths or batch sizes reuse the graphs; a graph is
 compiled per variant of the step (slots given or all of them, attention rows asked or not, a
 per-key or a row x key mask, size-1 dimensions, the model's structure).
@@ -12,7 +15,7 @@ What stays eager: forwards through a :class:`LayerHook` (dLLM-Cache, Elastic-Cac
 full forwards) or over a key set (:class:`SelectedKeys`: Sparse-dLLM, Streaming-dLLM and DPad when
 they prune keys), WINO's verification rows, the embedding and LM head, ``Transformer.forward``
 (likelihoods), and the experts of an MoE FFN (a loop over experts that follows the routing, with a
-host sync: a graph break, run eagerly between two compiled parts).
+host sync: a graph break, run eagerly between the compiled parts of the stack).
 
 Buckets: the denoising loop pads a compiled forward's active rows up to :func:`row_bucket` of
 their count, with rows that write to the store's trash slot, so the step sees a small fixed set of
@@ -26,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .transformer import Block, MoEFeedForward, Transformer, write_kv
+from .transformer import MoEFeedForward, Transformer, write_kv
 
 
 def row_bucket(n: int, total: int) -> int:
@@ -67,10 +70,16 @@ class LayerKV:
         return key_mask
 
 
-def layer_step(block: Block, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: Tensor, v: Tensor,
-               index: Tensor | None, want_attention: bool) -> tuple[Tensor, Tensor | None]:
-    """:meth:`Block.forward` on one layer's store tensors (what gets compiled)."""
-    return block(h, cos, sin, key_mask, LayerKV(k, v), 0, index, want_attention)
+def layers_step(layers: nn.ModuleList, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: list[Tensor],
+                v: list[Tensor], index: Tensor | None, want_attention: bool) -> tuple[Tensor, list[Tensor] | None]:
+    """:meth:`Block.forward` of every layer in turn on the store's tensors (what gets compiled):
+    the last hidden states (before the final norm) and, if asked, each layer's head-averaged
+    attention rows."""
+    attention = []
+    for block, k_layer, v_layer in zip(layers, k, v):
+        h, head_mean = block(h, cos, sin, key_mask, LayerKV(k_layer, v_layer), 0, index, want_attention)
+        attention.append(head_mean)
+    return h, attention if want_attention else None
 
 
 def graphs_compiled() -> int:
@@ -80,24 +89,24 @@ def graphs_compiled() -> int:
 
 @dataclass
 class CompiledLayers:
-    """The compiled step and what compiling it has cost so far (the loop reads the differences)."""
+    """The compiled layer stack and what compiling it has cost so far (the loop reads the differences)."""
 
     step: Callable
     compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
     recompiles: int = 0  # graphs compiled
 
-    def __call__(self, block: Block, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: Tensor, v: Tensor,
-                 index: Tensor | None, want_attention: bool) -> tuple[Tensor, Tensor | None]:
+    def __call__(self, layers: nn.ModuleList, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: list[Tensor],
+                 v: list[Tensor], index: Tensor | None, want_attention: bool) -> tuple[Tensor, list[Tensor] | None]:
         before, start = graphs_compiled(), time.perf_counter()
-        out = self.step(block, h, cos, sin, key_mask, k, v, index, want_attention)
-        if (new := graphs_compiled() - before):  # this call compiled (its one layer's run is counted too)
+        out = self.step(layers, h, cos, sin, key_mask, k, v, index, want_attention)
+        if (new := graphs_compiled() - before):  # this call compiled (its one forward's run is counted too)
             self.compile_seconds += time.perf_counter() - start
             self.recompiles += new
         return out
 
 
 def compile_layers(net: Transformer, mode: str = "default") -> None:
-    """Run ``net``'s layers through a compiled :func:`layer_step` (``mode``: torch.compile's; inductor
+    """Run ``net``'s layers through a compiled :func:`layers_step` (``mode``: torch.compile's; inductor
     on CPU), and have the denoising loop pad active rows to :func:`row_bucket` (``net.compiled``)."""
     import torch._dynamo  # ~1.5 s to import: only where something is compiled
 
@@ -109,4 +118,4 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     # One code object serves every compiled model of the process: its variants (step kinds x model
     # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    net.compiled = CompiledLayers(torch.compile(layer_step, mode=mode, dynamic=True))
+    net.compiled = CompiledLayers(torch.compile(layers_step, mode=mode, dynamic=True))

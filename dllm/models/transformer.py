@@ -141,7 +141,7 @@ class KVStore:
 
 def write_kv(k_store: Tensor, v_store: Tensor, index: Tensor | None, k: Tensor, v: Tensor) -> None:
     """One layer's store (B, Hkv, T + 1, hd): k/v (B, Hkv, A, hd) written at slots ``index`` (B, A),
-    ``None`` meaning all T slots (a plain function of tensors, so a compiled layer can take them)."""
+    ``None`` meaning all T slots (a plain function of tensors, so the compiled layer stack can take them)."""
     if index is None:
         T = k_store.shape[2] - 1
         k_store[:, :, :T].copy_(k)
@@ -513,12 +513,11 @@ class Transformer(nn.Module):
                 h = block.forward_partial(h, cos, sin, key_mask, store, layer, index, layer_hook)
             return self.norm(h), None
         # Compiled: only the generation's own store (SelectedKeys / WINO's shadow rows stay eager).
-        compiled = self.compiled if isinstance(store, KVStore) else None
+        if self.compiled is not None and isinstance(store, KVStore):
+            h, attention = self.compiled(self.layers, h, cos, sin, key_mask, store.k, store.v, index, want_attention)
+            return self.norm(h), attention
         for layer, block in enumerate(self.layers):
-            if compiled is not None:
-                h, head_mean = compiled(block, h, cos, sin, key_mask, store.k[layer], store.v[layer], index, want_attention)
-            else:
-                h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
+            h, head_mean = block(h, cos, sin, key_mask, store, layer, index, want_attention)
             if want_attention:
                 attention.append(head_mean)
         return self.norm(h), attention

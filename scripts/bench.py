@@ -56,9 +56,9 @@ With ``--compile`` every run (none and each method) also runs on a second copy o
 Every row carries ``mode`` (eager | compiled), its speedup over ``none`` of the same mode,
 ``compile_seconds`` (warm-up and timed runs; not in ``wall_s``) and ``recompiles``; a compiled row
 also carries ``compiled_vs_eager`` (eager seconds / compiled seconds, median over rounds). The
-bare-forward fit is done per mode, so the fixed cost per forward is shown before and after compiling. The warm-up defaults to ``full``:
-compiled graphs are specialised to the sequence length and the row buckets, and a short warm-up
-would leave those compiles to the timed run. The compiled copy is prepacked like the eager one (CPU,
+bare-forward fit is done per mode, so the fixed cost per forward is shown before and after
+compiling. The warm-up defaults to ``full``: compiled graphs are specialised to the sequence length
+and the row buckets, and a short warm-up would leave those compiles to the timed run. The compiled copy is prepacked like the eager one (CPU,
 float32; ``--dense-weights`` keeps both dense), so ``compiled_vs_eager`` compares compiling alone.
 """
 from __future__ import annotations

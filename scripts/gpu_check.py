@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (puts the repository on sys.path)
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
+from dllm.models.compiled import compile_layers  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 FAMILIES = ("llada", "dream")
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             models[family] = describe_model(margs, sum(p.numel() for p in net.parameters()))
             if mode == "compiled":
                 torch._dynamo.reset()  # frees the previous model's graphs and CUDA-graph pools: peaks are its own
-                bench.compile_layers(net, mode=compile_mode)
+                compile_layers(net, mode=compile_mode)
             for batch in args.batch_sizes:
                 rows += check_model(net, margs, family, mode, batch, args.methods, setting, budget, eager_none)
             del net

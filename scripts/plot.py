@@ -314,8 +314,8 @@ def plot_batch_scaling(rows: list[dict], out: Path) -> list[Path]:
     speed_ax.set_ylabel("speedup over none (×)")
     speed_ax.set_title("speedup over none (same decoding and batch size)")
     rate_ax.set_yscale("log")
-    for axis in (rate_ax.yaxis.set_major_formatter, rate_ax.yaxis.set_minor_formatter):
-        axis(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 2)))  # 20, 30, 40 rather than 2x10^1
+    for set_formatter in (rate_ax.yaxis.set_major_formatter, rate_ax.yaxis.set_minor_formatter):
+        set_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 2)))  # 20, 30, 40 rather than 2x10^1
     rate_ax.set_ylabel("throughput (tokens / s)")
     rate_ax.set_title("throughput")
     for ax in (speed_ax, rate_ax):

@@ -54,12 +54,15 @@ With ``--compile`` every run (none and each method) also runs on a second copy o
 (built again from the same seed) whose layer stack goes through torch.compile
 (``dllm.models.compiled.compile_layers``; ``--compile-mode``: reduce-overhead by default on a GPU).
 Every row carries ``mode`` (eager | compiled), its speedup over ``none`` of the same mode,
-``compile_seconds`` (warm-up and timed runs; not in ``wall_s``) and ``recompiles``; a compiled row
-also carries ``compiled_vs_eager`` (eager seconds / compiled seconds, median over rounds). The
-bare-forward fit is done per mode, so the fixed cost per forward is shown before and after
-compiling. The warm-up defaults to ``full``: compiled graphs are specialised to the sequence length
-and the row buckets, and a short warm-up would leave those compiles to the timed run. The compiled copy is prepacked like the eager one (CPU,
-float32; ``--dense-weights`` keeps both dense), so ``compiled_vs_eager`` compares compiling alone.
+``compile_seconds`` (warm-up and timed runs; not in ``wall_s``), ``recompiles`` and
+``cudagraph_skips`` (under reduce-overhead, graphs that ran without CUDA graphs: 0 when every
+compiled step replays one); a compiled row also carries ``compiled_vs_eager`` (eager seconds /
+compiled seconds, median over rounds). The bare-forward fit is done per mode, so the fixed cost per
+forward is shown before and after compiling. The warm-up defaults to ``full``: CUDA graphs are
+recorded per shape (sequence length, row bucket), and a short warm-up would leave those recordings
+(and any compile of a step variant the short run lacks) to the timed run. The compiled copy is
+prepacked like the eager one (CPU, float32; ``--dense-weights`` keeps both dense), so
+``compiled_vs_eager`` compares compiling alone.
 """
 from __future__ import annotations
 
@@ -79,11 +82,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
-from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
+from dllm.decoding.loop import GenerationOutput, generate, kv_store  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
 from dllm.models.compiled import compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
-from dllm.models.transformer import KVStore, ModelArgs, Transformer  # noqa: E402
+from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 PRESETS = {
     # tiny: a few seconds on CPU, for tests
@@ -230,7 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "as the pipeline does (to see what the prepacking buys)")
     ap.add_argument("--compile", action="store_true",
                     help="also run every method on a torch.compile'd copy of the same weights and compare "
-                         "(columns speedup_eager, speedup_compiled, compiled_vs_eager, compile_seconds, recompiles)")
+                         "(columns speedup_eager, speedup_compiled, compiled_vs_eager, compile_seconds, recompiles, "
+                         "cudagraph_skips)")
     ap.add_argument("--compile-mode", help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
                                            "CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
@@ -341,11 +345,14 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
-    first = next(iter(nets.values()))  # every mode's copy has the same shapes: one scratch store serves all
-    store = KVStore(first.args, B, T, device, first.dtype)
+    # A compiled copy writes into its own store (static addresses), as in a generation: torch's CUDA-
+    # graph trees would mark a graph that writes into another tensor as mutating a non-static input
+    # and run it without CUDA graphs from then on, in the timed generations too.
+    stores = {mode: kv_store(net, "main", B, T, device) for mode, net in nets.items()}
     times: dict[str, dict[int, list[float]]] = {mode: {rows: [] for rows in forward_rows(T)} for mode in nets}
     for round_ in range(repeats + 1):  # round 0 warms up
         for mode, net in nets.items():
+            store = stores[mode]
             for rows, measured in times[mode].items():
                 index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
                 tokens = torch.full((B, rows), net.args.mask_token_id, device=device)
@@ -545,7 +552,8 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
         )
         if args.compile:  # compile columns only where a compiled copy runs
             ran = [o for o in (warm, *outs) if o is not None]
-            row.update(compile_seconds=sum(o.compile_seconds for o in ran), recompiles=sum(o.recompiles for o in ran))
+            row.update(compile_seconds=sum(o.compile_seconds for o in ran), recompiles=sum(o.recompiles for o in ran),
+                       cudagraph_skips=sum(o.cudagraph_skips for o in ran))
         if eager is not None:
             row["compiled_vs_eager"] = median([e.seconds / o.seconds for e, o in zip(eager, outs)])
         print(f"  {f'{mode:<9}' if args.compile else ''}{method:<11} {row['decoding']:<34} {seconds:8.2f}s  "
@@ -623,7 +631,8 @@ def format_compile_table(rows: list[dict]) -> str:
     cols = {"batch_size": "batch", "method": "method", "decoding": "decoding", "tokens_per_s_eager": "tokens/s eager",
             "tokens_per_s_compiled": "tokens/s compiled", "speedup_eager": "speedup_eager",
             "speedup_compiled": "speedup_compiled", "compiled_vs_eager_compiled": "compiled_vs_eager",
-            "compile_seconds_compiled": "compile_seconds", "recompiles_compiled": "recompiles"}
+            "compile_seconds_compiled": "compile_seconds", "recompiles_compiled": "recompiles",
+            "cudagraph_skips_compiled": "cudagraph_skips"}
     return render(both[list(cols)].rename(columns=cols))
 
 

@@ -15,9 +15,10 @@ to refresh every step, must give ``none``'s tokens (same mode, batch and decodin
     scripts/gpu_check.sh --no-compile           # eager runs only
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (GPU name, torch and CUDA versions in the header;
-per run tokens/s, speedup vs none, compiled vs eager, compile seconds, recompiles, peak memory,
-agreement with none, exactness). Runs start only while ``--time-budget`` seconds have not passed
-since the start; the rest are listed as not run. Exits 1 if an exactness check fails or a run errs.
+per run tokens/s, speedup vs none, compiled vs eager, compile seconds, recompiles, CUDA-graph skips
+(0: every compiled step replayed a CUDA graph), peak memory, agreement with none, exactness). Runs
+start only while ``--time-budget`` seconds have not passed since the start; the rest are listed as
+not run. Exits 1 if an exactness check fails or a run errs.
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def measured(out: GenerationOutput, warm: GenerationOutput, none: GenerationOutp
                ideal_speedup=out.ideal_speedup)
     if compiled:  # fields of the compiled loop (dllm.models.compiled); not in seconds
         row.update(compile_seconds=warm.compile_seconds + out.compile_seconds,
-                   recompiles=warm.recompiles + out.recompiles)
+                   recompiles=warm.recompiles + out.recompiles,
+                   cudagraph_skips=warm.cudagraph_skips + out.cudagraph_skips)
     return row
 
 
@@ -263,6 +265,7 @@ def add_compiled_vs_eager(rows: list[dict]) -> None:
 COLUMNS = {"family": "family", "batch_size": "batch", "mode": "mode", "method": "method", "decoding": "decoding",
            "status": "status", "tokens_per_s": "tokens/s", "speedup": "speedup vs none",
            "compiled_vs_eager": "compiled vs eager", "compile_seconds": "compile s", "recompiles": "recompiles",
+           "cudagraph_skips": "CUDA-graph skips",
            "peak_mem_gb": "peak mem GB", "agreement": "agreement", "exact": "refresh 1 = none", "note": "note"}
 
 

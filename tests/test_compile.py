@@ -138,6 +138,44 @@ def test_dense_weights_and_moe_experts_give_the_eager_tokens():
             assert_same(run(eager, cache, "low_confidence"), run(compiled, cache, "low_confidence"), f"{name}/{cache}")
 
 
+def test_the_store_outlives_the_generation_with_static_addresses(nets):
+    """The compiled step writes into the same K/V tensors generation after generation (a CUDA graph
+    replays on the addresses it was recorded with): a store per role, zeroed for the next generation
+    of the same shape (as a new store is), replaced for another shape, its tensors marked as static
+    addresses (CUDA-graph trees record a step that mutates static inputs only)."""
+    eager, compiled = nets["llada"]
+    layers = compiled.compiled
+    assert_same(run(eager, "dual", "low_confidence"), run(compiled, "dual", "low_confidence"), "dual")
+    _, used = layers.stores["main"]
+    B, T = len(PROMPTS), max(map(len, PROMPTS)) + GEN_LENGTH
+    assert used.k[0].shape[0] == B and used.length == T
+    assert all(torch._dynamo.utils.get_static_address_type(t) == "unguarded" for t in used.k + used.v)
+    assert all(t.abs().sum() > 0 for t in used.k + used.v)  # written by that generation
+    with torch.inference_mode():  # as in a generation (its tensors are inference tensors)
+        again = layers.store("main", compiled.args, B, T, torch.device("cpu"), compiled.dtype)
+        assert again is used and all(not t.any() for t in again.k + again.v)  # the same tensors, zeroed
+        longer = layers.store("main", compiled.args, B, T + 1, torch.device("cpu"), compiled.dtype)
+    assert longer is not used and longer.length == T + 1 and layers.stores["main"][1] is longer
+    # A guided generation's unconditional branch has its own store; the dirty ones leak nothing.
+    guided = [run(net, "none", "low_confidence", cfg_scale=1.5) for net in (eager, compiled)]
+    assert_same(*guided, "none, cfg_scale=1.5")
+    assert {"main", "unconditional"} <= set(layers.stores)
+    assert_same(run(eager, "dkv_decode", "low_confidence"), run(compiled, "dkv_decode", "low_confidence"), "dkv")
+
+
+def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets):
+    """``mode="reduce-overhead"``: each forward starts a CUDA-graph-tree iteration and its outputs are
+    copied out of the graphs' pool. On CPU there is no CUDA graph to record: the same tokens, and the
+    graph that runs without one is counted in ``cudagraph_skips`` (on a GPU, 0 means every step replays)."""
+    eager, compiled = _net("llada"), _net("llada")
+    compile_layers(compiled, mode="reduce-overhead")
+    assert compiled.compiled.cudagraphs and not nets["llada"][1].compiled.cudagraphs  # the default mode: none
+    first, second = run(compiled, "none", "low_confidence"), run(compiled, "none", "low_confidence")
+    assert_same(run(eager, "none", "low_confidence"), first, "none, reduce-overhead")
+    assert first.cudagraph_skips == first.recompiles == 1  # one graph (full forwards), on CPU: no CUDA graph
+    assert second.cudagraph_skips == 0 and torch.equal(first.tokens, second.tokens)
+
+
 def test_row_buckets():
     """Powers of two and 1.5x them, capped at T; T itself for a full forward; never fewer rows."""
     assert sorted({row_bucket(n, 512) for n in range(1, 513)}) == [

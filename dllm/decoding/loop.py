@@ -46,10 +46,12 @@ class GenerationOutput:
     peak_kv_gb: float = 0.0
     #: compiled layers (net.compiled): wall time of the calls that compiled a new graph during this
     #: generation (left out of ``seconds``), the graphs compiled, and the token-layers computed only
-    #: because active rows were padded to a bucket (not in ``active_token_layers``)
+    #: because active rows were padded to a bucket (not in ``active_token_layers``); and the graphs
+    #: torch's CUDA-graph trees declined to record (under a CUDA-graph mode, 0 when every step replays)
     compile_seconds: float = 0.0
     recompiles: int = 0
     padded_token_layers: float = 0.0
+    cudagraph_skips: int = 0
 
     @property
     def recompute_ratio(self) -> float:
@@ -149,6 +151,14 @@ def check_block_causal(block_causal: bool, decoder: Decoder, cache: CacheMethod)
                          f"allowed: {fit}")
 
 
+def kv_store(net: Transformer, role: str, batch: int, length: int, device: torch.device) -> KVStore:
+    """A new generation's K/V store: the compiled stack's own (reused across generations, see
+    :meth:`dllm.models.compiled.CompiledLayers.store`), else a new one."""
+    if net.compiled is not None:
+        return net.compiled.store(role, net.args, batch, length, device, net.dtype)
+    return KVStore(net.args, batch, length, device, net.dtype)
+
+
 def select_keys(store: KVStore, keys: Tensor | list[Tensor], real: Tensor, rows_valid: Tensor,
                 n_layers: int) -> tuple[SelectedKeys, Tensor]:
     """The store view whose attention reads only ``keys`` (one (B, T) mask for every layer, or a
@@ -224,10 +234,10 @@ def generate(
     positions = torch.cat([(real.long().cumsum(1) - 1).clamp(min=0), torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
     key_mask = torch.cat([real, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)[:, None, None, :]
     all_rows = torch.arange(T, device=device).expand(B, T)
-    store = KVStore(args, B, T, device, net.dtype)
+    store = kv_store(net, "main", B, T, device)
     if cfg_scale > 0:  # the unconditional branch: the same sequence with its prompt masked
         prompt_cols = torch.arange(T + 1, device=device)[None, :] < ctx.prompt_length
-        guidance_store = KVStore(args, B, T, device, net.dtype)
+        guidance_store = kv_store(net, "unconditional", B, T, device)
     branches = 2 if cfg_scale > 0 else 1  # a guided forward runs every row twice
     per_forward: list[float] = []
     full_total = 0  # what the same forwards cost with every position recomputed
@@ -235,7 +245,8 @@ def generate(
     real_keys = real.sum(1).double()  # (B,) keys a row attends to when nothing is left out
     attention_pairs = total_pairs = flops = total_flops = peak_kv_tokens = padded = 0.0
     compiled = net.compiled
-    compiled_before = (compiled.compile_seconds, compiled.recompiles) if compiled is not None else (0.0, 0)
+    compiled_before = (0.0, 0, 0) if compiled is None else (
+        compiled.compile_seconds, compiled.recompiles, compiled.cudagraph_skips)
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
@@ -374,10 +385,11 @@ def generate(
         raise IncompleteDecoding(
             f"decoding={decoder.name!r} with cache={cache.name!r} ended with {left} [MASK] token(s) in the response"
         )
-    compile_seconds, recompiles = 0.0, 0
+    compile_seconds, recompiles, skips = 0.0, 0, 0
     if compiled is not None:  # what this generation compiled
         compile_seconds = compiled.compile_seconds - compiled_before[0]
         recompiles = compiled.recompiles - compiled_before[1]
+        skips = compiled.cudagraph_skips - compiled_before[2]
     return GenerationOutput(
         tokens=layout.response(x[:, :T]),
         nfe=len(per_forward),
@@ -397,4 +409,5 @@ def generate(
         compile_seconds=compile_seconds,
         recompiles=recompiles,
         padded_token_layers=padded,
+        cudagraph_skips=skips,
     )

@@ -21,17 +21,25 @@ Buckets: the denoising loop pads a compiled forward's active rows up to :func:`r
 their count, with rows that write to the store's trash slot, so the step sees a small fixed set of
 row counts: a CUDA graph (``mode="reduce-overhead"``) is recorded per shape, and oneDNN builds a
 GEMM kernel per row count on CPU.
+
+CUDA graphs (``mode="reduce-overhead"``, torch's CUDA-graph trees) replay a recorded step on the
+addresses it was recorded with, and record only steps that mutate nothing but static inputs. The
+step writes into the K/V store, so the store is a static input: :meth:`CompiledLayers.store` keeps
+one store per role that outlives the generation (zeroed for the next one of the same shape) and
+marks its tensors with ``torch._dynamo.mark_static_address``. A replay's outputs live in the
+graphs' memory pool and the next replay overwrites them, so under CUDA graphs a forward's outputs
+are copied out before they are returned.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .transformer import MoEFeedForward, Transformer, write_kv
+from .transformer import KVStore, ModelArgs, MoEFeedForward, Transformer, write_kv
 
 
 def row_bucket(n: int, total: int) -> int:
@@ -87,28 +95,66 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def cudagraph_skips() -> int:
+    """Times torch's CUDA-graph trees have declined to record a compiled graph in this process (at
+    compile time, e.g. a CPU graph or a mutated non-static input, or at run time, e.g. too many
+    re-recordings); each is logged with its reason on a GPU."""
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+
+
 @dataclass
 class CompiledLayers:
-    """The compiled layer stack and what compiling it has cost so far (the loop reads the differences)."""
+    """The compiled layer stack, what compiling it has cost so far (the loop reads the differences),
+    and the K/V stores it writes into."""
 
     step: Callable
+    cudagraphs: bool = False  # torch.compile's mode records CUDA graphs (reduce-overhead, max-autotune)
     compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
     recompiles: int = 0  # graphs compiled
+    cudagraph_skips: int = 0  # graphs that run without CUDA graphs (:func:`cudagraph_skips`)
+    stores: dict[str, tuple[tuple, KVStore]] = field(default_factory=dict)  # role -> (shape key, store)
+
+    def store(self, role: str, args: ModelArgs, batch: int, length: int, device: torch.device,
+              dtype: torch.dtype) -> KVStore:
+        """The K/V store of a generation's ``role`` (the loop has "main" and, with guidance,
+        "unconditional"): the previous one of that role, zeroed (as a new store is), if its shape is
+        the same, else a new one whose tensors are marked as static addresses. So the compiled step
+        writes into the same tensors generation after generation, as a CUDA graph replay needs."""
+        key = (args.n_layers, args.n_kv_heads, args.head_dim, batch, length, torch.device(device), dtype)
+        kept_key, store = self.stores.pop(role, (None, None))
+        if kept_key == key:
+            for tensor in store.k + store.v:
+                tensor.zero_()
+        else:
+            del store  # freed before its replacement is allocated
+            store = KVStore(args, batch, length, device, dtype)
+            for tensor in store.k + store.v:
+                torch._dynamo.mark_static_address(tensor)
+        self.stores[role] = key, store
+        return store
 
     def __call__(self, layers: nn.ModuleList, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: list[Tensor],
                  v: list[Tensor], index: Tensor | None, want_attention: bool) -> tuple[Tensor, list[Tensor] | None]:
-        before, start = graphs_compiled(), time.perf_counter()
-        out = self.step(layers, h, cos, sin, key_mask, k, v, index, want_attention)
+        if self.cudagraphs:
+            # One forward is one iteration of the CUDA-graph trees (an MoE stack's compiled parts are
+            # its nodes, chained through their outputs).
+            torch.compiler.cudagraph_mark_step_begin()
+        before, skips, start = graphs_compiled(), cudagraph_skips(), time.perf_counter()
+        h, attention = self.step(layers, h, cos, sin, key_mask, k, v, index, want_attention)
         if (new := graphs_compiled() - before):  # this call compiled (its one forward's run is counted too)
             self.compile_seconds += time.perf_counter() - start
             self.recompiles += new
-        return out
+        self.cudagraph_skips += cudagraph_skips() - skips
+        if self.cudagraphs:  # the next replay overwrites a replay's outputs; methods keep attention rows
+            h, attention = h.clone(), None if attention is None else [rows.clone() for rows in attention]
+        return h, attention
 
 
 def compile_layers(net: Transformer, mode: str = "default") -> None:
     """Run ``net``'s layers through a compiled :func:`layers_step` (``mode``: torch.compile's; inductor
     on CPU), and have the denoising loop pad active rows to :func:`row_bucket` (``net.compiled``)."""
     import torch._dynamo  # ~1.5 s to import: only where something is compiled
+    import torch._inductor
 
     for module in net.modules():
         if isinstance(module, MoEFeedForward):
@@ -118,4 +164,5 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     # One code object serves every compiled model of the process: its variants (step kinds x model
     # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    net.compiled = CompiledLayers(torch.compile(layers_step, mode=mode, dynamic=True))
+    cudagraphs = torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
+    net.compiled = CompiledLayers(torch.compile(layers_step, mode=mode, dynamic=True), cudagraphs=cudagraphs)

@@ -82,6 +82,20 @@ def test_a_repeated_generation_compiles_nothing_and_one_graph_runs_the_whole_sta
     assert_same(run(eager, "none", "low_confidence"), second, "none")
 
 
+def test_a_size_equal_to_another_is_not_fixed_in_the_graph(nets):
+    """Each dynamic size is its own symbol (no duck sizing): a first full forward of T = dim rows
+    would otherwise have its row count tied to the model width, fixed in the graph, and the next
+    prompt length would compile again."""
+    torch._dynamo.reset()
+    eager, compiled = nets["llada"]
+    prompts = random_prompts([compiled.args.dim - GEN_LENGTH, 5], seed=4)  # T = dim
+    first = generate(compiled, prompts, _build(DECODERS, "low_confidence", build_decoder), build_cache("none"),
+                     GEN_LENGTH)
+    second = run(compiled, "none", "low_confidence")  # T < dim
+    assert first.recompiles == 1 and second.recompiles == 0
+    assert_same(run(eager, "none", "low_confidence"), second, "none, T < dim")
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_every_cache_method_gives_the_eager_tokens(nets, family):
     eager, compiled = nets[family]

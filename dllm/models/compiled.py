@@ -155,6 +155,7 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     on CPU), and have the denoising loop pad active rows to :func:`row_bucket` (``net.compiled``)."""
     import torch._dynamo  # ~1.5 s to import: only where something is compiled
     import torch._inductor
+    import torch.fx.experimental._config
 
     for module in net.modules():
         if isinstance(module, MoEFeedForward):
@@ -164,5 +165,9 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     # One code object serves every compiled model of the process: its variants (step kinds x model
     # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # A symbol per dynamic size. Duck sizing gives sizes that are equal at the first trace one symbol,
+    # and a size tied to a weight's is then fixed: a full forward with T = dim rows, or batch =
+    # n_kv_heads, would fix the rows (or the batch) to that number, and the next length compile again.
+    torch.fx.experimental._config.use_duck_shape = False
     cudagraphs = torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
     net.compiled = CompiledLayers(torch.compile(layers_step, mode=mode, dynamic=True), cudagraphs=cudagraphs)

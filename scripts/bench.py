@@ -345,14 +345,14 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
     T = args.prompt_length + args.gen_length
     B, device = args.batch_size, args.device
     key_mask = (torch.arange(T + 1, device=device) < T).expand(B, T + 1)[:, None, None, :]
-    # A compiled copy writes into its own store (static addresses), as in a generation: torch's CUDA-
-    # graph trees would mark a graph that writes into another tensor as mutating a non-static input
-    # and run it without CUDA graphs from then on, in the timed generations too.
-    stores = {mode: kv_store(net, "main", B, T, device) for mode, net in nets.items()}
+    # One scratch store serves every mode (the copies share shapes; an 8B-sized store is many GB): the
+    # compiled copy's own, as in its generations. torch's CUDA-graph trees would mark a graph that
+    # writes into any other tensor as mutating a non-static input, and run it without CUDA graphs
+    # from then on, in the timed generations too.
+    store = kv_store(nets.get("compiled", nets["eager"]), "main", B, T, device)
     times: dict[str, dict[int, list[float]]] = {mode: {rows: [] for rows in forward_rows(T)} for mode in nets}
     for round_ in range(repeats + 1):  # round 0 warms up
         for mode, net in nets.items():
-            store = stores[mode]
             for rows, measured in times[mode].items():
                 index = torch.arange(T - rows, T, device=device).expand(B, rows)  # the last rows: response positions
                 tokens = torch.full((B, rows), net.args.mask_token_id, device=device)

@@ -95,7 +95,7 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def cudagraph_skips() -> int:
+def cudagraphs_skipped() -> int:
     """Times torch's CUDA-graph trees have declined to record a compiled graph in this process (at
     compile time, e.g. a CPU graph or a mutated non-static input, or at run time, e.g. too many
     re-recordings); each is logged with its reason on a GPU."""
@@ -111,7 +111,7 @@ class CompiledLayers:
     cudagraphs: bool = False  # torch.compile's mode records CUDA graphs (reduce-overhead, max-autotune)
     compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
     recompiles: int = 0  # graphs compiled
-    cudagraph_skips: int = 0  # graphs that run without CUDA graphs (:func:`cudagraph_skips`)
+    cudagraph_skips: int = 0  # graphs that run without CUDA graphs (:func:`cudagraphs_skipped`)
     stores: dict[str, tuple[tuple, KVStore]] = field(default_factory=dict)  # role -> (shape key, store)
 
     def store(self, role: str, args: ModelArgs, batch: int, length: int, device: torch.device,
@@ -139,12 +139,12 @@ class CompiledLayers:
             # One forward is one iteration of the CUDA-graph trees (an MoE stack's compiled parts are
             # its nodes, chained through their outputs).
             torch.compiler.cudagraph_mark_step_begin()
-        before, skips, start = graphs_compiled(), cudagraph_skips(), time.perf_counter()
+        before, skips, start = graphs_compiled(), cudagraphs_skipped(), time.perf_counter()
         h, attention = self.step(layers, h, cos, sin, key_mask, k, v, index, want_attention)
         if (new := graphs_compiled() - before):  # this call compiled (its one forward's run is counted too)
             self.compile_seconds += time.perf_counter() - start
             self.recompiles += new
-        self.cudagraph_skips += cudagraph_skips() - skips
+        self.cudagraph_skips += cudagraphs_skipped() - skips
         if self.cudagraphs:  # the next replay overwrites a replay's outputs; methods keep attention rows
             h, attention = h.clone(), None if attention is None else [rows.clone() for rows in attention]
         return h, attention

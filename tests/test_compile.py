@@ -177,10 +177,22 @@ def test_the_store_outlives_the_generation_with_static_addresses(nets):
     assert_same(run(eager, "dkv_decode", "low_confidence"), run(compiled, "dkv_decode", "low_confidence"), "dkv")
 
 
-def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets):
+def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets, monkeypatch):
     """``mode="reduce-overhead"``: each forward starts a CUDA-graph-tree iteration and its outputs are
     copied out of the graphs' pool. On CPU there is no CUDA graph to record: the same tokens, and the
-    graph that runs without one is counted in ``cudagraph_skips`` (on a GPU, 0 means every step replays)."""
+    graph that runs without one is counted in ``cudagraph_skips`` (on a GPU, 0 means every step
+    replays). What the trees require before they record a graph is checked here too: every input the
+    compiled step mutates (the store's K/V tensors) is a static input."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    graphs = []  # per graph inductor compiled: (its mutated input indices, its static input indices)
+    post_compile = CompiledFxGraph.post_compile
+
+    def recording(self, example_inputs, constants, graph_kwargs):
+        graphs.append((set(self.mutated_input_idxs), set(graph_kwargs["static_input_idxs"])))
+        return post_compile(self, example_inputs, constants, graph_kwargs)
+
+    monkeypatch.setattr(CompiledFxGraph, "post_compile", recording)
     eager, compiled = _net("llada"), _net("llada")
     compile_layers(compiled, mode="reduce-overhead")
     assert compiled.compiled.cudagraphs and not nets["llada"][1].compiled.cudagraphs  # the default mode: none
@@ -188,6 +200,9 @@ def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets):
     assert_same(run(eager, "none", "low_confidence"), first, "none, reduce-overhead")
     assert first.cudagraph_skips == first.recompiles == 1  # one graph (full forwards), on CPU: no CUDA graph
     assert second.cudagraph_skips == 0 and torch.equal(first.tokens, second.tokens)
+    assert len(graphs) == 1
+    mutated, static = graphs[0]
+    assert len(mutated) == 2 * compiled.args.n_layers and mutated <= static  # every layer's K and V
 
 
 def test_row_buckets():

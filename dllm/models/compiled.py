@@ -15,7 +15,9 @@ What stays eager: forwards through a :class:`LayerHook` (dLLM-Cache, Elastic-Cac
 full forwards) or over a key set (:class:`SelectedKeys`: Sparse-dLLM, Streaming-dLLM and DPad when
 they prune keys), WINO's verification rows, the embedding and LM head, ``Transformer.forward``
 (likelihoods), and the experts of an MoE FFN (a loop over experts that follows the routing, with a
-host sync: a graph break, run eagerly between the compiled parts of the stack).
+host sync: a graph break). Dynamo cannot resume a graph break inside the loop over the layers, so
+an MoE model's layers are compiled one by one instead (``Block.forward``, two graphs around the
+expert loop), called from an eager loop.
 
 Buckets: the denoising loop pads a compiled forward's active rows up to :func:`row_bucket` of
 their count, with rows that write to the store's trash slot, so the step sees a small fixed set of
@@ -35,11 +37,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from .transformer import KVStore, ModelArgs, MoEFeedForward, Transformer, write_kv
+from .transformer import Block, KVStore, ModelArgs, MoEFeedForward, Transformer, write_kv
 
 
 def row_bucket(n: int, total: int) -> int:
@@ -79,13 +82,14 @@ class LayerKV:
 
 
 def layers_step(layers: nn.ModuleList, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k: list[Tensor],
-                v: list[Tensor], index: Tensor | None, want_attention: bool) -> tuple[Tensor, list[Tensor] | None]:
-    """:meth:`Block.forward` of every layer in turn on the store's tensors (what gets compiled):
-    the last hidden states (before the final norm) and, if asked, each layer's head-averaged
-    attention rows."""
+                v: list[Tensor], index: Tensor | None, want_attention: bool, forward: Callable = Block.__call__
+                ) -> tuple[Tensor, list[Tensor] | None]:
+    """:meth:`Block.forward` (or ``forward``, a compiled copy of it) of every layer in turn on the
+    store's tensors: the last hidden states (before the final norm) and, if asked, each layer's
+    head-averaged attention rows."""
     attention = []
     for block, k_layer, v_layer in zip(layers, k, v):
-        h, head_mean = block(h, cos, sin, key_mask, LayerKV(k_layer, v_layer), 0, index, want_attention)
+        h, head_mean = forward(block, h, cos, sin, key_mask, LayerKV(k_layer, v_layer), 0, index, want_attention)
         attention.append(head_mean)
     return h, attention if want_attention else None
 
@@ -157,11 +161,11 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     import torch._inductor
     import torch.fx.experimental._config
 
-    for module in net.modules():
-        if isinstance(module, MoEFeedForward):
-            # Its expert loop follows the routing (host sync for the counts): run it eagerly rather
-            # than let torch.compile specialise on every count pattern.
-            module.forward = torch.compiler.disable(module.forward)
+    experts = [module for module in net.modules() if isinstance(module, MoEFeedForward)]
+    for module in experts:
+        # Its expert loop follows the routing (host sync for the counts): run it eagerly rather
+        # than let torch.compile specialise on every count pattern.
+        module.forward = torch.compiler.disable(module.forward)
     # One code object serves every compiled model of the process: its variants (step kinds x model
     # structures, e.g. a test session's tiny models) would exceed the default of 8 graphs.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -170,4 +174,12 @@ def compile_layers(net: Transformer, mode: str = "default") -> None:
     # n_kv_heads, would fix the rows (or the batch) to that number, and the next length compile again.
     torch.fx.experimental._config.use_duck_shape = False
     cudagraphs = torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
-    net.compiled = CompiledLayers(torch.compile(layers_step, mode=mode, dynamic=True), cudagraphs=cudagraphs)
+    if experts:
+        # The eager expert loop is a graph break, and dynamo cannot resume one inside the loop over
+        # the layers: it would skip layers_step (for good: every later model of the process too, the
+        # dense ones included). So an MoE model compiles Block.forward, in two graphs around the
+        # expert loop, called layer by layer from the eager loop.
+        step = partial(layers_step, forward=torch.compile(Block.forward, mode=mode, dynamic=True))
+    else:
+        step = torch.compile(layers_step, mode=mode, dynamic=True)
+    net.compiled = CompiledLayers(step, cudagraphs=cudagraphs)

@@ -140,16 +140,16 @@ def test_bucket_padding_is_counted_apart(nets, family):
     assert padded > 0
 
 
-def recorded_graphs(monkeypatch) -> list[tuple[set[int], set[int], int]]:
+def recorded_graphs(monkeypatch) -> list[tuple[set[int], set[int]]]:
     """From now on, each graph inductor compiles: (its mutated input indices, its static input
-    indices, its number of inputs)."""
+    indices)."""
     from torch._inductor.output_code import CompiledFxGraph
 
     graphs = []
     post_compile = CompiledFxGraph.post_compile
 
     def recording(self, example_inputs, constants, graph_kwargs):
-        graphs.append((set(self.mutated_input_idxs), set(graph_kwargs["static_input_idxs"]), len(example_inputs)))
+        graphs.append((set(self.mutated_input_idxs), set(graph_kwargs["static_input_idxs"])))
         return post_compile(self, example_inputs, constants, graph_kwargs)
 
     monkeypatch.setattr(CompiledFxGraph, "post_compile", recording)
@@ -162,14 +162,15 @@ def test_dense_weights_and_moe_experts_give_the_eager_tokens(monkeypatch):
     model compiled after it whole: one graph writes every layer's K and V (a graph break in the loop
     over the layers would make dynamo skip that loop's code for good)."""
     moe = dict(n_experts=4, n_experts_per_token=2, ffn_dim=16, qk_norm=True)
+    graphs = recorded_graphs(monkeypatch)
     for name, make in (("moe", lambda: packed(tiny_net(tiny_args("llada_moe", max_seq_len=64, **moe), seed=11,
                                                        logit_scale=4.0, silent_ids=(MASK_ID,)))),
                        ("dense", lambda: _net("llada"))):
         eager, compiled = pair(make)
-        graphs = recorded_graphs(monkeypatch)
+        graphs.clear()  # this model's graphs only
         for cache in ("none", "dual"):
             assert_same(run(eager, cache, "low_confidence"), run(compiled, cache, "low_confidence"), f"{name}/{cache}")
-    assert {len(mutated) for mutated, _, _ in graphs} == {2 * compiled.args.n_layers}  # the dense model's
+    assert {len(mutated) for mutated, _ in graphs} == {2 * compiled.args.n_layers}  # the dense model's
 
 
 def test_the_store_outlives_the_generation_with_static_addresses(nets):
@@ -212,7 +213,7 @@ def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets, mon
     assert first.cudagraph_skips == first.recompiles == 1  # one graph (full forwards), on CPU: no CUDA graph
     assert second.cudagraph_skips == 0 and torch.equal(first.tokens, second.tokens)
     assert len(graphs) == 1
-    mutated, static, _ = graphs[0]
+    mutated, static = graphs[0]
     assert len(mutated) == 2 * compiled.args.n_layers and mutated <= static  # every layer's K and V
 
 

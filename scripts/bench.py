@@ -47,7 +47,9 @@ decoding. The fit is redone per batch size rather than skipped, because the fixe
 is what a batch shares, so the attainable speedup depends on b. Every row carries ``batch_size``,
 ``peak_mem_gb_per_row`` (peak memory / b, weights included: the footprint per served sequence) and
 ``none_decoding`` (the decoding of the ``none`` it is compared with). The JSON is rewritten after
-each batch size, so a sweep that runs out of memory at its largest size keeps the others.
+each batch size, so a sweep that runs out of memory at its largest size keeps the others, and
+``--time-budget SECONDS`` starts no further batch size once that many seconds have passed since the
+start (the first always runs).
 ``scripts/plot.py --bench-json FILE`` draws speedup and throughput against batch size.
 
 With ``--compile`` every run (none and each method) also runs on a second copy of the same weights
@@ -238,6 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile-mode", help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
                                            "CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
+    ap.add_argument("--time-budget", type=float,
+                    help="seconds after the start past which no further batch size starts (the JSON keeps those "
+                         "done; for a machine lent for a few minutes)")
     args = ap.parse_args(argv)
     args.warmup = args.warmup or ("full" if args.compile else "short")
     allowed = methods_of(args.preset)
@@ -274,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
     if args.repeats < 1:
         ap.error(f"--repeats={args.repeats} must be >= 1")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
     args.steps = args.steps or args.gen_length
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype is None:
@@ -483,7 +490,10 @@ def main(argv=None) -> list[dict]:
           f"(model built in {time.perf_counter() - t0:.1f}s)", flush=True)
     rows: list[dict] = []
     failed: list[str] = []
-    for batch in args.batch_sizes:
+    for n, batch in enumerate(args.batch_sizes):
+        if n and args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+            print(f"# time budget of {args.time_budget:g}s spent: batch sizes {args.batch_sizes[n:]} not run", flush=True)
+            break
         batch_args = argparse.Namespace(**vars(args), batch_size=batch)
         batch_rows, batch_failed = run_batch(nets, margs, batch_args, device_name, packed_by_mode, layer_params)
         rows += batch_rows

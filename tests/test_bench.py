@@ -223,6 +223,20 @@ def test_batch_sweep_keeps_the_sizes_done_when_a_later_one_fails(tmp_path, monke
     assert {r["batch_size"] for r in json.loads(out.read_text())} == {1}
 
 
+def test_time_budget_starts_no_further_batch_size(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--preset", "smoke", "--batch-sizes", "1,2,4", "--methods", "dual", "--samplers", "",
+                       "--time-budget", "0", "--json", str(out)])
+    assert {r["batch_size"] for r in rows} == {1}  # the first size always runs
+    assert {r["batch_size"] for r in json.loads(out.read_text())} == {1}
+    assert "time budget of 0s spent: batch sizes [2, 4] not run" in capsys.readouterr().out
+    assert {r["batch_size"] for r in bench.main(["--preset", "smoke", "--batch-sizes", "1,2", "--methods", "dual",
+                                                 "--samplers", "", "--time-budget", "1e6"])} == {1, 2}
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--preset", "smoke", "--time-budget", bad])
+
+
 def test_batch_scaling_plot(batch_sweep, tmp_path, monkeypatch):
     """One line per cache method in both panels, none under each decoding in the throughput panel
     only, no sampler; both panels on the measured batch sizes."""

@@ -11,7 +11,7 @@ from dllm.cache.base import REGISTRY as CACHES
 from dllm.cache.base import ActiveRequest, CacheMethod, StepOutcome, StepView
 from dllm.metrics.timing import measure
 from dllm.metrics.accounting import attention_pair_flops, kv_bytes_per_token, token_layer_flops
-from dllm.models.compiled import bucket_rows
+from dllm.models.compiled import CompileCost, bucket_rows
 from dllm.models.transformer import KVStore, SelectedKeys, Transformer, take_rows
 
 from .base import REGISTRY as DECODERS
@@ -245,8 +245,7 @@ def generate(
     real_keys = real.sum(1).double()  # (B,) keys a row attends to when nothing is left out
     attention_pairs = total_pairs = flops = total_flops = peak_kv_tokens = padded = 0.0
     compiled = net.compiled
-    compiled_before = (0.0, 0, 0) if compiled is None else (
-        compiled.compile_seconds, compiled.recompiles, compiled.cudagraph_skips)
+    compiled_before = CompileCost() if compiled is None else compiled.cost
     trace: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B,), gen_length, dtype=torch.long, device=device)
@@ -385,17 +384,13 @@ def generate(
         raise IncompleteDecoding(
             f"decoding={decoder.name!r} with cache={cache.name!r} ended with {left} [MASK] token(s) in the response"
         )
-    compile_seconds, recompiles, skips = 0.0, 0, 0
-    if compiled is not None:  # what this generation compiled
-        compile_seconds = compiled.compile_seconds - compiled_before[0]
-        recompiles = compiled.recompiles - compiled_before[1]
-        skips = compiled.cudagraph_skips - compiled_before[2]
+    compiling = CompileCost() if compiled is None else compiled.cost - compiled_before  # this generation's
     return GenerationOutput(
         tokens=layout.response(x[:, :T]),
         nfe=len(per_forward),
         active_token_layers=sum(per_forward),
         total_token_layers=full_total,
-        seconds=cost.seconds - compile_seconds,
+        seconds=cost.seconds - compiling.seconds,
         peak_mem_gb=cost.peak_mem_gb,
         trace=trace,
         token_layers_per_forward=per_forward,
@@ -406,8 +401,8 @@ def generate(
         flops=flops,
         total_flops=total_flops,
         peak_kv_gb=peak_kv_tokens * kv_bytes_per_token(args, net.dtype.itemsize) / 2**30,
-        compile_seconds=compile_seconds,
-        recompiles=recompiles,
+        compile_seconds=compiling.seconds,
+        recompiles=compiling.graphs,
         padded_token_layers=padded,
-        cudagraph_skips=skips,
+        cudagraph_skips=compiling.cudagraph_skips,
     )

@@ -106,16 +106,31 @@ def cudagraphs_skipped() -> int:
     return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
 
+@dataclass(frozen=True)
+class CompileCost:
+    """What compiling has cost: a stack's running total, or the difference over one generation."""
+
+    seconds: float = 0.0  # wall time of the calls that compiled a new graph
+    graphs: int = 0  # graphs compiled
+    cudagraph_skips: int = 0  # graphs that run without CUDA graphs (:func:`cudagraphs_skipped`)
+
+    def __add__(self, other: CompileCost) -> CompileCost:
+        return CompileCost(self.seconds + other.seconds, self.graphs + other.graphs,
+                           self.cudagraph_skips + other.cudagraph_skips)
+
+    def __sub__(self, other: CompileCost) -> CompileCost:
+        return CompileCost(self.seconds - other.seconds, self.graphs - other.graphs,
+                           self.cudagraph_skips - other.cudagraph_skips)
+
+
 @dataclass
 class CompiledLayers:
-    """The compiled layer stack, what compiling it has cost so far (the loop reads the differences),
-    and the K/V stores it writes into."""
+    """The compiled layer stack, what compiling it has cost so far (the loop reads the difference
+    over a generation), and the K/V stores it writes into."""
 
     step: Callable
     cudagraphs: bool = False  # torch.compile's mode records CUDA graphs (reduce-overhead, max-autotune)
-    compile_seconds: float = 0.0  # wall time of the calls that compiled a new graph
-    recompiles: int = 0  # graphs compiled
-    cudagraph_skips: int = 0  # graphs that run without CUDA graphs (:func:`cudagraphs_skipped`)
+    cost: CompileCost = CompileCost()
     stores: dict[str, tuple[tuple, KVStore]] = field(default_factory=dict)  # role -> (shape key, store)
 
     def store(self, role: str, args: ModelArgs, batch: int, length: int, device: torch.device,
@@ -143,12 +158,11 @@ class CompiledLayers:
             # One forward is one iteration of the CUDA-graph trees (an MoE stack's compiled parts are
             # its nodes, chained through their outputs).
             torch.compiler.cudagraph_mark_step_begin()
-        before, skips, start = graphs_compiled(), cudagraphs_skipped(), time.perf_counter()
+        graphs, skips, start = graphs_compiled(), cudagraphs_skipped(), time.perf_counter()
         h, attention = self.step(layers, h, cos, sin, key_mask, k, v, index, want_attention)
-        if (new := graphs_compiled() - before):  # this call compiled (its one forward's run is counted too)
-            self.compile_seconds += time.perf_counter() - start
-            self.recompiles += new
-        self.cudagraph_skips += cudagraphs_skipped() - skips
+        new = graphs_compiled() - graphs
+        # a call that compiled counts its wall time (its one forward's run included)
+        self.cost += CompileCost(time.perf_counter() - start if new else 0.0, new, cudagraphs_skipped() - skips)
         if self.cudagraphs:  # the next replay overwrites a replay's outputs; methods keep attention rows
             h, attention = h.clone(), None if attention is None else [rows.clone() for rows in attention]
         return h, attention

@@ -114,6 +114,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     compiled = OmegaConf.select(cfg, "compile", default=False)
     if not isinstance(compiled, bool):
         raise ValueError(f"compile={compiled!r} must be true or false")
+    if compiled:
+        from dllm.models.compiled import check_torch_version
+        check_torch_version()
     return RunPlan(decoder, cache, gen_length, device, resolve_dtype(cfg.dtype, device), threads, stop_at_eos, cfg_scale,
                    compiled)
 

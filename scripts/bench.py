@@ -86,7 +86,7 @@ from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate, kv_store  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
-from dllm.models.compiled import compile_layers  # noqa: E402
+from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
@@ -286,6 +286,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
+    if args.compile:
+        try:
+            check_torch_version()
+        except ValueError as error:
+            ap.error(str(error))
     return args
 
 

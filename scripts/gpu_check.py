@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (puts the repository on sys.path)
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
-from dllm.models.compiled import compile_layers  # noqa: E402
+from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 FAMILIES = ("llada", "dream")
@@ -127,6 +127,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--batch-sizes must be integers >= 1")
     if not torch.cuda.is_available() and not args.tiny:
         ap.error("no CUDA device: the check is for a GPU (--tiny runs it on CPU)")
+    if not args.no_compile:
+        try:
+            check_torch_version()
+        except ValueError as error:
+            ap.error(f"{error} (--no-compile runs the eager half)")
     return args
 
 

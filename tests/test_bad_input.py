@@ -131,3 +131,19 @@ def test_mistyped_group_keys_name_the_close_ones():
     assert "cache=none has no key 'k'" in unknown_key_message(["-m", "cache=none,d2cache", "cache.k=3"])
     assert unknown_key_message(["cache=d2cache", "cache.k=3", "task.limit=1", "+cache.extra=1"]) is None  # all fine here
     assert unknown_key_message(["seed=3"]) is None
+
+
+def test_compile_on_a_torch_too_old_for_it_is_refused_first(no_model, tmp_path, monkeypatch):
+    """torch < 2.7 names the recompile limit differently; say so instead of an AttributeError mid-run."""
+    import torch
+
+    from dllm.pipeline import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.6.0+cpu"))
+    with pytest.raises(ValueError, match=r"compile=true needs torch >= 2\.7 \(installed: 2\.6\.0\+cpu\)"):
+        run(compose(f"results_csv={tmp_path / 'runs.csv'}", "compile=true"))
+    monkeypatch.undo()
+    from dllm.models.compiled import check_torch_version
+
+    check_torch_version()  # the installed one is new enough

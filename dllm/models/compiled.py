@@ -45,6 +45,17 @@ from torch import Tensor, nn
 from .transformer import Block, KVStore, ModelArgs, MoEFeedForward, Transformer, write_kv
 
 
+# torch._dynamo.config.recompile_limit, set below, is named cache_size_limit before torch 2.7.
+MIN_TORCH = "2.7"
+
+
+def check_torch_version() -> None:
+    """Refuse a torch too old for :func:`compile_layers` (before a model is built), naming the one found."""
+    if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
+        raise ValueError(f"compile=true needs torch >= {MIN_TORCH} (installed: {torch.__version__}); "
+                         "upgrade torch or run eagerly (compile=false)")
+
+
 def row_bucket(n: int, total: int) -> int:
     """The row count a compiled forward of ``n`` active rows (per batch row) computes: the next of
     1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them), capped at ``total`` (the
@@ -171,6 +182,7 @@ class CompiledLayers:
 def compile_layers(net: Transformer, mode: str = "default") -> None:
     """Run ``net``'s layers through a compiled :func:`layers_step` (``mode``: torch.compile's; inductor
     on CPU), and have the denoising loop pad active rows to :func:`row_bucket` (``net.compiled``)."""
+    check_torch_version()
     import torch._dynamo  # ~1.5 s to import: only where something is compiled
     import torch._inductor
     import torch.fx.experimental._config

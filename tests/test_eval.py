@@ -381,6 +381,30 @@ def test_code_execution_refuses_without_the_opt_in(monkeypatch):
     assert code_exec.pass_at_k(["assert f() == 2"], [["def f():\n    return 3"]]) == {"pass@1": 0.0}
 
 
+WRONG = "def f():\n    return 3\n"
+
+
+@pytest.mark.parametrize("program, passes", [
+    ("def f():\n    return 2\nassert f() == 2", True),
+    (WRONG + "assert f() == 2", False),
+    # ending the interpreter before the tests run is no pass (code_eval: exec raised or never returned)
+    (WRONG + "exit()\nassert f() == 2", False),
+    (WRONG + "import sys\nsys.exit(0)\nassert f() == 2", False),
+    (WRONG + "import os\nos._exit(0)\nassert f() == 2", False),
+    (WRONG + "import atexit, os\natexit.register(lambda: os._exit(0))\nassert f() == 2", False),
+    # exec'd as in code_eval, not as __main__: a demo block reading stdin does not run
+    ("def f():\n    return 2\nif __name__ == '__main__':\n    input()\nassert f() == 2", True),
+    ("assert True  # \x00", False),  # a NUL byte: no program (code_eval: exec raises), and no crash of the run
+    ("import time\ntime.sleep(4)", False),  # past code_eval's 3 s
+    ("while True:\n    pass", False),
+], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless"])
+def test_a_program_passes_when_it_runs_to_its_end(monkeypatch, program, passes):
+    from dllm.eval import code_exec
+
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert code_exec.run_program(program) is passes
+
+
 def test_pass_at_k_over_several_samples_per_problem(monkeypatch, tmp_path):
     """Three samples per problem (lm-eval repeats; the copies are consecutive, one batch each): the
     middle one wrong. pass@1 = 2/3 where the canonical body passes, pass@2 = 1 (Chen et al.'s

@@ -551,6 +551,22 @@ def test_paper_experiments_pin_their_code_scoring(composer, experiment, scoring)
     assert gsm8k.code_scoring is None and gsm8k.lm_eval_task == "gsm8k"
 
 
+def test_dkv_table1_scores_zero_shot_math_with_math_verify(composer, caplog):
+    """0-shot answers box their result in prose; Minerva's exact_match reads only the 'Final Answer'
+    sentence its few-shot examples teach (a 0-shot run that keeps it is warned about)."""
+    from dllm.eval.runner import check_task
+
+    for task in ("gsm8k", "math", "humaneval", "mbpp"):
+        cfg = composer("config", overrides=["+experiment=dkv_table1", f"task={task}", "task.allow_code_execution=true"])
+        default = composer("config", overrides=[f"task={task}"]).task.metric
+        assert check_task(cfg).metric == ("math_verify,none" if task == "math" else default)
+    with caplog.at_level("WARNING", logger="dllm.eval.runner"):
+        check_task(composer("config", overrides=["+experiment=dkv_table1", "task=math"]))
+        assert not caplog.records
+        check_task(composer("config", overrides=["task=math", "task.n_shot=0"]))
+    assert "task.metric=math_verify,none" in caplog.text
+
+
 def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
     """The multirun-end callback: only this sweep's rows, accuracy ± stderr, speedup over none."""
     from omegaconf import OmegaConf

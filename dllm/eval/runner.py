@@ -104,6 +104,10 @@ def check_task(cfg: DictConfig) -> TaskSettings:
     metric = _get(t, "metric")
     if not metric or "," not in str(metric):
         raise ValueError(f"task.metric={metric!r} must be an lm-eval result key '<metric>,<filter>', e.g. 'acc,none'")
+    if n_shot == 0 and "math" in str(lm_eval_task) and str(metric).startswith("exact_match"):
+        log.warning("task=%s with task.n_shot=0: exact_match reads only Minerva's 'Final Answer: The final answer "
+                    "is X' sentence, which only the few-shot examples teach, so 0-shot answers score near 0; "
+                    "task.metric=math_verify,none scores them (dkv_table1 does)", name)
     allow = _get(t, "allow_code_execution", False)
     if not isinstance(allow, bool):
         raise ValueError(f"task.allow_code_execution={allow!r} must be true or false")

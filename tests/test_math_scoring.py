@@ -195,6 +195,10 @@ def test_latex2sympy_equivalences():
     # Where lm-eval's parse_latex errs and we do not (documented in math_scoring's docstring):
     assert not ms.answers_match("1,2", "1")  # parse_latex reads only the "1"
     assert ms.answers_match("2\\frac{1}{2}", "\\frac{5}{2}")  # parse_latex: 2 * 1/2
+    # A one-token denominator, as parse_latex reads it (MATH-500's gold "\\frac{270}7\\text{ degrees}")
+    assert ms.answers_match("\\frac{270}{7}", ms.normalize_answer("\\frac{270}7\\text{ degrees}"))
+    assert ms.answers_match("\\frac{3}{\\pi}", "\\frac{3}\\pi") and ms.answers_match("\\frac{a}{b}c", "\\frac{a}bc")
+    assert not ms.answers_match("\\frac{270}{8}", "\\frac{270}7")
 
 
 # --- lm-eval hooks ---------------------------------------------------------------------------

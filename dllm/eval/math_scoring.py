@@ -252,11 +252,19 @@ def _latex_parser():
     return functools.partial(latex2sympy, **options)
 
 
+# A fraction whose denominator is one unbraced token (\\frac{270}7, \\frac{3}\\pi): sympy's parse_latex
+# reads it, latex2sympy2_extended cannot; braced for the parser (MATH's gold answers use the form).
+_BARE_DENOMINATOR = re.compile(r"(\\[dt]?frac\{[^{}]*\})(\\[A-Za-z]+|[0-9A-Za-z])")
+
+
 def symbolically_equal(a: str, b: str, timeout_s: int = SYMBOLIC_TIMEOUT_S) -> bool:
     """sympy simplifies parse(a) - parse(b) to 0 within ``timeout_s``; False on any failure
     (unparsable, not subtractable such as tuples or sets, timeout)."""
-    parse = _latex_parser()
+    latex_parser = _latex_parser()
     import sympy
+
+    def parse(latex: str):
+        return latex_parser(_BARE_DENOMINATOR.sub(r"\1{\2}", latex))
 
     try:
         with _time_limit(timeout_s):

@@ -61,10 +61,16 @@ def run_grid(out: Path, decoders: list[str], caches: list[str], eos: str, extra:
                 subprocess.run(command, cwd=ROOT, check=True)
 
 
-def table(out: Path, baseline: Path | None = None) -> str:
+def table(out: Path, decoders: list[str], caches: list[str], baseline: Path | None = None,
+          beside: list[str] = ()) -> str:
+    """The rows of ``out`` under the asked decoders and caches, and with a ``baseline`` CSV its rows of
+    the same decoders under the ``beside`` caches (stop_at_eos off), the speedups' reference included."""
     rows = pd.read_csv(out)
-    if baseline is not None:  # the low_confidence / none rows of another grid's CSV
-        rows = pd.concat([pd.read_csv(baseline), rows], ignore_index=True)
+    rows = rows[rows.decoding.isin(decoders) & rows.cache.isin(caches)]
+    if baseline is not None:
+        other = pd.read_csv(baseline)
+        other = other[other.decoding.isin(decoders) & other.cache.isin(beside) & ~other["decoding.stop_at_eos"].astype(bool)]
+        rows = pd.concat([other, rows], ignore_index=True)
     rows = rows[rows.status == "ok"].drop_duplicates(["model", "decoding", "cache", "decoding.stop_at_eos"], keep="last")
     base = rows[(rows.decoding == "low_confidence") & (rows.cache == "none") & ~rows["decoding.stop_at_eos"].astype(bool)]
     base_speed = base.set_index("model").throughput_useful_tok_s
@@ -92,18 +98,21 @@ def main() -> None:
                         help="decoding.stop_at_eos off and on for cache=none only (none) or for every cache (all)")
     parser.add_argument("--baseline", type=Path, help="a results CSV holding the low_confidence / none rows the "
                                                           "speedups refer to, when --out has none")
+    parser.add_argument("--beside", default="none,prefix,dual",
+                        help="the --baseline's caches shown beside --out's rows, stop_at_eos off (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides for every run (e.g. task.limit=20)")
     args = parser.parse_args()
-    decoders, caches = args.decoders.split(","), args.caches.split(",")
+    decoders, caches, beside = args.decoders.split(","), args.caches.split(","), args.beside.split(",")
     from dllm.cache.base import cache_names
     from dllm.decoding.base import decoder_names
 
-    for kind, asked, allowed in (("--decoders", decoders, decoder_names()), ("--caches", caches, cache_names())):
+    for kind, asked, allowed in (("--decoders", decoders, decoder_names()), ("--caches", caches, cache_names()),
+                                 ("--beside", beside, cache_names())):
         if bad := [name for name in asked if name not in allowed]:
             parser.error(f"{kind}: unknown {bad} (allowed: {sorted(allowed)})")
     if not args.table_only:
         run_grid(args.out.resolve(), decoders, caches, args.eos, args.overrides)
-    print(table(args.out, args.baseline))
+    print(table(args.out, decoders, caches, args.baseline, beside))
 
 
 if __name__ == "__main__":

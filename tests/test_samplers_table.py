@@ -27,7 +27,7 @@ def test_table_orders_rows_and_divides_by_the_baseline(tmp_path):
          ("tiny_llada", "low_confidence", "none", False, 0.76, 1.0, 200.0),
          ("tiny_dream", "low_confidence", "none", False, 0.62, 1.0, 100.0),
          ("tiny_dream", "ar", "none", False, 0.5, 1.0, 50.0)).to_csv(csv, index=False)
-    lines = samplers_table.table(csv).splitlines()
+    lines = samplers_table.table(csv, samplers_table.DECODERS, samplers_table.CACHES).splitlines()
     assert lines[2].startswith("| tiny_dream | low_confidence | none | off | 62.0 ± 3.0 | 1.00 | 100 | 1.00× |")
     assert lines[3].endswith("| 50 | 0.50× |")
     assert [line.split(" | ")[1:4] for line in lines[4:]] == [
@@ -36,10 +36,18 @@ def test_table_orders_rows_and_divides_by_the_baseline(tmp_path):
 
 
 def test_table_takes_the_baseline_from_another_csv(tmp_path):
+    """Only the asked decoders and caches, and of the baseline its rows of those decoders under the
+    caches shown beside them, stop_at_eos off (the README's key-methods table)."""
     base, more = tmp_path / "base.csv", tmp_path / "more.csv"
-    rows(("tiny_llada", "low_confidence", "none", False, 0.76, 1.0, 200.0)).to_csv(base, index=False)
-    rows(("tiny_llada", "low_confidence", "dpad", False, 0.74, 1.0, 500.0)).to_csv(more, index=False)
-    assert samplers_table.table(more, base).splitlines()[-1].endswith("| 500 | 2.50× |")
+    rows(("tiny_llada", "low_confidence", "none", False, 0.76, 1.0, 200.0),
+         ("tiny_llada", "low_confidence", "none", True, 0.76, 1.2, 240.0),
+         ("tiny_llada", "low_confidence", "d2cache", False, 0.70, 1.0, 600.0),
+         ("tiny_llada", "wino", "none", False, 0.75, 8.0, 800.0)).to_csv(base, index=False)
+    rows(("tiny_llada", "low_confidence", "dpad", False, 0.74, 1.0, 500.0),
+         ("tiny_llada", "low_confidence", "elastic", False, 0.6, 1.0, 300.0)).to_csv(more, index=False)
+    lines = samplers_table.table(more, ["low_confidence"], ["dpad"], base, ["none"]).splitlines()
+    assert [line.split(" | ")[2:4] for line in lines[2:]] == [["none", "off"], ["dpad", "off"]]
+    assert lines[-1].endswith("| 500 | 2.50× |")
 
 
 def test_unknown_names_are_refused():

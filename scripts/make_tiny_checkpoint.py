@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from dllm.models.tiny import SPECIALS, make_tiny_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
+
+from dllm.models.tiny import SPECIALS, make_tiny_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         "--shard-bytes", type=int, default=2**30, help="max bytes per safetensors shard (small values shard)"
     )
     args = parser.parse_args(argv)
+    if args.shard_bytes < 1:
+        parser.error(f"--shard-bytes={args.shard_bytes} must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out={args.out} is a file, not a folder")
     folder = make_tiny_checkpoint(args.family, args.out, seed=args.seed, max_shard_bytes=args.shard_bytes)
     print(folder)
 

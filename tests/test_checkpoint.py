@@ -131,6 +131,19 @@ def test_sharded_round_trip(tiny, tmp_path, family):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_writing_over_another_checkpoint_replaces_its_weights(tmp_path):
+    """A single file over a sharded checkpoint and back: no old index or shard is left to be loaded."""
+    folder = tmp_path / "ckpt"
+    make_tiny_checkpoint("llada", folder, seed=0, max_shard_bytes=40_000)
+    single = all_tensors(make_tiny_checkpoint("llada", folder, seed=7))
+    assert sorted(f.name for f in folder.glob("model*")) == ["model.safetensors"]
+    loaded = load_model(str(folder)).state_dict()
+    assert torch.equal(loaded["tok_embeddings.weight"].to(torch.bfloat16), single["model.transformer.wte.weight"])
+    make_tiny_checkpoint("llada", folder, seed=7, max_shard_bytes=40_000)
+    assert not (folder / "model.safetensors").exists()
+    assert all(torch.equal(a, b) for a, b in zip(load_model(str(folder)).state_dict().values(), loaded.values()))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer(tiny, family, offline):
     from transformers import AutoTokenizer

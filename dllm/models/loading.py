@@ -195,6 +195,11 @@ def save_checkpoint(net: Transformer, folder: str | Path, max_shard_bytes: int =
                          "save the model before pack_linear_weights, or load it again")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # The weights of a checkpoint saved here before (sharded otherwise) go first: the loader would
+    # read an old index, and with it the old shards, in place of a new single file.
+    for stale in (folder / "model.safetensors", folder / "model.safetensors.index.json",
+                  *folder.glob("model-*-of-*.safetensors")):
+        stale.unlink(missing_ok=True)
     args = net.args
     family = FAMILY_OF_NAME[args.family]
     (folder / "config.json").write_text(json.dumps(family.config_from_args(args), indent=2) + "\n")

@@ -188,6 +188,9 @@ SAMPLER_BASELINE = ("low_confidence", dict(block_length=32))
 BLOCK_METHODS = {"prefix": dict(), "dual": dict()}  # method -> cache params
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def is_block_preset(preset: str) -> bool:
     return "decoding" in PRESETS[preset]
 
@@ -237,7 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also run every method on a torch.compile'd copy of the same weights and compare "
                          "(columns speedup_eager, speedup_compiled, compiled_vs_eager, compile_seconds, recompiles, "
                          "cudagraph_skips)")
-    ap.add_argument("--compile-mode", help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
                                            "CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     ap.add_argument("--time-budget", type=float,
@@ -246,17 +249,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.warmup = args.warmup or ("full" if args.compile else "short")
     allowed = methods_of(args.preset)
-    methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip() and m.strip() != "none"]
+    # '' = none of them (as for --samplers); duplicates run once
+    methods = names_of(",".join(allowed) if args.methods is None else args.methods)
+    methods = [m for m in methods if m != "none"]
     bad = [m for m in methods if m not in allowed]
     if bad:
         ap.error(f"--methods: unknown {bad} for --preset {args.preset} (allowed: {list(allowed)}, plus 'none' which "
                  "always runs)")
     args.methods = methods
-    args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    if is_block_preset(args.preset):  # the samplers decode bidirectional models only
-        args.samplers = []
+    args.samplers = names_of(args.samplers)
     if bad := [s for s in args.samplers if s not in SAMPLERS]:
         ap.error(f"--samplers: unknown {bad} (allowed: {list(SAMPLERS)})")
+    if is_block_preset(args.preset):  # the samplers decode bidirectional models only
+        args.samplers = []
+    if not args.methods and not args.samplers:
+        ap.error("nothing to compare with none: --methods and --samplers are both empty")
     if args.family == "dream" and "wino" in args.samplers:
         args.samplers.remove("wino")  # WINO is LLaDA-only (decoding=wino refuses Dream)
     preset = PRESETS[args.preset]
@@ -281,17 +288,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--repeats={args.repeats} must be >= 1")
     if args.time_budget is not None and not args.time_budget >= 0:
         ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
+    for key in ("steps", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            ap.error(f"--{key}={getattr(args, key)} must be >= 1")
     args.steps = args.steps or args.gen_length
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        ap.error(f"--device={args.device!r}: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device={args.device}: no CUDA device here (cpu runs the CPU presets)")
+    if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
+        ap.error(f"--json={args.json}: not a file path in a folder")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
-    if args.compile:
-        try:
+    try:
+        if args.compile:
             check_torch_version()
-        except ValueError as error:
-            ap.error(str(error))
+        check_runs(args)
+    except ValueError as error:
+        ap.error(str(error))
     return args
+
+
+def names_of(listed: str) -> list[str]:
+    """A comma-separated option's names, in order, each once."""
+    return list(dict.fromkeys(name.strip() for name in listed.split(",") if name.strip()))
+
+
+def check_runs(args: argparse.Namespace) -> None:
+    """Every timed run's decoder accepts the lengths and steps, and its cache method the decoder, as
+    the run builds them (ValueError naming the setting): a bad setting stops the bench before the
+    model is built, not after the warm-ups."""
+    runs = [(method, *methods_of(args.preset)[method]) for method in args.methods]
+    runs += [("none", {}, name, SAMPLERS[name]) for name in args.samplers]
+    for method, cache_params, decoding, dparams in runs:
+        decoder = decoder_of(decoding, dparams, args.steps, args.gen_length)
+        decoder.check(args.gen_length)
+        build_cache(method, **cache_params).check(decoder)
 
 
 def compile_mode_for(device: torch.device) -> str:

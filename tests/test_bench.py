@@ -207,6 +207,29 @@ def test_batch_size_options():
             bench.parse_args(["--preset", "smoke", *bad])
 
 
+@pytest.mark.parametrize("bad, message", [
+    # a decoding setting the timed run refuses, which a 32-token warm-up would not have shown
+    (["--methods", "prefix", "--gen-length", "40"], "gen_length=40 is not divisible by block_length=32"),
+    (["--gen-length", "64", "--steps", "3"], "steps=3 is not divisible by the number of blocks"),
+    (["--steps", "100"], "steps per block (100) exceed block_length=32"),
+    (["--steps", "-1"], "--steps=-1 must be >= 1"), (["--threads", "0"], "--threads=0 must be >= 1"),
+    (["--device", "foo"], "--device='foo'"), (["--compile", "--compile-mode", "foo"], "invalid choice: 'foo'"),
+    (["--json", "."], "--json=.: not a file path in a folder"),
+    (["--methods", "", "--samplers", ""], "nothing to compare with none"),
+    (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
+])
+def test_bad_settings_are_refused_before_a_model_is_built(capsys, monkeypatch, bad, message):
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--preset", "smoke", *bad])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_methods_run_once_each_and_empty_means_none():
+    assert bench.parse_args(["--preset", "smoke", "--methods", "dual,prefix,dual,none"]).methods == ["dual", "prefix"]
+    assert bench.parse_args(["--preset", "smoke", "--methods", "", "--samplers", "ar"]).methods == []
+
+
 def test_batch_sweep_keeps_the_sizes_done_when_a_later_one_fails(tmp_path, monkeypatch):
     real = bench.generate_once
 

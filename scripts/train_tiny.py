@@ -359,12 +359,45 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if name == "save_dtype":
             parser.add_argument(flag, default=value, choices=sorted(DTYPES))
         elif isinstance(value, bool):
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
+            parser.add_argument(flag, type=str.lower, choices=["true", "false"], default=str(value).lower())
         elif name == "numbers":
             parser.add_argument(flag, default=value, choices=["grouped", "digits"])
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    values.update({name: values[name] == "true" for name, value in asdict(defaults).items() if isinstance(value, bool)})
+    cfg = TrainConfig(**values)
+    if problem := config_problem(cfg):
+        parser.error(problem)
+    return cfg
+
+
+# Settings that must be positive, at least 0, or in [0, 1]; the rest are checked by hand below.
+POSITIVE = ("steps", "batch_size", "lr", "gen_length", "train_size", "bpe_vocab", "dim", "n_layers", "n_heads",
+            "n_kv_heads", "ffn_dim", "threads", "eval_batch", "max_value", "max_ops", "block_length")
+NON_NEGATIVE = ("seed", "warmup", "weight_decay", "grad_clip", "eval_n", "init_std")
+FRACTIONS = ("min_lr_ratio", "full_pad_prob")
+
+
+def config_problem(cfg: TrainConfig) -> str | None:
+    """What is wrong with ``cfg`` (one message naming the setting), or None, before training starts."""
+    for name in POSITIVE:
+        if not getattr(cfg, name) > 0:
+            return f"--{name.replace('_', '-')}={getattr(cfg, name)} must be > 0"
+    for name in NON_NEGATIVE:
+        if not getattr(cfg, name) >= 0:
+            return f"--{name.replace('_', '-')}={getattr(cfg, name)} must be >= 0"
+    for name in FRACTIONS:
+        if not 0 <= getattr(cfg, name) <= 1:
+            return f"--{name.replace('_', '-')}={getattr(cfg, name)} must be in [0, 1]"
+    if not 0 < cfg.eps < 1:
+        return f"--eps={cfg.eps} must be in (0, 1)"
+    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+        return (f"--dim={cfg.dim}, --n-heads={cfg.n_heads}, --n-kv-heads={cfg.n_kv_heads}: dim must be a multiple of "
+                "n_heads, and n_heads of n_kv_heads")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        return f"--out={cfg.out} is a file, not a folder"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -140,6 +140,20 @@ def test_training_is_reproducible(tmp_path, train_tiny):
     assert net.args.logit_shift == 1
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--steps", "0"], "--steps=0 must be > 0"), (["--threads", "0"], "--threads=0 must be > 0"),
+    (["--dim", "130"], "dim must be a multiple of n_heads"), (["--min-lr-ratio", "2"], "must be in [0, 1]"),
+    (["--eps", "0"], "--eps=0.0 must be in (0, 1)"), (["--head-init-from-embedding", "ture"], "invalid choice: 'ture'"),
+    (["--out", __file__], "is a file, not a folder"),
+])
+def test_bad_training_settings_are_refused_before_training(train_tiny, capsys, bad, message):
+    argv = ["--family", "llada", "--out", "/nonexistent/tiny", *bad]
+    with pytest.raises(SystemExit) as exit_:
+        train_tiny.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert train_tiny.parse_args(["--family", "llada", "--out", "x", "--head-init-from-embedding", "True"]).head_init_from_embedding
+
+
 def test_block_diffusion_training_learns_and_writes_a_block_causal_checkpoint(tmp_path, train_tiny):
     cfg = train_tiny.TrainConfig(
         family="sdar", out=str(tmp_path / "sdar"), steps=20, batch_size=8, warmup=5, train_size=400, dim=32,

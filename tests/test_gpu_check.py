@@ -126,10 +126,84 @@ def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
     assert meta["modes"] == ["eager", "compiled"] and meta["errors"] == 0 and meta["exact_pass"] == 2
 
 
-def test_bad_arguments_are_refused():
-    for bad in (["--methods", "nope"], ["--families", "gpt"], ["--batch-sizes", "0"], ["--batch-sizes", "x"]):
-        with pytest.raises(SystemExit):
-            gpu_check.parse_args(["--tiny", *bad])
+@pytest.mark.parametrize("bad, named", [
+    (["--methods", "nope"], "nope"), (["--families", "gpt"], "gpt"), (["--batch-sizes", "0"], "'0'"),
+    (["--batch-sizes", "x"], "'x'"), (["--batch-sizes", ""], "--batch-sizes=''"),
+    # an empty list, a budget spent before the start or never spent: nothing would run, and it would pass
+    (["--methods", ""], "--methods=''"), (["--families", " , "], "--families=' , '"),
+    (["--time-budget", "-1"], "--time-budget=-1.0"), (["--time-budget", "nan"], "--time-budget=nan"),
+    (["--time-budget", "inf"], "--time-budget=inf"),
+    # lengths: 0 is not "the default", a negative one crashed or erred every run, 40 is not in blocks of 32
+    (["--prompt-length", "0"], "--prompt-length=0"), (["--prompt-length", "-4"], "--prompt-length=-4"),
+    (["--gen-length", "-4"], "--gen-length=-4"), (["--gen-length", "40"], "--gen-length=40"),
+])
+def test_bad_arguments_are_refused(bad, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.parse_args(["--tiny", "--no-compile", "--out", str(tmp_path / "gc"), *bad])
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "gc").exists()  # a refused command makes no folder
+
+
+def test_lengths_default_only_when_not_given_and_fit_the_blocks(tmp_path):
+    parse = lambda *a: gpu_check.parse_args(["--tiny", "--no-compile", "--out", str(tmp_path), *a])  # noqa: E731
+    assert (parse().prompt_length, parse().gen_length) == (16, 16)
+    one = parse("--prompt-length", "1", "--gen-length", "1")
+    assert (one.prompt_length, one.gen_length) == (1, 1)
+    assert parse("--gen-length", "64").gen_length == 64  # two blocks of 32
+    # elastic decodes the whole response as one block: any length
+    assert parse("--gen-length", "40", "--methods", "elastic,d2cache").gen_length == 40
+
+
+def test_a_name_or_size_given_twice_runs_once(tmp_path):
+    args = gpu_check.parse_args(["--tiny", "--no-compile", "--out", str(tmp_path), "--families", "dream,llada,dream",
+                                 "--batch-sizes", "4,1,4", "--methods", "prefix,dual,prefix"])
+    assert (args.families, args.batch_sizes, args.methods) == (["dream", "llada"], [4, 1], ["prefix", "dual"])
+
+
+def run_wrapper(tmp_path: Path, python: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "gc"), *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": python})
+
+
+def test_out_must_be_a_folder_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):  # it ended in a traceback after every run
+        proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile", "--out", str(out))
+        assert proc.returncode == 2 and f"--out={out}: must be a folder" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "outputs:" not in proc.stdout + proc.stderr
+        assert "gpu_check: bad arguments, nothing run" in proc.stderr
+    assert (tmp_path / "file").read_text() == ""
+
+
+def test_the_reports_are_replaced_whole(tmp_path):
+    path = tmp_path / "gpu_check.json"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):  # a write that fails once the file is open (and truncated)
+        gpu_check.write_atomic(path, "new" * 10_000 + "\ud800")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["gpu_check.json"]  # no temp file left
+    gpu_check.write_atomic(path, "new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["gpu_check.json"]
+
+
+def test_a_crash_is_not_reported_as_a_failed_check(tmp_path):
+    # the script raising after the runs (gpu_check.json cannot replace a folder): exit 3, not the 1 of a failed check
+    (tmp_path / "gc" / "gpu_check.json").mkdir(parents=True)
+    proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile", "--methods", "dual", "--families", "dream",
+                       "--batch-sizes", "1", "--time-budget", "0")
+    assert proc.returncode == 3 and "IsADirectoryError" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: crashed (exit 3); no outputs written" in proc.stderr and "outputs:" not in proc.stdout
+    assert sorted(os.listdir(tmp_path / "gc")) == ["gpu_check.json"]  # no temp file left either
+    # an exit 1 that wrote nothing (e.g. an import error before main) beside an earlier run's outputs
+    for name in ("gpu_check.json", "gpu_check.md"):
+        (tmp_path / "earlier" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "earlier" / name).write_text("{}")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = run_wrapper(tmp_path, str(fake), "--out", str(tmp_path / "earlier"))
+    assert proc.returncode == 1 and "gpu_check: crashed (exit 1); no outputs written" in proc.stderr
+    assert "FAILED" not in proc.stdout + proc.stderr and "outputs:" not in proc.stdout
 
 
 def test_bench_compile_runs_eager_and_compiled_side_by_side(tmp_path):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import pkgutil
+import types
+import typing
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -38,6 +41,10 @@ class Registry(Generic[T]):
                 raise ValueError(
                     f"{self.kind}={name} has no parameter {self.kind}.{key} (close: {close or 'none'}; allowed: {allowed})"
                 )
+        hints = typing.get_type_hints(cls.__init__)
+        for key, value in params.items():
+            if problem := _type_problem(value, hints.get(key)):
+                raise ValueError(f"{self.kind}={name}: {self.kind}.{key}={value!r} must be {problem}")
         try:
             return cls(**params)
         except TypeError as err:  # a missing parameter, or a value of the wrong type
@@ -47,3 +54,29 @@ class Registry(Generic[T]):
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
+
+
+# What a value of each plain annotated type must be; values of other annotations are the class's to check.
+_EXPECTED = {int: "an integer", float: "a number (not nan)", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _type_problem(value, hint) -> str | None:
+    """What ``value`` must be to fit the parameter annotation ``hint`` (int, float, bool, str, and
+    unions of them with None), or None when it fits or the annotation is another kind. Config values
+    arrive untyped from the command line: ``steps=abc`` or ``k=true`` would otherwise fail deep in a
+    run, or run (true is the integer 1 in Python)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(hint)) if union else {hint}
+    if not allowed <= set(_EXPECTED):
+        return None
+    if value is None:
+        fits = type(None) in allowed
+    elif isinstance(value, bool):
+        fits = bool in allowed
+    elif isinstance(value, int):
+        fits = bool(allowed & {int, float})
+    elif isinstance(value, float):
+        fits = float in allowed and not math.isnan(value)
+    else:
+        fits = isinstance(value, str) and str in allowed
+    return None if fits else " or ".join(_EXPECTED[t] for t in _EXPECTED if t in allowed)

@@ -85,8 +85,8 @@ class Decoder(ABC):
             raise ValueError(f"decoding.steps={steps} must be >= 1")
         if block_length is not None and block_length < 1:
             raise ValueError(f"decoding.block_length={block_length} must be >= 1 (or null = gen_length)")
-        if temperature < 0:
-            raise ValueError(f"decoding.temperature={temperature} must be >= 0")
+        if not 0 <= temperature < float("inf"):  # inf would turn every Gumbel-noised logit into nan
+            raise ValueError(f"decoding.temperature={temperature} must be a finite number >= 0")
         self.steps = steps
         self.block_length = block_length
         self.temperature = temperature

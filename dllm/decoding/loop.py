@@ -103,8 +103,8 @@ def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
 def check_guidance(cfg_scale: float, cache: CacheMethod, decoder: Decoder) -> None:
     """Classifier-free guidance needs a full forward of both branches every step: no cache method
     defines how to cache the unconditional branch, and no re-masking decoder how to verify with it."""
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a number >= 0 (0 = no guidance)")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not 0 <= cfg_scale < float("inf"):
+        raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a finite number >= 0 (0 = no guidance)")
     if cfg_scale > 0 and not cache.full_every_step:
         raise ValueError(f"decoding.cfg_scale={cfg_scale} needs a full forward every step; cache={cache.name!r} "
                          "recomputes fewer rows (use cache=none)")

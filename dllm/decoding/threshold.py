@@ -32,7 +32,7 @@ class Threshold(BlockDecoder):
     alpha: float = 0.0
     ratio_window: int | None = None
 
-    def __init__(self, block_length: int = 32, threshold: float = 0.9, factor: float | None = None,
+    def __init__(self, block_length: int | None = 32, threshold: float = 0.9, factor: float | None = None,
                  temperature: float = 0.0, steps: int | None = None, alpha: float = 0.0,
                  ratio_window: int | None = None) -> None:
         super().__init__(1, block_length, temperature)

@@ -7,7 +7,9 @@
 Prints the Markdown tables. Only with ``--out`` does it write files there: ``tables.md`` (Markdown),
 ``tables.tex`` (LaTeX, booktabs, one ``table`` per group) and ``summary.csv`` (every table row,
 machine-readable); where runs recorded ``tokens_per_forward``, also the AUP tables ``aup.md``,
-``aup.tex`` and ``aup.csv`` (printed after the tables).
+``aup.tex`` and ``aup.csv`` (printed after the tables; where none did, AUP files an earlier run
+left there are removed). Every input is checked before anything is printed or written (a bad one:
+one error line, exit 2), and each file is written whole (a temp file beside it, then renamed).
 
 - Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
   ``force=true``) counts once, the latest.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -107,19 +110,35 @@ def _clean(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A CSV as text cells; ValueError with a one-line reason where it cannot be read as one."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except OSError as err:  # missing, a directory, unreadable
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a CSV ({str(err).splitlines()[0]})") from None
+
+
 def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     """The ok rows of a results CSV, one per run key (latest wins), typed, with a ``hardware`` column."""
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw = read_csv(path)
     if raw.empty:
         raise ValueError(f"{path}: no rows")
-    missing = {"model", "task", "cache", "decoding", "status"} - set(raw.columns)
+    missing = {"model", "task", "cache", "decoding", "status", "started_at"} - set(raw.columns)
     if missing:
         raise ValueError(f"{path} is not a results CSV (missing columns {sorted(missing)})")
+    statuses = sorted(set(raw["status"]))
     raw = raw[raw["status"] == "ok"].copy()
-    if experiment is not None:
-        raw = raw[raw.get("experiment", "") == experiment]
     if raw.empty:
-        raise ValueError(f"{path}: no ok rows" + (f" for experiment={experiment!r}" if experiment else ""))
+        raise ValueError(f"{path}: no ok rows (statuses there: {statuses})")
+    if experiment is not None:
+        if "experiment" not in raw:
+            raise ValueError(f"--experiment {experiment!r}: {path} has no experiment column")
+        known = sorted(set(raw["experiment"]) - {""})
+        raw = raw[raw["experiment"] == experiment]
+        if raw.empty:
+            raise ValueError(f"--experiment {experiment!r}: no ok row of it in {path} (experiments there: {known})")
     raw["key"] = [record_key(r) for r in raw.to_dict("records")]
     raw = raw.sort_values("started_at").drop_duplicates("key", keep="last")
     runs = raw.copy()
@@ -514,7 +533,7 @@ def render_aup(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.Da
 
 # ----------------------------------------------------------------------------------------------- published
 def load_published(path: str | Path) -> pd.DataFrame:
-    published = pd.read_csv(path, dtype=str, keep_default_na=False)
+    published = read_csv(path)
     need = {"source", "model", "task", "setting", "method", "throughput_tok_s", "speedup", "score"}
     if need - set(published.columns):
         raise ValueError(f"{path} lacks columns {sorted(need - set(published.columns))}")
@@ -659,21 +678,45 @@ def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFr
     return "\n".join(md), "\n".join(tex), summary
 
 
+AUP_FILES = ("aup.md", "aup.tex", "aup.csv")
+
+
+def check_out_folder(out: Path) -> None:
+    """ValueError unless ``out`` is a folder or can be made one (no file in its place or above it)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--out {out}: {path} is a file, not a folder")
+            return
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a temp file beside ``path``, then swap it in: an interrupted run leaves the old file
+    or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only where the write failed
+
+
 def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,
-                  aup_outputs: tuple[str, str, pd.DataFrame] | None = None) -> dict[str, Path]:
-    """tables.md / .tex, summary.csv, and with ``aup_outputs`` (render_aup's) aup.md / .tex / .csv."""
+                  aup_outputs: tuple[str, str, pd.DataFrame] | None = None) -> tuple[list[Path], list[Path]]:
+    """Write tables.md / .tex, summary.csv, and with ``aup_outputs`` (render_aup's) aup.md / .tex /
+    .csv; without them, remove the AUP files an earlier run left in ``out`` (they would describe
+    tables this tables.md lacks). Returns (paths written, paths removed)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "tables.md", "tex": out / "tables.tex", "csv": out / "summary.csv"}
-    paths["md"].write_text(md)
-    paths["tex"].write_text(tex)
-    summary.to_csv(paths["csv"], index=False)
+    files = {"tables.md": md, "tables.tex": tex, "summary.csv": summary.to_csv(index=False)}
     if aup_outputs is not None:
         aup_md, aup_tex, aup_rows = aup_outputs
-        paths.update({"aup_md": out / "aup.md", "aup_tex": out / "aup.tex", "aup_csv": out / "aup.csv"})
-        paths["aup_md"].write_text(aup_md)
-        paths["aup_tex"].write_text(aup_tex)
-        aup_rows.to_csv(paths["aup_csv"], index=False)
-    return paths
+        files.update(zip(AUP_FILES, (aup_md, aup_tex, aup_rows.to_csv(index=False))))
+    for name, text in files.items():
+        write_atomic(out / name, text)
+    stale = [out / name for name in AUP_FILES if name not in files and (out / name).exists()]
+    for path in stale:
+        path.unlink()
+    return [out / name for name in files], stale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,8 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", default=None, help="results/published.csv: the papers' numbers side by side")
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
     args = parser.parse_args(argv)
-    runs = load_runs(args.csv, args.experiment)
-    published = load_published(args.published) if args.published else None
+    try:  # every input checked before anything is printed or written
+        if args.out is not None:
+            check_out_folder(Path(args.out))
+        runs = load_runs(args.csv, args.experiment)
+        published = load_published(args.published) if args.published else None
+    except ValueError as err:
+        parser.error(str(err))
     tables = build_tables(runs, published)
     md, tex, summary = render(tables)
     print(md)
@@ -693,8 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     if aup_outputs is not None:
         print(aup_outputs[0])
     if args.out is not None:
-        paths = write_outputs(md, tex, summary, Path(args.out), aup_outputs)
-        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+        written, stale = write_outputs(md, tex, summary, Path(args.out), aup_outputs)
+        print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+        if stale:
+            print(f"removed {', '.join(map(str, stale))} (an earlier run's; this CSV has no AUP tables)", file=sys.stderr)
     return 0
 
 

@@ -27,10 +27,13 @@ figures (``METHOD_STYLE``), so methods stay apart without colour too.
   ``none`` (same decoding, same batch size) and throughput against batch size (log2), one line per
   cache method; the throughput panel also has ``none`` under each decoding (black, one dash pattern
   each). The samplers' rows (``none`` under another decoding) are left out: the figure is about caches.
+  A ``bench.py --compile`` JSON has every line twice: eager, and compiled (e.g. ``dual (compiled)``,
+  against the compiled ``none``; same colour, marker and dashes, hollow markers).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -111,7 +114,9 @@ def save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
     for path in paths:
-        fig.savefig(path, bbox_inches="tight")
+        image = io.BytesIO()  # rendered whole before the file is replaced: never half a figure on disk
+        fig.savefig(image, format=path.suffix[1:], bbox_inches="tight")
+        aggregate.write_atomic(path, image.getvalue())
     plt.close(fig)
     return paths
 
@@ -279,34 +284,58 @@ def _ink_on(colour: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- from bench.py
+# What plot_batch_scaling reads from every row (``mode`` too where present).
+BENCH_KEYS = ["method", "decoding", "none_decoding", "batch_size", "speedup", "tokens_per_s", "preset", "device_name",
+              "dtype", "prompt_length", "gen_length"]
+
+
+def load_bench_rows(path: str) -> list[dict]:
+    """The rows of a scripts/bench.py JSON; ValueError (one line) for anything else."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"--bench-json {path}: cannot read it ({err.strerror})") from None
+    except ValueError as err:  # not JSON, or not text
+        raise ValueError(f"--bench-json {path}: not JSON ({err})") from None
+    if not (isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows)):
+        raise ValueError(f"--bench-json {path}: not a list of scripts/bench.py rows (a JSON list of objects)")
+    missing = sorted({key for row in rows for key in BENCH_KEYS if key not in row})
+    if missing:
+        raise ValueError(f"--bench-json {path}: its rows lack {missing}; an older scripts/bench.py's JSON? "
+                         "(run scripts/bench.py --batch-sizes ... --json again)")
+    return rows
+
+
 def plot_batch_scaling(rows: list[dict], out: Path) -> list[Path]:
     """Speedup over none and throughput against batch size, from scripts/bench.py's JSON rows."""
-    series: dict[str, dict[int, dict]] = {}  # label -> batch size -> row
-    nones: list[str] = []
+    series: dict[tuple[str, str, str], dict[int, dict]] = {}  # (method, none's decoding, mode) -> batch size -> row
     for row in rows:
-        decoding = row["decoding"].split(",")[0]
-        if row["method"] != "none":
-            label = row["method"]
-        elif row["decoding"] == row["none_decoding"]:  # the baseline itself, not a sampler run with cache=none
-            label = f"none ({decoding})"
-            if label not in nones:
-                nones.append(label)
-        else:
-            continue
-        series.setdefault(label, {})[row["batch_size"]] = row
+        if row["method"] == "none" and row["decoding"] != row["none_decoding"]:
+            continue  # a sampler run with cache=none, not a baseline
+        # The baselines are told apart by decoding. bench.py --compile runs every comparison eager and
+        # compiled, each against the none of its own mode: one series per mode (JSONs from before
+        # --compile have no mode: all eager).
+        decoding = row["decoding"].split(",")[0] if row["method"] == "none" else ""
+        series.setdefault((row["method"], decoding, row.get("mode", "eager")), {})[row["batch_size"]] = row
     sizes = sorted({b for points in series.values() for b in points})
+    lines = list(dict.fromkeys(key[:2] for key in series))  # (method, none's decoding), in the JSON's order
+    nones = [decoding for method, decoding in lines if method == "none"]  # one dash pattern each
+    greys = [method for method, _ in lines if method != "none" and style_of(method)[0] == OTHER_COLOUR]  # dashes too
     fig, (speed_ax, rate_ax) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
-    greys = 0  # methods without a colour of their own are told apart by dash pattern too
-    for label in nones + [label for label in series if label not in nones]:  # the legend: the baselines first
-        points = series[label]
+    # The legend: the baselines first, each series' compiled mode after its eager one.
+    for method, decoding, mode in sorted(series, key=lambda k: (k[0] != "none", lines.index(k[:2]), k[2] != "eager")):
+        points = series[method, decoding, mode]
         batches = sorted(points)
-        if label in nones:
-            look = {"color": "black", "marker": "o", "mfc": "white", "ls": DASHES[nones.index(label) % len(DASHES)]}
+        detail = ", ".join(d for d in (decoding, "" if mode == "eager" else mode) if d)
+        label = f"{method} ({detail})" if detail else method
+        # The modes of a series share colour, marker and dashes; compiled is drawn with hollow markers.
+        if method == "none":
+            colour, marker, dash = "black", "o", DASHES[nones.index(decoding) % len(DASHES)]
         else:
-            colour, marker = style_of(label)
-            dash = "-" if colour != OTHER_COLOUR else DASHES[greys % len(DASHES)]
-            greys += colour == OTHER_COLOUR
-            look = {"color": colour, "marker": marker, "ls": dash}
+            colour, marker = style_of(method)
+            dash = DASHES[greys.index(method) % len(DASHES)] if method in greys else "-"
+        look = {"color": colour, "marker": marker, "ls": dash, "mfc": colour if mode == "eager" else "white"}
+        if method != "none":
             speed_ax.plot(batches, [points[b]["speedup"] for b in batches], ms=4, lw=1.0, label=label, **look)
         rate_ax.plot(batches, [points[b]["tokens_per_s"] for b in batches], ms=4, lw=1.0, label=label, **look)
     speed_ax.axhline(1.0, color="black", lw=0.6, ls=":")
@@ -361,34 +390,56 @@ def dllm_cache_layers():
         dllm_cache.FeatureReuse.begin, dllm_cache.FeatureReuse.pick = begin, pick
 
 
-def recompute_maps(model: str, methods: list[str], gen_length: int, block_length: int, prompt: str, seed: int = 0):
-    """{method: (steps x positions fraction-of-layers map, prompt length)} for one generation each."""
-    import torch
+def trace_runs(model: str, methods: list[str], gen_length: int, block_length: int) -> dict:
+    """{method: (config, run plan)} of the recompute map's generations, every one composed and
+    checked before the first runs (no weights are read); ValueError (one line) for a bad setting."""
     from hydra import compose, initialize_config_dir
 
-    from dllm.decoding.loop import generate
-    from dllm.models.tokenization import encode_prompts
-    from dllm.pipeline import load_model_and_tokenizer, plan_run
+    from dllm.pipeline import plan_run
 
-    maps, net = {}, None
+    models, caches = (sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in ("model", "cache"))
+    if model not in models:
+        raise ValueError(f"--model {model!r}: no such model config (allowed: {', '.join(models)})")
+    unknown = [method for method in methods if method not in caches]
+    if unknown or not methods:
+        raise ValueError(f"--methods: {f'unknown {unknown}' if unknown else 'empty'} "
+                         f"(cache configs, comma-separated: {', '.join(caches)})")
+    runs = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for method in methods:
             cfg = compose("config", overrides=[f"model={model}", f"cache={method}", f"gen_length={gen_length}", "device=cpu"])
             if "block_length" in cfg.decoding:
                 cfg.decoding.block_length = block_length
-            plan = plan_run(cfg)
-            if net is None:
-                net, tokenizer = load_model_and_tokenizer(cfg, plan)
-                ids = encode_prompts(tokenizer, [prompt], chat=bool(cfg.model.instruct))
-            generator = torch.Generator().manual_seed(seed)
-            with dllm_cache_layers() as layer_counts:
-                out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, record_trace=True)
-            T = out.trace[0].shape[1]
-            if layer_counts:  # a layer hook chose rows per layer: fraction of layers per position
-                grid = torch.stack([c[0, :T] for c in layer_counts]) / net.args.n_layers
-            else:
-                grid = torch.stack([t[0].float() for t in out.trace])
-            maps[method] = (grid.numpy(), T - gen_length, out.recompute_ratio)
+            try:
+                runs[method] = cfg, plan_run(cfg)
+            except ValueError as err:
+                raise ValueError(f"--trace, cache {method}: {err}") from None
+    return runs
+
+
+def recompute_maps(runs: dict, prompt: str, seed: int = 0):
+    """{method: (steps x positions fraction-of-layers map, prompt length)} for one generation each
+    of :func:`trace_runs`'s runs."""
+    import torch
+
+    from dllm.decoding.loop import generate
+    from dllm.models.tokenization import encode_prompts
+    from dllm.pipeline import load_model_and_tokenizer
+
+    maps, net = {}, None
+    for method, (cfg, plan) in runs.items():
+        if net is None:
+            net, tokenizer = load_model_and_tokenizer(cfg, plan)
+            ids = encode_prompts(tokenizer, [prompt], chat=bool(cfg.model.instruct))
+        generator = torch.Generator().manual_seed(seed)
+        with dllm_cache_layers() as layer_counts:
+            out = generate(net, ids, plan.decoder, plan.cache, plan.gen_length, generator, record_trace=True)
+        T = out.trace[0].shape[1]
+        if layer_counts:  # a layer hook chose rows per layer: fraction of layers per position
+            grid = torch.stack([c[0, :T] for c in layer_counts]) / net.args.n_layers
+        else:
+            grid = torch.stack([t[0].float() for t in out.trace])
+        maps[method] = (grid.numpy(), T - plan.gen_length, out.recompute_ratio)
     return maps
 
 
@@ -435,18 +486,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.csv and not args.trace and not args.bench_json:
         parser.error("give a results CSV, --bench-json, --trace, or several")
     out, written = Path(args.out), []
+    try:  # every input read and checked before the first figure is drawn
+        aggregate.check_out_folder(out)
+        if args.csv:
+            runs = aggregate.load_runs(args.csv, args.experiment)
+            published = aggregate.load_published(args.published) if args.published else None
+        bench_rows = load_bench_rows(args.bench_json) if args.bench_json else None
+        if args.trace:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            trace = trace_runs(args.model, methods, args.gen_length, args.block_length)
+    except ValueError as err:
+        parser.error(str(err))
     if args.csv:
-        runs = aggregate.load_runs(args.csv, args.experiment)
-        published = aggregate.load_published(args.published) if args.published else None
         tables = aggregate.build_tables(runs, published)
         written += plot_accuracy_vs_throughput(tables, out)
         written += plot_speedup(tables, out)
     if args.bench_json:
-        written += plot_batch_scaling(json.loads(Path(args.bench_json).read_text()), out)
+        written += plot_batch_scaling(bench_rows, out)
     if args.trace:
-        methods = [m for m in args.methods.split(",") if m]
-        maps = recompute_maps(args.model, methods, args.gen_length, args.block_length, args.prompt)
-        written += plot_recompute_map(maps, out, args.model)
+        written += plot_recompute_map(recompute_maps(trace, args.prompt), out, args.model)
     for path in written:
         print(path)
     return 0

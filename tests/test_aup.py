@@ -221,3 +221,16 @@ def test_a_point_left_out_is_named_under_its_table(tmp_path):
     assert table["AUP"].item() == pytest.approx(aup([(1.0, 80.0), (3.0, 78.0)], 80.0))
     assert (table["runs"].item(), table["points"].item()) == (3, 2)
     assert "prefix: left out TPF 2.00 (70.0 %)" in aggregate.aup_note(table)
+
+
+def test_aup_files_of_an_earlier_run_do_not_outlive_it(curves_csv, tmp_path, capsys):
+    """--out reused for a CSV without tokens_per_forward: the earlier run's aup.* would describe
+    tables that the new tables.md lacks, so they go; other files in the folder stay."""
+    out = tmp_path / "tables"
+    assert aggregate.main([str(curves_csv), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    csv = write_csv(tmp_path / "older.csv", [{k: v for k, v in run("none", "low_confidence", 0.8, None).items()
+                                              if k != "tokens_per_forward"}])
+    assert aggregate.main([str(csv), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"tables.md", "tables.tex", "summary.csv", "notes.txt"}
+    assert f"removed {out / 'aup.md'}" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """scripts/aggregate.py and scripts/plot.py on small hand-written results CSVs: aggregate prints and
 writes only where --out says, marks noisy speedups, shows the timing spread; plot draws error bars,
-one marker shape per method, shared axes, and speedup values clear of the ideal lines."""
+one marker shape per method, shared axes, speedup values clear of the ideal lines, and eager and
+compiled bench rows as separate lines. Both refuse bad input with one error line before any output,
+and replace their files whole."""
 from __future__ import annotations
 
 import math
@@ -288,3 +290,153 @@ def test_speedup_plot_values_clear_of_ideal_lines(figures):
         (dx0, dy), (dx1, _) = ax.transData.transform([(x0, y), (x1, y)])
         for box in boxes:
             assert not (box.x0 < dx1 and dx0 < box.x1 and box.y0 <= dy <= box.y1), (box, dy)
+
+
+def test_batch_scaling_plot_draws_eager_and_compiled_apart(tmp_path, monkeypatch):
+    """bench.py --compile: every run eager and compiled at the same batch size; each mode is its own
+    line (compiled: hollow markers), not one mode drawn over the other."""
+    import json
+
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    drawn, save = {}, plot.save
+
+    def keep(fig, out, name):
+        drawn[name] = fig
+        return save(fig, out, name)
+
+    monkeypatch.setattr(plot, "save", keep)
+    path = ROOT / "results" / "reference" / "bench_compiled_cpu.json"
+    assert plot.main(["--bench-json", str(path), "--out", str(tmp_path)]) == 0
+    speed_ax, rate_ax = drawn["batch_scaling"].axes
+    lines = {line.get_label(): line for line in speed_ax.get_lines() if not line.get_label().startswith("_")}
+    rows = json.loads(path.read_text())
+    for method in ("dkv_decode", "prefix", "dual", "dllm_cache", "dkv_greedy", "d2cache"):
+        for mode, label in (("eager", method), ("compiled", f"{method} (compiled)")):
+            (row,) = [r for r in rows if r["method"] == method and r["mode"] == mode]
+            assert list(lines.pop(label).get_ydata()) == [row["speedup"]], label
+    assert not lines
+    throughput = {line.get_label(): line for line in rate_ax.get_lines()}
+    assert {"none (low_confidence)", "none (low_confidence, compiled)", "dual", "dual (compiled)"} <= set(throughput)
+    assert throughput["dual (compiled)"].get_markerfacecolor() == "white"
+    assert throughput["dual (compiled)"].get_color() == throughput["dual"].get_color() != "white"
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def refused(main, argv: list[str], capsys) -> str:
+    """The error line of a refused command: argparse's exit 2, no traceback, nothing on stdout."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path) -> dict[str, Path]:
+    rows = [run_row("none", 10.0, 1.0, experiment="a"), run_row("prefix", 30.0, 3.2, experiment="a")]
+    without = lambda column: [{k: v for k, v in r.items() if k != column} for r in rows]  # noqa: E731
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text(",".join(rows[0]) + "\n")
+    (tmp_path / "a_file").write_text("not a folder")
+    return {
+        "good": write_csv(tmp_path / "runs.csv", rows),
+        "empty": tmp_path / "empty.csv",
+        "header": tmp_path / "header.csv",
+        "failed": write_csv(tmp_path / "failed.csv", [dict(r, status="error") for r in rows]),
+        "no_started_at": write_csv(tmp_path / "no_started_at.csv", without("started_at")),
+        "no_experiment": write_csv(tmp_path / "no_experiment.csv", without("experiment")),
+        "wrong": write_csv(tmp_path / "wrong.csv", [{"x": "1", "y": "2"}]),
+        "file": tmp_path / "a_file",
+        "missing": tmp_path / "missing.csv",
+    }
+
+
+def test_aggregate_refuses_bad_input_before_printing_or_writing(bad_inputs, tmp_path, capsys):
+    f = {k: str(v) for k, v in bad_inputs.items()}
+    cases = [
+        ([f["missing"]], "missing.csv: cannot read it (No such file or directory)"),
+        ([str(tmp_path)], "cannot read it (Is a directory)"),
+        ([f["empty"]], "empty.csv: not a CSV (No columns to parse from file)"),
+        ([f["header"]], "header.csv: no rows"),
+        ([f["failed"]], "failed.csv: no ok rows (statuses there: ['error'])"),
+        ([f["no_started_at"]], "is not a results CSV (missing columns ['started_at'])"),
+        ([f["good"], "--experiment", "b"], "--experiment 'b': no ok row of it in " + f["good"] + " (experiments there: ['a'])"),
+        ([f["no_experiment"], "--experiment", "a"], "--experiment 'a': " + f["no_experiment"] + " has no experiment column"),
+        ([f["good"], "--published", f["wrong"]], "wrong.csv lacks columns ['method', 'model', 'score'"),
+        ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
+        ([f["good"], "--out", f["file"]], f"--out {f['file']}: {f['file']} is a file, not a folder"),
+        ([f["good"], "--out", f["file"] + "/tables"], f"{f['file']} is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert message in refused(aggregate.main, argv, capsys), argv
+    assert bad_inputs["file"].read_text() == "not a folder"
+
+
+def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, tmp_path, monkeypatch, capsys):
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a generation ran before the input was checked")
+
+    monkeypatch.setattr(plot, "recompute_maps", no_generation)
+    f = {k: str(v) for k, v in bad_inputs.items()}
+    jsons = {"text": "not json", "empty": "[]", "object": '{"a": 1}', "rows": '[{"method": "none"}]'}
+    for name, text in jsons.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    figures = tmp_path / "figures"
+    line = refused(plot.main, [f["good"], "--out", f["file"]], capsys)
+    assert f"--out {f['file']}: {f['file']} is a file, not a folder" in line
+    cases = [
+        ([f["missing"]], "missing.csv: cannot read it (No such file or directory)"),
+        ([f["empty"]], "empty.csv: not a CSV (No columns to parse from file)"),
+        ([f["wrong"]], "wrong.csv is not a results CSV (missing columns"),
+        ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
+        (["--bench-json", str(tmp_path / "text.json")], "text.json: not JSON (Expecting value: line 1 column 1"),
+        (["--bench-json", str(tmp_path / "empty.json")], "empty.json: not a list of scripts/bench.py rows"),
+        (["--bench-json", str(tmp_path / "object.json")], "object.json: not a list of scripts/bench.py rows"),
+        (["--bench-json", str(tmp_path / "rows.json")], "rows.json: its rows lack ['batch_size', 'decoding'"),
+        # A single-batch bench JSON from before --batch-sizes.
+        (["--bench-json", str(ROOT / "results" / "reference" / "bench_cpu.json")], "its rows lack ['none_decoding']"),
+        # The CSV is fine, but no figure is drawn before the JSON is found missing.
+        ([f["good"], "--bench-json", str(tmp_path / "missing.json")], "missing.json: cannot read it"),
+        ([f["good"], "--trace", "--model", "foo"], "--model 'foo': no such model config (allowed: d3llm_dream, "),
+        (["--trace", "--methods", "none,prefix,foo"], "--methods: unknown ['foo'] (cache configs, comma-separated: d2cache, "),
+        (["--trace", "--gen-length", "0"], "--trace, cache none: gen_length=0 must be an integer >= 1"),
+    ]
+    for argv, message in cases:
+        assert message in refused(plot.main, [*argv, "--out", str(figures)], capsys), argv
+    assert not figures.exists()
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails (disk full, killed) leaves the previous file, not half of a new one."""
+    import matplotlib.pyplot as plt
+
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    csv = write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)])
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("tables.md", "summary.csv", "speedup.pdf"):
+        (out / name).write_text("previous")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aggregate.os, "replace", full_disk)
+    runs = aggregate.load_runs(csv)
+    md, tex, summary = aggregate.render(aggregate.build_tables(runs))
+    with pytest.raises(OSError):
+        aggregate.write_outputs(md, tex, summary, out)
+    fig = plt.figure()
+    with pytest.raises(OSError):
+        plot.save(fig, out, "speedup")
+    plt.close(fig)
+    previous = dict.fromkeys(("tables.md", "summary.csv", "speedup.pdf"), "previous")
+    assert {p.name: p.read_text() for p in out.iterdir()} == previous  # and no temp file left

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Iterable
@@ -54,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from dllm.atomic import write_atomic  # noqa: E402
 from dllm.logging.record import record_key  # noqa: E402
 
 TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware"]
@@ -688,17 +688,6 @@ def check_out_folder(out: Path) -> None:
             if not path.is_dir():
                 raise ValueError(f"--out {out}: {path} is a file, not a folder")
             return
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a temp file beside ``path``, then swap it in: an interrupted run leaves the old file
-    or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only where the write failed
 
 
 def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -81,6 +80,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dllm.atomic import write_atomic  # noqa: E402
 from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
@@ -649,9 +649,7 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
 
 def write_json(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(path)  # never a half-written file
+    write_atomic(path, json.dumps(rows, indent=2))
 
 
 def format_table(rows: list[dict]) -> str:

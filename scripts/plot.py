@@ -56,6 +56,7 @@ for path in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(path))
 
 import aggregate  # noqa: E402
+from dllm.atomic import write_atomic  # noqa: E402
 
 # cache method -> (colour, marker). Colours: Okabe & Ito's palette, told apart under the common
 # colour-vision deficiencies (its yellow is too faint on white for points); the marker shape keeps
@@ -116,7 +117,7 @@ def save(fig, out: Path, name: str) -> list[Path]:
     for path in paths:
         image = io.BytesIO()  # rendered whole before the file is replaced: never half a figure on disk
         fig.savefig(image, format=path.suffix[1:], bbox_inches="tight")
-        aggregate.write_atomic(path, image.getvalue())
+        write_atomic(path, image.getvalue())
     plt.close(fig)
     return paths
 

@@ -429,7 +429,9 @@ def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(aggregate.os, "replace", full_disk)
+    import dllm.atomic
+
+    monkeypatch.setattr(dllm.atomic.os, "replace", full_disk)
     runs = aggregate.load_runs(csv)
     md, tex, summary = aggregate.render(aggregate.build_tables(runs))
     with pytest.raises(OSError):

@@ -9,19 +9,19 @@ import io
 import json
 import os
 import re
-import secrets
 import stat
 from pathlib import Path
 from typing import NamedTuple
 
 from filelock import FileLock
 
+from dllm.atomic import TMP_TOKEN_BYTES, write_all, write_atomic
+
 from .record import RunRecord, record_key
 
 WANDB_MODES = ("online", "offline", "disabled")
 # Columns every row of ``RunRecord.to_row()`` has: a header without them is another tool's file.
 REQUIRED_COLUMNS = ("run_id", "model", "cache", "decoding", "task", "status")
-_TMP_TOKEN_BYTES = 4  # random part of a temp file's name: ``.<name>.<8 hex digits>.tmp``
 # Bytes that are not UTF-8, as decoded with errors="surrogateescape".
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
@@ -39,37 +39,10 @@ def _csv_text(header: list[str], rows: list[dict], with_header: bool) -> str:
     return buf.getvalue()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:  # one call in practice; a regular file only takes less on a full disk
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
-
-
-def _replace_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a mix; only SIGKILL or power loss mid-write leaves a stray
-    ``.<name>.*.tmp`` beside it. A new file gets 0o666 & ~umask (not mkstemp's 0600), so a shared
-    results file stays readable by the group; a replaced one keeps its mode (os.replace swaps in
-    the temp file's inode, so the mode must be copied onto it)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TMP_TOKEN_BYTES)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            if path.exists():
-                os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
-            _write_all(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: the old file stays, drop the partial copy
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _remove_dead_temps(path: Path) -> None:
     """Call under ``<path>.lock``: only the lock holder writes ``path``'s temp files, so any that
     exists now was left by a writer killed mid-write."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TMP_TOKEN_BYTES}}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * TMP_TOKEN_BYTES}}}\.tmp")
     for entry in path.parent.iterdir():
         if pattern.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
@@ -213,10 +186,10 @@ def repair_results_csv(path: str | os.PathLike) -> tuple[int, int]:
         # The tail is saved (fsynced) before the file is cut: a crash in between duplicates it, loses nothing.
         fd = os.open(f"{path}.rejected", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
-            _write_all(fd, tail)
+            write_all(fd, tail)
         finally:
             os.close(fd)
-        _replace_atomic(path, good)
+        write_atomic(path, good)
         return scan.rows, len(tail)
 
 
@@ -249,7 +222,7 @@ def append_csv(path: str | os.PathLike, row: dict) -> None:
         else:
             # A hand-edited file may lack its final newline; without one the row would merge.
             text = old + ("" if old.endswith("\n") else "\n") + _csv_text(header, [row], with_header=False)
-        _replace_atomic(path, text)
+        write_atomic(path, text)
 
 
 def existing_keys(path: str | os.PathLike) -> set[str]:
@@ -265,10 +238,10 @@ def write_run_dir(run_dir: str | os.PathLike, record: RunRecord, samples: list[d
     """``metrics.json`` (the row), ``samples.jsonl`` (one object per sample), ``config.yaml``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _replace_atomic(run_dir / "metrics.json", json.dumps(record.to_row(), indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps(record.to_row(), indent=2) + "\n")
     lines = "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples)
-    _replace_atomic(run_dir / "samples.jsonl", lines)
-    _replace_atomic(run_dir / "config.yaml", config_yaml)
+    write_atomic(run_dir / "samples.jsonl", lines)
+    write_atomic(run_dir / "config.yaml", config_yaml)
 
 
 class WandbSink:

@@ -1,0 +1,37 @@
+"""Whole-file writes: readers, and a crash mid-write, see the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+TMP_TOKEN_BYTES = 4  # random part of a temp file's name: ``.<name>.<8 hex digits>.tmp``
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # one call in practice; a regular file only takes less on a full disk
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` (text is UTF-8) to a temp file beside ``path`` and swap it in with os.replace;
+    only SIGKILL or power loss mid-write leaves a stray ``.<name>.*.tmp`` beside it. A new file gets
+    0o666 & ~umask (not mkstemp's 0600), so a shared results file stays readable by the group; a
+    replaced one keeps its mode (os.replace swaps in the temp file's inode, so the mode is copied)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(TMP_TOKEN_BYTES)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            if path.exists():
+                os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
+            write_all(fd, data.encode() if isinstance(data, str) else data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the old file stays, drop the partial copy
+        tmp.unlink(missing_ok=True)
+        raise

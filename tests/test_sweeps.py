@@ -310,7 +310,28 @@ def test_resume_key_covers_every_setting_that_can_change_a_number(composer, tmp_
     assert copied not in (base, *changed.values())
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0}))
-    assert _key(composer, f"model.path={folder}") != copied
+    reconfigured = _key(composer, f"model.path={folder}")
+    assert reconfigured != copied
+    # ... or the same folder and config.json with other weights (retrained in place)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert _key(composer, f"model.path={folder}") != reconfigured
+
+
+def test_resume_key_has_the_thread_count_and_the_files_parameters_name(composer, tmp_path):
+    """threads=auto enters resolved (another machine's count is another speed); a file a decoding
+    parameter names enters by its content."""
+    from dllm.pipeline import resolve_threads
+
+    threads = resolve_threads("auto")
+    assert _key(composer, "threads=auto") == _key(composer, f"threads={threads}") != _key(composer, f"threads={threads + 1}")
+    frequencies = tmp_path / "frequencies.json"
+    frequencies.write_text(json.dumps({"5": 3, "6": 1}))
+    first = _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}")
+    assert first == _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}")
+    frequencies.write_text(json.dumps({"5": 1, "6": 3}))
+    assert _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}") != first
 
 
 def test_record_names_the_lm_eval_task_and_the_checkpoint(composer):

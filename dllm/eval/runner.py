@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -296,14 +297,34 @@ NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "debug", "device", "dty
 
 def run_settings(cfg: DictConfig, plan, checkpoint: dict) -> dict:
     """Everything that can change a number of this run (its resume key hashes this): the resolved
-    config minus ``NOT_IN_KEY`` (and minus ``compile`` when false), plus the device type, dtype and the
-    checkpoint's identity (:func:`dllm.pipeline.checkpoint_identity`)."""
+    config minus ``NOT_IN_KEY`` (and minus ``compile`` when false), with ``threads`` resolved (auto
+    on another machine is another thread count, another speed), plus the device type, dtype, the
+    checkpoint's identity (:func:`dllm.pipeline.checkpoint_identity`), what its files are now
+    (:func:`files_state`: weights rewritten in the same folder, e.g. by retraining, are another
+    model) and the content of any file a cache or decoding parameter names (pc_sampler's
+    ``frequencies``)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_KEY:
         tree.pop(key, None)
     if not plan.compile:  # in the key only when on: eager runs keep the keys of rows recorded before it existed
         tree.pop("compile", None)
-    return {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
+    tree["threads"] = plan.threads
+    settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
+    folder = Path(checkpoint["checkpoint"])
+    if folder.is_dir():
+        settings["checkpoint_files"] = files_state(folder)
+    named = {f"{group}.{key}": value for group in ("cache", "decoding") for key, value in tree[group].items()
+             if isinstance(value, str) and Path(value).is_file()}
+    if named:
+        settings["input_files"] = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest() for key, path in named.items()}
+    return settings
+
+
+def files_state(folder: Path) -> str:
+    """A hash of the name, size and modification time of every file in ``folder``: cheap for an
+    8B checkpoint, and it changes whenever a file is rewritten."""
+    state = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()
 
 
 def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:

@@ -158,3 +158,24 @@ def test_compile_on_a_torch_too_old_for_it_is_refused_first(no_model, tmp_path, 
     from dllm.models.compiled import check_torch_version
 
     check_torch_version()  # the installed one is new enough
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "device"])
+def test_a_results_csv_that_is_no_regular_file_is_refused_first(no_model, tmp_path, monkeypatch, kind):
+    """A pipe would block the check forever, a device (/dev/full) feed it forever, and
+    os.replace would put a regular file in place of the device node."""
+    from dllm.pipeline import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "runs.csv"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)
+    else:
+        if not os.path.exists("/dev/null"):
+            pytest.skip("no /dev/null")
+        path = Path("/dev/null")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ")):
+        run(compose(f"results_csv={path}"))
+    assert path.exists() and not path.is_file()

@@ -109,6 +109,9 @@ def _scan(text: str) -> _Scan:
 def _check_writable(path: Path) -> None:
     """``path`` is about to be replaced by a new file in its folder (and a lock file made there)."""
     folder = path.parent
+    if path.exists() and not path.is_file():  # a device or a pipe would be read forever, then replaced
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise ResultsCsvError(f"{path}: {kind}. Fix: set results_csv to a CSV file")
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         # root may write anything: the owner's write bit is what says "do not replace"

@@ -179,3 +179,18 @@ def test_a_results_csv_that_is_no_regular_file_is_refused_first(no_model, tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"{path}: ")):
         run(compose(f"results_csv={path}"))
     assert path.exists() and not path.is_file()
+
+
+def test_a_task_whose_data_cannot_be_loaded_is_refused_before_the_model(tmp_path, monkeypatch):
+    """Offline with an empty Hugging Face cache, task=gsm8k stops with one message, not a
+    ConnectionError after the model has loaded."""
+    import dllm.pipeline
+    from dllm.eval.runner import run_eval
+
+    monkeypatch.setattr(dllm.pipeline, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                       "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"task\.lm_eval_task='gsm8k': its data cannot be loaded .*HF_HOME"):
+        run_eval(compose(f"results_csv={tmp_path / 'runs.csv'}", "task=gsm8k"))

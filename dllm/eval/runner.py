@@ -201,14 +201,20 @@ def quiet_console(is_main: bool) -> None:
 
 
 def tasks_to_run(settings: TaskSettings, manager) -> list:
-    """What ``simple_evaluate`` runs: the lm-eval task's name; with several samples per problem,
-    its task object with ``repeats`` and its pass@k metric's k set (lm-eval's own humaneval_64
-    pattern). Building the object loads the task's data, still before the model loads."""
-    if settings.num_return_sequences == 1:
-        return [settings.lm_eval_task]
+    """What ``simple_evaluate`` runs, its data loaded here, before the model loads, so that a dataset
+    that cannot be fetched (offline and not cached) stops the run before minutes of loading: the
+    lm-eval task's object; with several samples per problem, with ``repeats`` and its pass@k metric's
+    k set (lm-eval's own humaneval_64 pattern). A group (MMLU) runs by name, since simple_evaluate
+    takes prepared objects for tasks only: its data then loads a second time, from the cache."""
     from lm_eval.api.task import Task
 
-    loaded = manager.load([settings.lm_eval_task])
+    try:
+        loaded = manager.load([settings.lm_eval_task])
+    except OSError as err:  # datasets' ConnectionError / FileNotFoundError: offline and not cached, a bad path
+        raise ValueError(f"task.lm_eval_task={settings.lm_eval_task!r}: its data cannot be loaded ({err}). Offline, it "
+                         "must be in the Hugging Face cache (HF_HOME); the *_local tasks ship their data") from err
+    if settings.num_return_sequences == 1:
+        return [settings.lm_eval_task] if loaded["groups"] else list(loaded["tasks"].values())
     tasks = list(loaded["tasks"].values()) if not loaded["groups"] else [None]  # a group: refused below
     for task in tasks:
         # _metric_fn_kwargs holds each metric's YAML arguments (lm-eval has no public setter).

@@ -304,3 +304,19 @@ def edited_config(checkpoint: Path, tmp_path: Path, **fields) -> Path:
     cfg.update(fields)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
+
+
+@pytest.fixture
+def drawn_figures(tmp_path, monkeypatch) -> dict:
+    """scripts/plot.py's figures by name, as its main() saves them (and still writes them)."""
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    drawn, save = {}, plot.save
+
+    def keep(fig, out, name):
+        drawn[name] = fig
+        return save(fig, out, name)
+
+    monkeypatch.setattr(plot, "save", keep)
+    return drawn

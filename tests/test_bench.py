@@ -260,19 +260,12 @@ def test_time_budget_starts_no_further_batch_size(tmp_path, capsys):
             bench.parse_args(["--preset", "smoke", "--time-budget", bad])
 
 
-def test_batch_scaling_plot(batch_sweep, tmp_path, monkeypatch):
+def test_batch_scaling_plot(batch_sweep, tmp_path, drawn_figures):
     """One line per cache method in both panels, none under each decoding in the throughput panel
     only, no sampler; both panels on the measured batch sizes."""
     import plot
 
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    drawn, save = {}, plot.save
-
-    def keep(fig, out, name):
-        drawn[name] = fig
-        return save(fig, out, name)
-
-    monkeypatch.setattr(plot, "save", keep)
+    drawn = drawn_figures
     assert plot.main(["--bench-json", str(batch_sweep), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "batch_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "batch_scaling.pdf").stat().st_size > 1000

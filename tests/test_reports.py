@@ -292,21 +292,14 @@ def test_speedup_plot_values_clear_of_ideal_lines(figures):
             assert not (box.x0 < dx1 and dx0 < box.x1 and box.y0 <= dy <= box.y1), (box, dy)
 
 
-def test_batch_scaling_plot_draws_eager_and_compiled_apart(tmp_path, monkeypatch):
+def test_batch_scaling_plot_draws_eager_and_compiled_apart(tmp_path, drawn_figures):
     """bench.py --compile: every run eager and compiled at the same batch size; each mode is its own
     line (compiled: hollow markers), not one mode drawn over the other."""
     import json
 
     import plot
 
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    drawn, save = {}, plot.save
-
-    def keep(fig, out, name):
-        drawn[name] = fig
-        return save(fig, out, name)
-
-    monkeypatch.setattr(plot, "save", keep)
+    drawn = drawn_figures
     path = ROOT / "results" / "reference" / "bench_compiled_cpu.json"
     assert plot.main(["--bench-json", str(path), "--out", str(tmp_path)]) == 0
     speed_ax, rate_ax = drawn["batch_scaling"].axes

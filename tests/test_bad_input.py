@@ -55,6 +55,8 @@ CASES = [
     (["model=tiny_dream", "model.family=llada"], r"family"),
     (["model=llada"], r"huggingface-cli download GSAI-ML/LLaDA-8B-Instruct.*model\.path=/local/folder"),
     (["compile=yes"], r"compile='yes' must be true or false"),
+    (["task.metric='acc,none'"], r"task\.metric='acc,none' is not among lm-eval task 'arith''s results "
+                                 r"\['exact_match,strict-match', 'exact_match,flexible-extract'\]"),
     # values of the wrong type for a parameter's annotation, named (they failed deep in a run, or ran)
     (["decoding.steps=abc"], r"decoding=low_confidence: decoding\.steps='abc' must be an integer"),
     (["decoding.steps=true"], r"decoding\.steps=True must be an integer"),

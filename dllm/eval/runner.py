@@ -214,7 +214,11 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
         raise ValueError(f"task.lm_eval_task={settings.lm_eval_task!r}: its data cannot be loaded ({err}). Offline, it "
                          "must be in the Hugging Face cache (HF_HOME); the *_local tasks ship their data") from err
     if settings.num_return_sequences == 1:
-        return [settings.lm_eval_task] if loaded["groups"] else list(loaded["tasks"].values())
+        if loaded["groups"]:
+            return [settings.lm_eval_task]
+        for task in loaded["tasks"].values():
+            check_metric(task, settings.metric)
+        return list(loaded["tasks"].values())
     tasks = list(loaded["tasks"].values()) if not loaded["groups"] else [None]  # a group: refused below
     for task in tasks:
         # _metric_fn_kwargs holds each metric's YAML arguments (lm-eval has no public setter).
@@ -227,7 +231,27 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
         task.set_config("repeats", settings.num_return_sequences)
         for name in with_k:
             task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
+    for task in tasks:
+        check_metric(task, settings.metric)
     return tasks
+
+
+def result_keys(task) -> list[str]:
+    """The '<metric>,<filter>' keys a task's results will have: each metric under each filter, a
+    metric with a k argument (pass_at_k) as pass@k for each of its k (stderrs left out)."""
+    names = []
+    for name, kwargs in task._metric_fn_kwargs.items():
+        ks = kwargs.get("k")
+        names += [f"pass@{k}" for k in (ks if isinstance(ks, list) else [ks])] if ks is not None else [name]
+    return [f"{name},{ensemble.name}" for name in names for ensemble in task._filters]
+
+
+def check_metric(task, metric: str) -> None:
+    """``task.metric`` is a key of the task's results: found out before the model loads, not after
+    the whole evaluation."""
+    keys = result_keys(task)
+    if metric not in keys:
+        raise ValueError(f"task.metric={metric!r} is not among lm-eval task {task.config.task!r}'s results {keys}")
 
 
 def _number(value) -> float | None:

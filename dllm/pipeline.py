@@ -54,16 +54,17 @@ def resolve_threads(value) -> int:
     return value
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name) -> torch.device:
+    """``device``: auto, cpu, or a GPU this machine has. torch.device also takes names that fail only
+    once weights load (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name is checked
+    against this machine's devices."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device={name!r} is not a torch device (allowed: auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here (use device=auto or cpu)")
-    return device
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    allowed = ["auto", "cpu", *(["cuda"] if gpus else []), *gpus]
+    if name not in allowed:
+        raise ValueError(f"device={name!r} (allowed here: {allowed})")
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -81,11 +82,21 @@ def component(node: DictConfig, what: str) -> tuple[str, dict]:
     return params.pop("name"), params
 
 
-def integer_setting(cfg: DictConfig, key: str, minimum: int) -> int:
-    """``cfg.<key>`` checked to be an integer >= ``minimum`` (a bool, float or text is refused)."""
+def integer_setting(cfg: DictConfig, key: str, minimum: int, below: int | None = None) -> int:
+    """``cfg.<key>`` checked to be an integer >= ``minimum`` and < ``below`` (a bool, float or text is refused)."""
     value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+    too_big = below is not None and isinstance(value, int) and value >= below
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
+        limit = f" and < {below}" if below is not None else ""
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}{limit}")
+    return value
+
+
+def boolean_setting(cfg: DictConfig, key: str) -> bool:
+    """``cfg.<key>`` checked to be true or false (Hydra keeps ``maybe`` as a text, which reads as true)."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be true or false")
     return value
 
 
@@ -93,9 +104,20 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     """The validated run settings (no file or network is read; see :func:`check_checkpoint`)."""
     if cfg.model.family not in FAMILY_OF_NAME:
         raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
-    if not cfg.model.tiny and not cfg.model.path:
-        raise ValueError(f"model={cfg.model.name}: model.path is empty (a Hub id or a local folder)")
-    for key, minimum in (("seed", 0), ("batch_size", 1), ("gen_length", 1), ("timing.repeats", 1)):
+    for key in ("model.tiny", "model.instruct", "model.trust_remote_code"):
+        boolean_setting(cfg, key)
+    # A tiny preset without a path (null) is the random-weight checkpoint; an empty text (model.path=, or
+    # model.path=$UNSET_VARIABLE) would silently turn a trained preset into that, so it is refused.
+    if cfg.model.path == "" or (cfg.model.path is None and not cfg.model.tiny):
+        random = ", or null for random weights" if cfg.model.tiny else ""
+        raise ValueError(f"model={cfg.model.name}: model.path={cfg.model.path!r} is empty (allowed: a Hub id, a local "
+                         f"folder{random})")
+    for key in ("prompt", "prompts_file"):
+        if cfg.task.name != "generate" and (value := OmegaConf.select(cfg, key)) is not None:
+            raise ValueError(f"{key}={value!r} applies to task=generate only (task={cfg.task.name} reads its own data)")
+    # lm-eval seeds numpy with the seed, which takes 0 ... 2**32 - 1 (torch's generators take less than 2**64)
+    integer_setting(cfg, "seed", 0, below=2**32)
+    for key, minimum in (("batch_size", 1), ("gen_length", 1), ("timing.repeats", 1)):
         integer_setting(cfg, key, minimum)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
@@ -219,13 +241,14 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
 
     torch.set_num_threads(plan.threads)
     folder = checkpoint_folder(cfg)
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)  # first: a folder without one fails in seconds
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
     if plan.compile:
         from dllm.models.compiled import compile_layers
 
         compile_layers(net)  # graphs compile on first use: in the warm-up batch, left out of the timings
-    return net, load_tokenizer(folder, cfg.model.trust_remote_code)
+    return net, tokenizer
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -239,12 +262,31 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise ValueError(f"prompts_file={str(path)!r} does not exist")
-        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+        prompts = read_prompts_file(path)
         if not prompts:
             raise ValueError(f"prompts_file={str(path)!r} holds no prompts")
         source = f"prompts_file={str(path)!r}"
     if any(not str(p).strip() for p in prompts):
         raise ValueError(f"{source}: an empty prompt (give the text to continue, e.g. prompt='What is 7 * 6?')")
+    return prompts
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """The prompts of a jsonl file, one {"prompt": "..."} per line (blank lines skipped); a bad line is
+    named by its number."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"prompts_file={str(path)!r} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not JSON ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{where}: {line.strip()[:60]!r} (allowed: an object with a text "prompt", '
+                             '{"prompt": "What is 7 * 6?"})')
+        prompts.append(record["prompt"])
     return prompts
 
 

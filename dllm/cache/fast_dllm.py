@@ -57,12 +57,16 @@ class BlockCache(CacheMethod):
         self.refresh_interval = refresh_interval
         self.dream_rows = dream_rows
 
+    def check_block_model(self) -> None:
+        if self.refresh_interval or self.dream_rows != "ours":
+            raise ValueError(f"cache={self.name}: cache.refresh_interval={self.refresh_interval!r} / cache.dream_rows="
+                             f"{self.dream_rows!r} have no meaning on a block-diffusion model, whose finished blocks "
+                             "are exact (allowed: null / ours)")
+
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)
-        if ctx.attention_block and (self.refresh_interval or self.dream_rows != "ours"):
-            raise ValueError(f"cache={self.name}: refresh_interval / dream_rows have no meaning on a block-diffusion "
-                             "model, whose finished blocks are exact (leave them at null / ours)")
         if ctx.attention_block:
+            self.check_block_model()
             self.computed_in_full = torch.zeros(ctx.batch, ctx.length, dtype=torch.bool, device=ctx.device)
 
     def select(self, view: StepView) -> ActiveRequest:

@@ -7,6 +7,7 @@ are then streamed shard by shard, tensor by tensor, straight into the target dty
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,50 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
+# config.json fields (of any family) that the readers compute with: the least integer each may be.
+# "abc" or 0 would otherwise fail there as a TypeError or ZeroDivisionError, or build a broken model.
+INTEGER_FIELDS = {
+    **dict.fromkeys(("d_model", "hidden_size", "n_layers", "num_hidden_layers", "n_heads", "num_attention_heads",
+                     "n_kv_heads", "num_key_value_heads", "head_dim", "mlp_hidden_size", "intermediate_size",
+                     "moe_intermediate_size", "expert_intermediate_size", "vocab_size", "embedding_size",
+                     "max_sequence_length", "max_position_embeddings", "num_experts", "num_experts_per_tok",
+                     "n_group", "topk_group"), 1),
+    **dict.fromkeys(("first_k_dense_replace", "num_shared_experts", "mask_token_id", "pad_token_id",
+                     "bos_token_id", "eos_token_id"), 0),
+}
+# Fields whose null the readers take for "absent" (``cfg.get(field) or default``), and token ids, which
+# published configs often leave null (one a family reads is checked in the model's fields, below).
+NULLABLE_FIELDS = {"n_kv_heads", "num_key_value_heads", "head_dim", "embedding_size", "first_k_dense_replace",
+                   "num_shared_experts", "rope_theta", "mask_token_id", "pad_token_id", "bos_token_id",
+                   "eos_token_id"}
+# An RMSNorm epsilon <= 0 divides by zero (or takes the root of a negative); a RoPE base <= 0 gives nan.
+POSITIVE_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def check_config_values(cfg: dict) -> None:
+    """Refuse a config.json field of the wrong type or range, naming it (see INTEGER_FIELDS)."""
+    for field, value in cfg.items():
+        if value is None and field in NULLABLE_FIELDS:
+            continue
+        either = " or null" if field in NULLABLE_FIELDS else ""
+        if field in INTEGER_FIELDS:
+            values = value if field == "eos_token_id" and isinstance(value, list) else [value]  # HF allows a list
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < INTEGER_FIELDS[field] for v in values):
+                raise ValueError(f"{field}={value!r} must be an integer >= {INTEGER_FIELDS[field]}{either}")
+        elif field in POSITIVE_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                           or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{field}={value!r} must be a finite number > 0{either}")
+
+
+def check_token_ids(args: ModelArgs) -> None:
+    """The special tokens the decoding loop writes into the sequence are rows of the embedding."""
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < args.vocab_size:
+            raise ValueError(f"{name}={value!r} is not a token id of the model, whose embedding has "
+                             f"{args.vocab_size} rows (allowed: 0 ... {args.vocab_size - 1})")
+
+
 def family_of_config(cfg: dict) -> str | None:
     """The family a config.json describes (model_type, and for "llada" whether it has experts)."""
     return next((name for name, module in FAMILY_OF_NAME.items() if module.describes(cfg)), None)
@@ -94,11 +139,14 @@ def model_args(folder: Path, expected_family: str | None = None) -> ModelArgs:
             f"family={expected_family!r}"
         )
     try:
-        return FAMILY_OF_NAME[family].args_from_config(cfg)
+        check_config_values(cfg)
+        args = FAMILY_OF_NAME[family].args_from_config(cfg)
+        check_token_ids(args)
     except KeyError as err:
         raise CheckpointError(f"{folder}/config.json lacks the field {err.args[0]!r}") from err
-    except ValueError as err:  # unsupported options, inconsistent head counts
+    except ValueError as err:  # wrong values, unsupported options, inconsistent head counts
         raise CheckpointError(f"{folder}/config.json: {err}") from err
+    return args
 
 
 def shard_files(folder: Path) -> list[Path]:

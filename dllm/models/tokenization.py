@@ -26,6 +26,10 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rope_scaling", category=FutureWarning)
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as err:  # OSError, ValueError or the tokenizers library's bare Exception, many lines long
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"the checkpoint folder {folder} has no usable tokenizer (the tokenizer files "
+                         f"published with its weights, e.g. tokenizer.json): {reason}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -9,6 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 OmegaConf.register_new_resolver("dllm.dash", lambda text: f"-{text}" if text else "", replace=True)
 
 FREE_TEXT_KEYS = ("prompt=",)
+# These print the config or help and run nothing, so the overrides are not checked first: `--cfg job
+# +experiment=published` shows the experiment even on a model without published settings.
+INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
 
 
 def quote_free_text(argv: list[str]) -> list[str]:
@@ -40,7 +43,8 @@ if __name__ == "__main__":
     sys.argv = quote_free_text(sys.argv)
     from dllm.overrides import unknown_key_message
 
-    if (message := unknown_key_message(sys.argv[1:])) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+    checked = os.environ.get("HYDRA_FULL_ERROR") != "1" and not any(a.split("=")[0] in INSPECT_FLAGS for a in sys.argv[1:])
+    if checked and (message := unknown_key_message(sys.argv[1:])):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     main()

@@ -1,8 +1,11 @@
 """Command-line overrides checked before Hydra composes them.
 
-Hydra refuses ``cache.kk=3`` with "Key 'kk' is not in struct" and suggests appending it with
-``+cache.kk=3``, which only moves the failure; it never names the keys that exist. This names them,
-with the close ones first, for keys of the selected model / cache / decoding / task / logger.
+Hydra answers a bad override with a multi-line message and exit 1, or not at all: an unknown preset
+(``cache=nosuch``) gets its options one per line; ``cache.kk=3`` gets "Key 'kk' is not in struct" and
+the advice ``+cache.kk=3``, which only moves the failure; ``+cache.k=3`` on a key that exists is refused
+in three lines; and ``+task.limt=4`` is accepted and never read (the code reads optional keys with a
+default), so the run covers the whole task. This turns each into one line naming the bad value, the
+close allowed ones and all of them, which run.py prints as ``error: ...`` with exit status 2.
 """
 from __future__ import annotations
 
@@ -10,35 +13,107 @@ import difflib
 import re
 from pathlib import Path
 
-GROUPS = ("model", "cache", "decoding", "task", "logger")
+import yaml
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
-_KEY_OVERRIDE = re.compile(rf"^({'|'.join(GROUPS)})\.([A-Za-z_][\w.]*)=")
-_SELECTION = re.compile(rf"^\+?(?:{'|'.join(GROUPS)}|experiment)=")
+GROUPS = ("model", "cache", "decoding", "task", "logger", "experiment", "hydra/launcher")
+# Keys added under these (+task.mc_num=2) must be keys some preset of the group defines: the code reads
+# the optional ones with a default, so a mistyped one would be silently ignored. Keys added under
+# cache / decoding are the method's parameters, which the registry names when the run is planned.
+PRESET_KEYED = ("model", "task", "logger")
+# (+ or ++, key or group, value); other hydra/ groups and hydra.* keys are Hydra's own to check.
+_OVERRIDE = re.compile(r"^(\+{0,2})(hydra/launcher|[A-Za-z_][\w.]*)=(.*)$", re.S)
+
+
+def preset_keys(group: str) -> dict[str, set[str]]:
+    """The top-level keys of each conf/<group>/*.yaml, by preset name."""
+    return {p.stem: set(yaml.safe_load(p.read_text()) or {}) - {"defaults"} for p in sorted((CONF / group).glob("*.yaml"))}
+
+
+def _refusal(what: str, bad: str, allowed) -> str:
+    allowed = sorted(allowed)
+    return f"{what} (close: {difflib.get_close_matches(bad, allowed, n=3) or 'none'}; allowed: {allowed})"
+
+
+def _first_missing(cfg, key: str):
+    """(the path of the deepest node on ``key``'s path that exists, the first part missing under it or
+    None when the whole key exists, that node)."""
+    from omegaconf import OmegaConf
+
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not (OmegaConf.is_dict(node) and part in node):
+            return ".".join(parts[:i]), part, node
+        node = OmegaConf.select(node, part, throw_on_resolution_failure=False)
+    return key, None, node
 
 
 def unknown_key_message(args: list[str]) -> str | None:
-    """One line naming the first ``group.key=value`` override whose key the selected group config
-    lacks (with the keys it has), or None. Sweeps (``a,b``) are checked against their first value."""
-    wanted = [m for m in map(_KEY_OVERRIDE.match, args) if m]
-    if not wanted:
+    """One line naming the first bad override in ``args`` (command-line arguments), or None.
+
+    Bad: a group option that is not a preset; ``method=`` that is not one of the experiment's methods;
+    an experiment reading ``model.published`` from a preset without it; a key under a node the
+    experiment interpolates (``cache.k=3`` with ``cache: ${methods.${method}.cache}``: the line names
+    the chosen method's key instead); ``+key=`` for a key that exists; a key the composed config lacks
+    (one that a preset of its group defines must be added with ``+``). Sweeps (``a,b``) have each value
+    of a group or method checked, keys against the first value."""
+    overrides = [m.groups() for m in map(_OVERRIDE.match, args) if m and not m[2].startswith("hydra.")]
+    if not overrides:
         return None
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    selections = [a.split(",")[0] for a in args if _SELECTION.match(a)]
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    selections = []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for plus, key, value in overrides:
+            if key not in GROUPS or "(" in value:  # choice(...), range(...), glob(...): Hydra expands them
+                continue
+            for option in value.split(","):
+                if option not in (options := loader.get_group_options(key)):
+                    return _refusal(f"{key}={option}: no such {key} option", option, options)
+            if key != "hydra/launcher":  # the launcher is not part of the run's config
+                selections.append(f"{plus}{key}={value.split(',')[0]}")
+        try:
             cfg = compose("config", overrides=selections)
-    except Exception:  # noqa: BLE001 - a bad selection: Hydra's own message names it
-        return None
-    for match in wanted:
-        group, key = match.groups()
-        if OmegaConf.select(cfg, f"{group}.{key}", default="<missing>") == "<missing>":
-            node = cfg[group]
-            keys = sorted(OmegaConf.to_container(node, resolve=False)) if node is not None else []
-            close = difflib.get_close_matches(key, keys, n=3)
-            return (
-                f"{group}.{key}: {group}={cfg[group].get('name', '?')} has no key {key!r} "
-                f"(close: {close or 'none'}; keys: {keys})"
-            )
+        except Exception as err:  # noqa: BLE001 - e.g. experiment=X without '+': Hydra's words, on one line
+            return " ".join(str(err).split())
+
+    # An experiment's method picks its cache and decoding: check it, and name keys of its choice below.
+    for plus, key, value in overrides:
+        if key == "method" and "methods" in cfg:
+            for method in value.split(","):
+                if method not in cfg.methods:
+                    return _refusal(f"method={method} is not a method of experiment={cfg.experiment}", method, cfg.methods)
+            cfg.method = value.split(",")[0]
+    if "published" not in cfg.model and "${model.published." in OmegaConf.to_yaml(cfg):
+        with_published = [name for name, keys in preset_keys("model").items() if "published" in keys]
+        return (f"experiment={cfg.experiment} uses the model preset's published settings (model.published), and "
+                f"model={cfg.model.name} publishes none (presets that do: {with_published})")
+
+    for plus, key, value in overrides:
+        if key in GROUPS:
+            continue
+        group, _, rest = key.partition(".")
+        if rest and group in cfg and OmegaConf.is_interpolation(cfg, group):
+            # cache: ${methods.${method}.cache}: Hydra refuses cache.k=3 there, and +cache.k=3 or ++cache.k=3
+            # replace the whole node by {k: 3}; the key is set where the interpolation points
+            raw = OmegaConf.to_container(cfg, resolve=False)[group]
+            target = re.sub(r"\$\{([\w.]+)\}", lambda m: str(OmegaConf.select(cfg, m[1])), raw[2:-1])
+            return (f"{key}: experiment={cfg.experiment} sets {group}: {raw}, which Hydra cannot override "
+                    f"through; set {plus}{target}.{rest}={value} instead")
+        where, missing, node = _first_missing(cfg, key)
+        if missing is None:
+            if plus == "+":
+                return f"+{key}={value}: {key} exists already; drop the '+' ({key}={value})"
+            continue
+        if not OmegaConf.is_dict(node) or (plus and "name" in node and where not in PRESET_KEYED):
+            continue  # under a null node: Hydra's to check; in a cache or decoding method: the registry's
+        allowed = set(node).union(*preset_keys(where).values()) if where in PRESET_KEYED else set(node)
+        what = f"{where}={node.name}" if where in GROUPS and "name" in node else where or "the config"
+        if missing not in allowed:
+            return _refusal(f"{key}: {what} has no key {missing!r}", missing, allowed)
+        if not plus:  # a key another preset of the group has (task.mc_num=2 on task=arith)
+            return f"{key}: {what} has no key {missing!r}; add it with +{key}={value}"
     return None

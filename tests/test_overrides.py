@@ -1,0 +1,133 @@
+"""The command-line check before Hydra (dllm/overrides.py): unknown presets, '+' on an existing key,
+mistyped added keys, an experiment's methods and published settings each get one line naming the bad
+value and the allowed ones; ``python run.py`` prints it as ``error: ...`` and exits 2."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from dllm.overrides import preset_keys, unknown_key_message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=nosuch"], "model=nosuch: no such model option (close: none; allowed: ['d3llm_dream'"),
+    (["cache=d2cahe"], "cache=d2cahe: no such cache option (close: ['d2cache', 'dllm_cache']"),
+    (["decoding=lowconf"], "decoding=lowconf: no such decoding option (close: ['low_confidence']"),
+    (["task=gsm8k_nope"], "task=gsm8k_nope: no such task option (close: ['gsm8k_local', 'gsm8k']"),
+    (["logger=nosuch"], "logger=nosuch: no such logger option (close: none; allowed: ['csv', 'wandb'])"),
+    (["+experiment=dkv_tabel1"], "experiment=dkv_tabel1: no such experiment option (close: ['dkv_table1'"),
+    (["-m", "cache=none,nosuch"], "cache=nosuch: no such cache option"),  # every value of a sweep
+    (["hydra/launcher=slrum"], "hydra/launcher=slrum: no such hydra/launcher option (close: ['slurm'"),
+])
+def test_unknown_group_options_are_named_with_the_options(args, message):
+    assert message in unknown_key_message(args)
+
+
+def test_hydra_launchers_and_sweeps_of_known_options_pass():
+    assert unknown_key_message(["-m", "cache=none,d2cache", "hydra/launcher=submitit_local"]) is None
+    assert unknown_key_message(["-m", "cache=glob(*)"]) is None  # Hydra's sweep functions are its own
+
+
+def test_plus_on_an_existing_key_says_to_drop_it():
+    assert unknown_key_message(["cache=d2cache", "+cache.k=3"]) == "+cache.k=3: cache.k exists already; drop the '+' (cache.k=3)"
+    assert "drop the '+' (seed=1)" in unknown_key_message(["+seed=1"])
+    assert unknown_key_message(["cache=d2cache", "++cache.k=3"]) is None  # '++' adds or overrides
+    # the other way round: Hydra's own refusal, on one line
+    assert unknown_key_message(["experiment=dkv_table1"]) == (
+        "Could not override 'experiment'. No match in the defaults list. "
+        "To append to your default list use +experiment=dkv_table1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+task.limt=4"], "task.limt: task=arith has no key 'limt' (close: ['limit']"),
+    (["++task.limt=4"], "task=arith has no key 'limt' (close: ['limit']"),
+    (["+model.foo=1"], "model.foo: model=tiny_llada has no key 'foo' (close: none; allowed: ['family'"),
+    (["+foo=1"], "foo: the config has no key 'foo' (close: none; allowed: ['batch_size'"),
+    (["seedd=1"], "the config has no key 'seedd' (close: ['seed']"),
+    (["+modle.path=x"], "the config has no key 'modle' (close: ['model']"),
+    (["+logger.wand.project=x"], "logger.wand.project: logger has no key 'wand' (close: ['wandb']; allowed: ['wandb'])"),
+    (["timing.repeat=2"], "timing has no key 'repeat' (close: ['repeats']"),
+    (["task.mc_num=2"], "task.mc_num: task=arith has no key 'mc_num'; add it with +task.mc_num=2"),
+])
+def test_mistyped_keys_outside_cache_and_decoding_are_refused(args, message):
+    assert message in unknown_key_message(args)
+
+
+def test_keys_some_preset_or_the_code_has_may_be_added():
+    for args in (["+task.mc_num=2"], ["+task.num_return_sequences=2", "+task.pass_k=[1,2]"], ["+task.lm_eval_tasks.raw=x"],
+                 ["+model.published.gen_length=64"], ["task=mmlu_local", "task.mc_num=2"]):
+        assert unknown_key_message(args) is None, args
+
+
+def test_every_optional_key_the_code_reads_may_be_added():
+    """Found as the code reads them: a key read here but in no preset must still pass the check."""
+    code = "\n".join(p.read_text() for p in (ROOT / "dllm").rglob("*.py")) + (ROOT / "conf" / "config.yaml").read_text()
+    read = {
+        "task": set(re.findall(r'_get\(t, "(\w+)"', code)) | set(re.findall(r"\bcfg\.task\.(\w+)", code))
+        | set(re.findall(r"oc\.select:task\.(\w+)", code)),
+        "model": set(re.findall(r"\bcfg\.model\.(\w+)", code)),
+    }
+    assert {"mc_num", "pass_k", "batch_size", "prompts"} <= read["task"] and {"instruct", "revision"} <= read["model"]
+    for group, keys in read.items():
+        for key in keys:
+            assert unknown_key_message([f"++{group}.{key}=1"]) is None, (group, key)
+        assert keys <= set().union(*preset_keys(group).values())
+
+
+def test_an_experiments_method_is_checked_and_its_keys_named():
+    message = unknown_key_message(["+experiment=dkv_table1", "method=foo"])
+    assert message.startswith("method=foo is not a method of experiment=dkv_table1 (close: none; allowed: ['dkv_decode'")
+    assert "method=dkv_dcode is not a method" in unknown_key_message(["-m", "+experiment=dkv_table1", "method=none,dkv_dcode"])
+    assert "method: the config has no key 'method'" in unknown_key_message(["method=none"])  # no experiment
+    # cache is ${methods.${method}.cache}: Hydra refuses cache.refresh_interval=4 through it (and +cache.kk=3
+    # replaces the whole cache), so the line names the chosen method's key, not the default method's (none)
+    assert unknown_key_message(["+experiment=dkv_table1", "method=dkv_decode", "cache.refresh_interval=4"]) == (
+        "cache.refresh_interval: experiment=dkv_table1 sets cache: ${methods.${method}.cache}, which Hydra cannot "
+        "override through; set methods.dkv_decode.cache.refresh_interval=4 instead")
+    assert "set +methods.dkv_greedy.cache.kk=3 instead" in unknown_key_message(
+        ["+experiment=dkv_table1", "method=dkv_greedy", "+cache.kk=3"])
+    assert "set model.published.decoding.steps=8 instead" in unknown_key_message(
+        ["model=tiny_sdar", "+experiment=published", "decoding.steps=8"])
+    assert unknown_key_message(["+experiment=dkv_table1", "method=dkv_decode", "methods.dkv_decode.cache.refresh_interval=4"]) is None
+    assert "methods.dkv_decode.cache has no key 'refresh_intervl' (close: ['refresh_interval']" in unknown_key_message(
+        ["+experiment=dkv_table1", "methods.dkv_decode.cache.refresh_intervl=4"])
+    assert unknown_key_message(["+experiment=dkv_table1", "+methods.dkv_decode.cache.window=4"]) is None  # the registry's
+
+
+def test_published_settings_of_a_preset_without_them_are_refused():
+    message = unknown_key_message(["+experiment=published"])
+    assert message.startswith("experiment=published uses the model preset's published settings (model.published), "
+                              "and model=tiny_llada publishes none (presets that do: ['d3llm_dream'")
+    assert "'tiny_sdar'" in message
+    assert unknown_key_message(["model=tiny_sdar", "+experiment=published"]) is None
+    assert unknown_key_message(["+experiment=block_diffusion_tiny"]) is None
+
+
+def run_py(tmp_path, *args):
+    env = subprocess_env(tmp_path)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"results_csv={tmp_path / 'runs.csv'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "cache=none,nosuch"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
+    (["+experiment=dkv_table1", "method=foo"], "error: method=foo is not a method of experiment=dkv_table1"),
+])
+def test_run_py_prints_one_error_line_and_exits_2(tmp_path, args, message):
+    done = run_py(tmp_path, *args)
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
+    assert done.stderr.startswith(message)
+
+
+def test_run_py_inspecting_the_config_is_not_checked(tmp_path):
+    """`--cfg job` prints the experiment even where a run of it would be refused."""
+    done = run_py(tmp_path, "--cfg", "job", "+experiment=published")
+    assert done.returncode == 0 and "experiment: published" in done.stdout, done.stderr

@@ -56,13 +56,14 @@ class Registry(Generic[T]):
             importlib.import_module(f"{self.package}.{module.name}")
 
 
-# What a value of each plain annotated type must be; values of other annotations are the class's to check.
-_EXPECTED = {int: "an integer", float: "a number (not nan)", bool: "true or false", str: "a string", type(None): "null"}
+# What a value of each plain annotated type must be; values of other annotations are the class's to check
+# (text parameters too: a class names their allowed values, which says more than "a string").
+_EXPECTED = {int: "an integer", float: "a number (not nan)", bool: "true or false", type(None): "null"}
 
 
 def _type_problem(value, hint) -> str | None:
-    """What ``value`` must be to fit the parameter annotation ``hint`` (int, float, bool, str, and
-    unions of them with None), or None when it fits or the annotation is another kind. Config values
+    """What ``value`` must be to fit the parameter annotation ``hint`` (int, float, bool, and unions
+    of them with None), or None when it fits or the annotation is another kind. Config values
     arrive untyped from the command line: ``steps=abc`` or ``k=true`` would otherwise fail deep in a
     run, or run (true is the integer 1 in Python)."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -78,5 +79,5 @@ def _type_problem(value, hint) -> str | None:
     elif isinstance(value, float):
         fits = float in allowed and not math.isnan(value)
     else:
-        fits = isinstance(value, str) and str in allowed
+        fits = False
     return None if fits else " or ".join(_EXPECTED[t] for t in _EXPECTED if t in allowed)

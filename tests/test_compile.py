@@ -230,7 +230,7 @@ def test_row_buckets():
 def test_the_pipeline_compiles_after_loading_and_keys_compiled_runs_apart():
     from conftest import compose
     from dllm.eval.runner import run_settings
-    from dllm.pipeline import load_model_and_tokenizer, plan_run
+    from dllm.pipeline import checkpoint_identity, load_model_and_tokenizer, plan_run
 
     cfg = compose("compile=true", "device=cpu")
     plan = plan_run(cfg)
@@ -241,5 +241,5 @@ def test_the_pipeline_compiles_after_loading_and_keys_compiled_runs_apart():
     assert net.compiled is not None  # compiling itself waits for the first forward
     eager = compose("device=cpu")
     without = compose("device=cpu", "~compile")  # a config from before the option existed
-    settings = [run_settings(c, plan_run(c), {}) for c in (eager, without, cfg)]
+    settings = [run_settings(c, plan_run(c), checkpoint_identity(c)) for c in (eager, without, cfg)]
     assert settings[0] == settings[1] != settings[2]  # eager runs keep their old resume keys

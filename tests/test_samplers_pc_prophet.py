@@ -221,7 +221,7 @@ def test_pc_sampler_bad_hyperparameters(tmp_path):
         ("lambd", "high", r"decoding\.lambd='high'"),
         ("alpha", 0, r"decoding\.alpha=0 must be a number > 0"),
         ("alpha", -1.0, r"decoding\.alpha=-1\.0"),
-        ("frequencies", 3, r"decoding\.frequencies=3 must be a string or null"),
+        ("frequencies", 3, r"decoding\.frequencies=3 must be a path"),
         ("frequencies", str(tmp_path / "missing.json"), r"decoding\.frequencies=.*missing\.json.*no such file"),
         ("temperature", -1, r"decoding\.temperature=-1"),
         ("block_length", 0, r"decoding\.block_length=0"),

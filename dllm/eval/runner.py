@@ -434,6 +434,7 @@ def run_eval(cfg: DictConfig) -> dict | None:
         identity = _identity(cfg, settings, plan)
         if _done(cfg, identity["run_key"], dp):  # fast path: before indexing lm-eval's tasks
             return _skip_message(cfg, identity, identity["run_key"])
+        quiet_console(dp is None or dp.is_main)  # before lm-eval indexes and loads the task
         manager = task_manager(settings)  # an unknown lm-eval task name fails here, before the load
         tasks = tasks_to_run(settings, manager)
         run_dir = run_dir_of(cfg)
@@ -465,7 +466,6 @@ def _evaluate(
     from .lm import DllmLM
 
     is_main = dp is None or dp.is_main
-    quiet_console(is_main)
     if is_main:
         print(
             f"[run] model={identity['model']} ({identity['checkpoint']}) cache={identity['cache']} "

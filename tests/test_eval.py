@@ -394,7 +394,7 @@ WRONG = "def f():\n    return 3\n"
     (WRONG + "import atexit, os\natexit.register(lambda: os._exit(0))\nassert f() == 2", False),
     # exec'd as in code_eval, not as __main__: a demo block reading stdin does not run
     ("def f():\n    return 2\nif __name__ == '__main__':\n    input()\nassert f() == 2", True),
-    ("assert True  # \x00", False),  # a NUL byte: no program (code_eval: exec raises), and no crash of the run
+    ("x = 1  # \x00", False),  # a NUL byte: no program (code_eval: exec raises), and no crash of the run
     ("import time\ntime.sleep(4)", False),  # past code_eval's 3 s
     ("while True:\n    pass", False),
 ], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless"])

@@ -213,25 +213,22 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
     except OSError as err:  # datasets' ConnectionError / FileNotFoundError: offline and not cached, a bad path
         raise ValueError(f"task.lm_eval_task={settings.lm_eval_task!r}: its data cannot be loaded ({err}). Offline, it "
                          "must be in the Hugging Face cache (HF_HOME); the *_local tasks ship their data") from err
-    if settings.num_return_sequences == 1:
-        if loaded["groups"]:
-            return [settings.lm_eval_task]
-        for task in loaded["tasks"].values():
-            check_metric(task, settings.metric)
-        return list(loaded["tasks"].values())
-    tasks = list(loaded["tasks"].values()) if not loaded["groups"] else [None]  # a group: refused below
+    no_pass_at_k = ValueError(f"task.num_return_sequences={settings.num_return_sequences}: lm-eval task "
+                              f"{settings.lm_eval_task!r} has no pass@k metric (one with a k argument, like HumanEval's); use 1")
+    if loaded["groups"]:
+        if settings.num_return_sequences > 1:
+            raise no_pass_at_k
+        return [settings.lm_eval_task]
+    tasks = list(loaded["tasks"].values())
     for task in tasks:
-        # _metric_fn_kwargs holds each metric's YAML arguments (lm-eval has no public setter).
-        with_k = [name for name, kwargs in getattr(task, "_metric_fn_kwargs", {}).items() if "k" in kwargs]
-        if not isinstance(task, Task) or not with_k:
-            raise ValueError(
-                f"task.num_return_sequences={settings.num_return_sequences}: lm-eval task {settings.lm_eval_task!r} "
-                "has no pass@k metric (one with a k argument, like HumanEval's); use 1"
-            )
-        task.set_config("repeats", settings.num_return_sequences)
-        for name in with_k:
-            task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
-    for task in tasks:
+        if settings.num_return_sequences > 1:
+            # _metric_fn_kwargs holds each metric's YAML arguments (lm-eval has no public setter).
+            with_k = [name for name, kwargs in getattr(task, "_metric_fn_kwargs", {}).items() if "k" in kwargs]
+            if not isinstance(task, Task) or not with_k:
+                raise no_pass_at_k
+            task.set_config("repeats", settings.num_return_sequences)
+            for name in with_k:
+                task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
         check_metric(task, settings.metric)
     return tasks
 

@@ -110,6 +110,9 @@ def main() -> None:
                                  ("--beside", beside, cache_names())):
         if bad := [name for name in asked if name not in allowed]:
             parser.error(f"{kind}: unknown {bad} (allowed: {sorted(allowed)})")
+    for flag, path in (("--out", args.out if args.table_only else None), ("--baseline", args.baseline)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag}={path}: no such results CSV (the committed grids are under results/reference/)")
     if not args.table_only:
         run_grid(args.out.resolve(), decoders, caches, args.eos, args.overrides)
     print(table(args.out, decoders, caches, args.baseline, beside))

@@ -591,7 +591,7 @@ def test_dkv_table1_scores_zero_shot_math_with_math_verify(composer, caplog):
         check_task(composer("config", overrides=["+experiment=dkv_table1", "task=math"]))
         assert not caplog.records
         check_task(composer("config", overrides=["task=math", "task.n_shot=0"]))
-    assert "task.metric=math_verify,none" in caplog.text
+    assert "task.metric='math_verify,none'" in caplog.text
 
 
 def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
@@ -619,6 +619,18 @@ def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
     assert "eb_sampler" in lines[2] and "1.00x" in lines[2]  # its own decoding's none row: itself
     assert "75.0 ± 5.0" in lines[0] and "1.00x" in lines[0]
     assert "70.0 ± 5.0" in lines[1] and "2.50x" in lines[1] and lines[1].endswith("ok")
+
+
+def test_sweep_summary_compares_each_row_with_the_none_of_its_workload():
+    """tiny_sweep runs none and dkv_decode at two response lengths: each against its own length's none."""
+    from dllm.logging.sweep_summary import summary_table
+
+    base = dict(model="tiny_llada", decoding="low_confidence", task="arith", status="ok", accuracy=0.5)
+    rows = [{**base, "cache": cache, "gen_length": gen, "throughput_all_tok_s": speed}
+            for cache, gen, speed in (("none", "16", 100.0), ("none", "32", 50.0), ("dkv_decode", "16", 200.0),
+                                      ("dkv_decode", "32", 150.0))]
+    lines = summary_table(rows).splitlines()[2:]
+    assert ["1.00x", "1.00x", "2.00x", "3.00x"] == [line.split()[-2] for line in lines]
 
 
 def test_slurm_cpu_preset_requests_no_gpu(composer):

@@ -44,7 +44,7 @@ class EBSampler(Threshold):
     def __init__(self, gamma: float = 0.1, block_length: int | None = None, error_proxy: str = "entropy",
                  temperature: float = 0.0, steps: int | None = None) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma) or gamma < 0:
-            raise ValueError(f"decoding.gamma={gamma!r} must be a number >= 0 (0 = one token per step; .inf = every "
+            raise ValueError(f"decoding.gamma={gamma!r} must be a number >= 0 (0 = one token per step; inf = every "
                              "fresh token of the block)")
         if error_proxy not in ERROR_PROXIES:
             raise ValueError(f"decoding.error_proxy={error_proxy!r} (allowed: {list(ERROR_PROXIES)})")

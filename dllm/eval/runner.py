@@ -108,7 +108,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
     if n_shot == 0 and "math" in str(lm_eval_task) and str(metric).startswith("exact_match"):
         log.warning("task=%s with task.n_shot=0: exact_match reads only Minerva's 'Final Answer: The final answer "
                     "is X' sentence, which only the few-shot examples teach, so 0-shot answers score near 0; "
-                    "task.metric=math_verify,none scores them (dkv_table1 does)", name)
+                    "task.metric='math_verify,none' scores them (dkv_table1 does)", name)
     allow = _get(t, "allow_code_execution", False)
     if not isinstance(allow, bool):
         raise ValueError(f"task.allow_code_execution={allow!r} must be true or false")
@@ -557,7 +557,7 @@ def _print_summary(record, csv_path) -> None:
         f"  throughput {_fmt(record.throughput_useful_tok_s, '.1f')} useful tok/s "
         f"({_fmt(record.throughput_all_tok_s, '.1f')} all tok/s), latency p50 {_fmt(record.latency_s_p50, '.3f')} s, "
         f"nfe {record.nfe}, recompute ratio {_fmt(record.recompute_ratio, '.3f')} "
-        f"(ideal speedup {_fmt(record.ideal_speedup, '.2f')}x)\n"
+        f"(ideal speedup {'n/a' if record.ideal_speedup is None else format(record.ideal_speedup, '.2f') + 'x'})\n"
         + (f"  compiled: {record.recompiles} graph(s) in {_fmt(record.compile_seconds, '.1f')} s (not in the timings), "
            f"bucket padding {_fmt(record.padding_ratio, '.3f')} of full-forward rows\n" if record.compile else "")
         + f"  row -> {csv_path}; run dir -> {record.run_dir}"

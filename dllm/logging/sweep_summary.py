@@ -3,8 +3,8 @@
 ``python run.py -m ...`` otherwise ends silently after its last job. At the end of a multirun
 (basic, local or SLURM launcher: Hydra calls it on the submitting machine once every job is
 done) this prints one table of the rows the sweep's jobs wrote to ``results_csv`` — method,
-accuracy ± stderr, tok/s, speedup over the ``none`` row of the same model and task when the sweep
-has one (same decoding, else low-confidence), status — and the CSV's path. A SLURM sweep also says, at its start, where the rows will
+accuracy ± stderr, tok/s, speedup over the ``none`` row of the same workload (model, task, shots,
+limit, response length, batch size) when the sweep has one (same decoding, else low-confidence), status — and the CSV's path. A SLURM sweep also says, at its start, where the rows will
 arrive and how to watch them.
 """
 from __future__ import annotations
@@ -37,16 +37,24 @@ def sweep_rows(csv_path: Path, sweep_dir: Path) -> list[dict]:
     return frame[mine].to_dict("records")
 
 
+# A row's none baseline did the same work: same model, task, shots, samples, response length, batch.
+SAME_WORKLOAD = ("model", "task", "n_shot", "limit", "gen_length", "batch_size")
+
+
 def summary_table(rows: list[dict]) -> str:
     """Plain-text table, one line per row; speedup against the sweep's ``none`` row of the same
-    model, task and decoding, else the one decoding low-confidence (as scripts/aggregate.py)."""
-    none_rows = {(r["model"], r["task"], r["decoding"]): _float(r.get("throughput_all_tok_s")) for r in rows if r["cache"] == "none"}
+    workload (``SAME_WORKLOAD``) and decoding, else low-confidence decoding (as scripts/aggregate.py)."""
+    def workload(r: dict, decoding: str) -> tuple:
+        return (*(str(r.get(key, "")) for key in SAME_WORKLOAD), decoding)
+
+    none_rows = {workload(r, r["decoding"]): _float(r.get("throughput_all_tok_s")) for r in rows if r["cache"] == "none"}
 
     def baseline(r: dict) -> float | None:
-        own = none_rows.get((r["model"], r["task"], r["decoding"]))
-        return own if own is not None else none_rows.get((r["model"], r["task"], "low_confidence"))
+        own = none_rows.get(workload(r, r["decoding"]))
+        return own if own is not None else none_rows.get(workload(r, "low_confidence"))
 
-    header = f"{'model':<14} {'task':<12} {'cache':<12} {'decoding':<16} {'accuracy':>16} {'tok/s':>9} {'speedup':>8}  status"
+    header = (f"{'model':<14} {'task':<12} {'gen':>5} {'cache':<12} {'decoding':<16} {'accuracy':>16} {'tok/s':>9} "
+              f"{'speedup':>8}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
         acc, err = _float(r.get("accuracy")), _float(r.get("accuracy_stderr"))
@@ -55,7 +63,7 @@ def summary_table(rows: list[dict]) -> str:
         none_all, own_all = baseline(r), _float(r.get("throughput_all_tok_s"))
         speedup = f"{own_all / none_all:.2f}x" if none_all and own_all else "—"
         lines.append(
-            f"{r['model']:<14} {r['task']:<12} {r['cache']:<12} {r['decoding']:<16} {accuracy:>16} "
+            f"{r['model']:<14} {r['task']:<12} {r.get('gen_length', ''):>5} {r['cache']:<12} {r['decoding']:<16} {accuracy:>16} "
             f"{'n/a' if tok_s is None else f'{tok_s:.1f}':>9} {speedup:>8}  {r.get('status', '')}"
         )
     return "\n".join(lines)

@@ -73,6 +73,18 @@ def test_a_config_json_value_of_the_wrong_type_or_range_is_named(no_model, tmp_p
     assert re.search(message, refused(tmp_path, f"model.path={tiny_copy(tmp_path, **fields)}"))
 
 
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+def test_a_null_bos_token_id_means_endoftext(tmp_path, family):
+    """Published Qwen-family configs may leave bos_token_id null: the authors' pad <|endoftext|>
+    (151643) is meant. SDAR's reader failed on it with a TypeError."""
+    from dllm.models.loading import FAMILY_OF_NAME, read_config
+    from dllm.models.tiny import make_tiny_checkpoint
+
+    config = read_config(make_tiny_checkpoint(family, tmp_path / family))
+    args = FAMILY_OF_NAME[family].args_from_config({**config, "bos_token_id": None})
+    assert args.pad_token_id == 151643
+
+
 def test_a_config_json_eos_list_is_still_read(tmp_path):
     """Hugging Face configs may list several eos ids; the first is the model's."""
     from dllm.models.loading import model_args

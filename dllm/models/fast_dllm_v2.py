@@ -41,7 +41,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         # The tokenizer's pad <|endoftext|> (= bos), which batch_sample writes after a row's EOS;
         # config.json's pad_token_id (151645 = eos) only names an nn.Embedding padding_idx.
-        pad_token_id=cfg.get("bos_token_id", ENDOFTEXT),
+        pad_token_id=ENDOFTEXT if cfg.get("bos_token_id") is None else cfg["bos_token_id"],  # null: the same token
         logit_shift=1,
         block_causal=True,
     )

@@ -52,7 +52,8 @@ def describes(cfg: dict) -> bool:
 
 def args_from_config(cfg: dict) -> ModelArgs:
     check_supported(cfg, SUPPORTED, "SDAR")
-    endoftext = cfg.get("bos_token_id", ENDOFTEXT)
+    # <|endoftext|>; published configs may leave bos_token_id null, which means the same token
+    endoftext = ENDOFTEXT if cfg.get("bos_token_id") is None else cfg["bos_token_id"]
     return ModelArgs(
         family="sdar",
         **hf_shape(cfg, 32768),

@@ -98,7 +98,7 @@ class Budget:
 
 def listed(ap: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
     """A comma-separated list of names from ``allowed``: at least one; a name given twice runs once."""
-    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    names = bench.names_of(text)
     if not names:  # an empty check would pass with nothing run
         ap.error(f"{flag}={text!r}: give at least one of {list(allowed)}")
     if bad := [name for name in names if name not in allowed]:
@@ -133,13 +133,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, default)
         elif getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
-    # A decoding in blocks cuts the response into blocks of min(block_length, gen_length) (bench.decoder_of),
-    # which must divide it; else every run of that decoding errs.
-    for method in args.methods:
-        block = bench.METHODS[method][2].get("block_length") if method in bench.METHODS else None
-        if block and args.gen_length > block and args.gen_length % block:
-            ap.error(f"--gen-length={args.gen_length} must be at most {block} or a multiple of it "
-                     f"(the block length of {method}'s decoding)")
+    # Every method's decoder and cache, as its runs build them (one token per step), else every run of it errs.
+    runs = argparse.Namespace(preset="smoke", methods=args.methods, samplers=[], steps=args.gen_length,
+                              gen_length=args.gen_length)  # smoke: a preset with bench.METHODS' decodings
+    try:
+        bench.check_runs(runs)
+    except ValueError as error:
+        ap.error(f"--gen-length={args.gen_length}: {error}")
     text = ("1,4" if args.tiny else "1,32") if args.batch_sizes is None else args.batch_sizes
     try:
         args.batch_sizes = list(dict.fromkeys(int(b) for b in text.split(",") if b.strip()))

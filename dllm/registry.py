@@ -50,6 +50,23 @@ class Registry(Generic[T]):
         except TypeError as err:  # a missing parameter, or a value of the wrong type
             raise ValueError(f"{self.kind}={name}: {err}") from err
 
+    def canonical(self, name: str, params: dict) -> dict:
+        """``params`` as ``name``'s class reads them: an integer given for a parameter annotated
+        float alone becomes that float (``temperature=0`` is ``temperature=0.0``), so that equal
+        settings spelled differently hash alike (the resume key). Unknown names and parameters are
+        left as they are (:meth:`build` refuses them)."""
+        if name not in self.names():
+            return dict(params)
+        hints = typing.get_type_hints(self.classes[name].__init__)
+
+        def floats_only(hint) -> bool:
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            allowed = set(typing.get_args(hint)) if union else {hint}
+            return float in allowed and int not in allowed
+
+        return {key: float(value) if type(value) is int and floats_only(hints.get(key)) else value
+                for key, value in params.items()}
+
     def _import_package(self) -> None:
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):

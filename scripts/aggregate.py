@@ -13,8 +13,9 @@ one error line, exit 2), and each file is written whole (a temp file beside it, 
 
 - Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
   ``force=true``) counts once, the latest.
-- A table is one (model, task, n_shot, gen_length, limit, batch_size, seed, hardware): numbers of
-  different settings or machines are never mixed. Each method is one row, labelled like the
+- A table is one (model, task, n_shot, gen_length, limit, batch_size, seed, hardware, dtype,
+  threads, processes): numbers of different settings or machines are never mixed (the last
+  three are empty in CSVs written before they were recorded). Each method is one row, labelled like the
   papers (``dkv_decode R=8``, ``dkv_greedy R=2 w=4``...), with more detail only where two rows of
   a table would otherwise share a label (cache / decoding parameters, then the checkpoint, lm-eval
   task or code scoring, then the run's start time).
@@ -56,7 +57,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 from dllm.atomic import write_atomic  # noqa: E402
 from dllm.logging.record import record_key  # noqa: E402
 
-TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware"]
+TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware", "dtype", "threads",
+              "processes"]
 METHOD_ORDER = ["none", "dllm_cache", "prefix", "dual", "dkv_decode", "dkv_greedy", "d2cache"]
 NUMERIC = [  # the table keys stay text (as written in the CSV): they only group and label
     "accuracy", "accuracy_stderr", "n_samples",
@@ -252,13 +254,18 @@ def _decoding_params(row: dict) -> dict:
 
 
 def setting_text(key: dict) -> str:
-    """E.g. "4-shot L=256 cpu" (+ "limit N", "batch B" where set), like published.csv's setting."""
+    """E.g. "4-shot L=256 cpu float32 2 threads" (+ "limit N", "batch B", "P processes" where
+    set), like published.csv's setting."""
     parts = [f"{key['n_shot']}-shot" if key["n_shot"] else "", f"L={key['gen_length']}"]
     if key["limit"]:
         parts.append(f"limit {key['limit']}")
     if key["batch_size"] not in ("", "1"):
         parts.append(f"batch {key['batch_size']}")
-    parts.append(key["hardware"])
+    parts += [key["hardware"], key["dtype"]]
+    if key["threads"] and key["hardware"].startswith("cpu"):  # on a GPU they only feed it
+        parts.append(f"{key['threads']} thread{'s' if key['threads'] != '1' else ''}")
+    if key["processes"] not in ("", "1"):
+        parts.append(f"{key['processes']} processes")
     return " ".join(p for p in parts if p)
 
 

@@ -1,16 +1,21 @@
 """Make a results CSV readable again: keep the header and every complete row, move the rest aside.
 
     python scripts/repair_csv.py results/runs.csv
+    python scripts/repair_csv.py results/runs.csv --append outputs/<date>/<time>   # + that run's row
 
 Everything from the first row that cannot be read on (a quoted field cut short by a crash or a
 truncated copy, a row with more or fewer cells than the header, bytes that are not UTF-8) is
 appended byte for byte to ``results/runs.csv.rejected``; nothing is deleted. The CSV is rewritten
 atomically under the same lock as the runs' appends and keeps its mode. A file that is not a
 results CSV of this project (another header or separator) is refused, exit status 2.
+
+``--append RUN_DIR`` then appends the record a run wrote to ``RUN_DIR/metrics.json`` (a run that
+finished while its CSV was unreadable says so): unless an ok row with its run key is there already.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,19 +23,35 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dllm.logging.sinks import ResultsCsvError, repair_results_csv  # noqa: E402
+from dllm.logging.record import record_key  # noqa: E402
+from dllm.logging.sinks import ResultsCsvError, append_csv, existing_keys, repair_results_csv  # noqa: E402
+
+
+def read_record(run_dir: Path) -> dict:
+    """The row a run folder's metrics.json holds (ValueError naming the problem)."""
+    metrics = run_dir / "metrics.json"
+    try:
+        row = json.loads(metrics.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--append {run_dir}: cannot read {metrics} ({err})") from None
+    if not isinstance(row, dict) or not row.get("run_key") or not all(isinstance(k, str) for k in row):
+        raise ValueError(f"--append {run_dir}: {metrics} is not a run record (no run_key)")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", type=Path, help="results CSV (results_csv)")
-    path = parser.parse_args(argv).csv
+    parser.add_argument("--append", type=Path, metavar="RUN_DIR", help="then append the record in RUN_DIR/metrics.json")
+    args = parser.parse_args(argv)
+    path = args.csv
     if not path.is_file():
         print(f"{path}: {'is a folder, not a CSV file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return 2
     try:
+        row = None if args.append is None else read_record(args.append)
         kept, moved = repair_results_csv(path)
-    except ResultsCsvError as e:
+    except (ResultsCsvError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2
     if moved:
@@ -39,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{moved} bytes from there on moved to {rejected}")
     else:
         print(f"{path}: every row is readable (rows: {kept}); nothing to repair")
+    if row is not None:
+        if row.get("status") == "ok" and record_key(row) in existing_keys(path):
+            print(f"{path}: already has an ok row with run key {row['run_key']}; {args.append} not appended")
+        else:
+            try:
+                append_csv(path, row)
+            except ResultsCsvError as e:
+                print(e, file=sys.stderr)
+                return 2
+            print(f"{path}: appended the record of {args.append} (run key {row['run_key']})")
     return 0
 
 

@@ -103,6 +103,26 @@ def test_sanitize_keeps_what_the_entry_point_reaches():
     assert sanitize("def solve():\n    return 1\ndef solve():\n    return 2\n", "solve") == "def solve():\n    return 2"
 
 
+def test_sanitize_follows_the_references_dependencies():
+    # evalplus's get_deps (d2Cache, Fast-dLLM): an attribute access names its attribute only, so a
+    # module-level object used only through one is dropped, and the program fails with a NameError.
+    code = "import re\nWORD = re.compile('.')\ndef f(s):\n    return len(set(WORD.findall(s)))\n"
+    assert sanitize(code, "f") == "import re\ndef f(s):\n    return len(set(WORD.findall(s)))"
+    code = "class Solver:\n    def run(self):\n        return 1\ndef f():\n    return Solver().run()\n"
+    assert sanitize(code, "f") == "def f():\n    return Solver().run()"
+    code = "def helper():\n    return 1\ndef f():\n    return [helper()][0]\n"  # names inside other nodes count
+    assert sanitize(code, "f") == code.strip()
+    # Lines end where str.splitlines ends them (a form feed too), as in the reference.
+    assert sanitize("x = (1,\x0c 2)\ndef f():\n    return 3\n", "f") == "def f():\n    return 3"
+
+
+def test_answers_too_deep_for_python_fail_instead_of_crashing_the_run():
+    doc = {"prompt": "def f(x):\n    \"\"\"Return x.\"\"\"\n", "entry_point": "f"}
+    for body in ("    return " + "x+" * 500 + "x", "    return " + "not " * 2000 + "x"):
+        program = humaneval_program(doc, body)  # RecursionError in ast.unparse / ast.parse before
+        assert program == doc["prompt"] + "\n"  # the prompt alone: its tests fail
+
+
 def test_the_sanitize_tasks_are_lm_eval_tasks():
     """The Hub-data tasks of the sanitize convention are found by lm-eval through task.include_path."""
     from lm_eval.tasks import TaskManager

@@ -10,7 +10,6 @@ the rules, with a check that the rule really changes the active set there.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -167,7 +167,6 @@ def test_first_token_rule_hand_checked(net):
     """At each block start the only commit is the block's first position, with the token Dream
     predicts for it from that forward (position lo - 1's argmax); the rest of the block follows."""
     prompt = random_prompts([6], seed=23)[0]
-    P = len(prompt)
     steps = 4  # 2 per block: under the plain schedule the block start would commit int(8 x .4995) = 3
     cache = Recording(build_cache("none"))
     generate(net, [prompt], dream(steps=steps, alg="entropy", block_length=BLOCK, first_token="commit"), cache, GEN)

@@ -48,7 +48,7 @@ def make_record(**overrides) -> RunRecord:
         cache="d2cache", cache_params={"rollout_p": 0.1, "sizes": [1, 2]},
         decoding="low_confidence", decoding_params={"steps": 8, "block_length": 4, "temperature": 0.0},
         task="arith", lm_eval_task="arith", code_scoring="raw", run_key="0123abcd0123abcd", n_shot=4, limit=8, batch_size=2, gen_length=8, steps=8, block_length=4, seed=0,
-        device="cpu", dtype="float32", accuracy_metric="exact_match", accuracy=0.625, accuracy_stderr=0.1830,
+        device="cpu", dtype="float32", threads=2, processes=1, accuracy_metric="exact_match", accuracy=0.625, accuracy_stderr=0.1830,
         n_samples=8, useful_tokens=41, all_tokens=64, gen_seconds=gen_seconds,
         throughput_useful_tok_s=41 / gen_seconds, throughput_all_tok_s=64 / gen_seconds,
         latency_s_mean=gen_seconds / 4, latency_s_p50=0.08, latency_s_p90=0.1, nfe=32, tokens_per_forward=1.0,
@@ -387,6 +387,25 @@ def test_unreadable_tail_is_refused_then_moved_aside(tmp_path, corruption):
     append_csv(path, make_record(seed=9).to_row())
     assert list(pd.read_csv(path)["seed"]) == [0, 1, 9]
     assert "nothing to repair" in repair(path).stdout
+
+
+def test_repair_appends_a_record_left_in_its_run_folder(tmp_path):
+    """A run that finished while its CSV was unreadable: after the repair, its metrics.json joins
+    the CSV (once: an ok row with its key already there is not appended again)."""
+    path = tmp_path / "runs.csv"
+    append_csv(path, make_record(seed=0, run_key="a" * 16).to_row())
+    good = path.read_bytes()
+    path.write_bytes(good + b'x,"unclosed\n')
+    run_dir = tmp_path / "run"
+    write_run_dir(run_dir, make_record(seed=1, run_key="b" * 16), [], "")
+    append = [sys.executable, "scripts/repair_csv.py", str(path), "--append", str(run_dir)]
+    result = subprocess.run(append, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "appended the record" in result.stdout and [r["seed"] for r in read_rows(path)] == ["0", "1"]
+    again = subprocess.run(append, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "already has an ok row" in again.stdout and len(read_rows(path)) == 2
+    missing = subprocess.run([*append[:-1], str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_foreign_csv_is_refused(tmp_path):

@@ -8,7 +8,6 @@ import importlib.util
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 

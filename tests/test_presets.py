@@ -87,8 +87,6 @@ def test_preset_composes_with_its_published_settings(preset):
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    import dllm.pipeline
-
     def refuse(*_a, **_k):
         raise AssertionError("the model was loaded before the settings were checked")
 

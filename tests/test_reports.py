@@ -435,3 +435,18 @@ def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     plt.close(fig)
     previous = dict.fromkeys(("tables.md", "summary.csv", "speedup.pdf"), "previous")
     assert {p.name: p.read_text() for p in out.iterdir()} == previous  # and no temp file left
+
+
+def test_aggregate_never_compares_across_dtypes_threads_or_processes(tmp_path):
+    cpu = dict(device="cpu", gpu_name="")
+    rows = [run_row("none", 10.0, 1.0, dtype="float32", threads="1", **cpu),
+            run_row("prefix", 30.0, 3.2, dtype="float32", threads="1", **cpu),
+            run_row("none", 40.0, 1.0, dtype="bfloat16", threads="1", **cpu),
+            run_row("none", 20.0, 1.0, dtype="float32", threads="2", **cpu),
+            run_row("none", 25.0, 1.0, dtype="float32", threads="1", processes="2", **cpu)]
+    tables = aggregate.build_tables(aggregate.load_runs(write_csv(tmp_path / "runs.csv", rows)))
+    captions = sorted(aggregate.setting_text(key) for key, _ in tables)
+    assert captions == ["4-shot L=256 cpu bfloat16 1 thread", "4-shot L=256 cpu float32 1 thread",
+                        "4-shot L=256 cpu float32 1 thread 2 processes", "4-shot L=256 cpu float32 2 threads"]
+    (prefix,) = [t for _, t in tables if "prefix" in set(t["method"])]
+    assert prefix.set_index("method").loc["prefix", "speedup"] == pytest.approx(3.0)  # over its own none only

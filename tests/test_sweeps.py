@@ -334,6 +334,34 @@ def test_resume_key_has_the_thread_count_and_the_files_parameters_name(composer,
     assert _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}") != first
 
 
+def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_processes(composer, tmp_path, monkeypatch):
+    """An integer for a float parameter, the response length set at the top or in the task: one run.
+    A task folder of one's own enters by its resolved path and its files; data-parallel runs by
+    their process count."""
+    from dllm.eval.runner import _identity, check_task
+    from dllm.pipeline import plan_run
+
+    base = _key(composer)
+    assert _key(composer, "decoding.temperature=0") == base  # the preset's 0.0
+    assert _key(composer, "gen_length=32", "decoding.block_length=32") == _key(
+        composer, "task.gen_length=32", "decoding.block_length=32")
+    own = tmp_path / "a" / "mytasks"
+    shutil.copytree(ROOT / "dllm" / "eval" / "tasks" / "local", own)
+    monkeypatch.chdir(tmp_path / "a")
+    first = _key(composer, "task.include_path=mytasks")
+    assert first != _key(composer, "task.include_path=local")
+    shutil.copytree(own, tmp_path / "b" / "mytasks")
+    monkeypatch.chdir(tmp_path / "b")
+    assert _key(composer, "task.include_path=mytasks") != first  # another folder of the same name
+    assert _key(composer, f"task.include_path={own}") == first
+    task_file = next(own.rglob("*.yaml"))
+    task_file.write_text(task_file.read_text() + "\n# edited\n")
+    assert _key(composer, f"task.include_path={own}") != first  # the same folder, its files changed
+    cfg = composer("config", overrides=["task=gsm8k_local", "device=auto"])
+    two = _identity(cfg, check_task(cfg), plan_run(cfg), processes=2)
+    assert two["processes"] == 2 and two["run_key"] != base
+
+
 def test_record_names_the_lm_eval_task_and_the_checkpoint(composer):
     from dllm.eval.runner import _identity, check_task
     from dllm.pipeline import config_sha256, plan_run
@@ -631,6 +659,24 @@ def test_sweep_summary_compares_each_row_with_the_none_of_its_workload():
                                       ("dkv_decode", "32", 150.0))]
     lines = summary_table(rows).splitlines()[2:]
     assert ["1.00x", "1.00x", "2.00x", "3.00x"] == [line.split()[-2] for line in lines]
+    # Steps, dtype and thread count are part of what a none row stands for.
+    rows = [{**base, "cache": cache, "gen_length": "16", "decoding.steps": steps, "dtype": dtype, "threads": threads,
+             "throughput_all_tok_s": speed}
+            for cache, steps, dtype, threads, speed in (
+                ("none", "16", "float32", "1", 100.0), ("none", "4", "float32", "1", 400.0),
+                ("dkv_decode", "16", "float32", "1", 200.0), ("none", "16", "bfloat16", "1", 50.0),
+                ("dkv_decode", "16", "float32", "2", 300.0))]
+    lines = summary_table(rows).splitlines()[2:]
+    assert ["1.00x", "1.00x", "2.00x", "1.00x", "—"] == [line.split()[-2] for line in lines]
+
+
+def test_sweep_summary_names_an_unreadable_csv(tmp_path, capsys):
+    from dllm.logging.sweep_summary import sweep_rows
+
+    csv_path = tmp_path / "runs.csv"
+    csv_path.write_text('run_dir,cache\nx,"unclosed\n')
+    assert sweep_rows(csv_path, tmp_path) == []
+    assert "repair_csv.py" in capsys.readouterr().out
 
 
 def test_slurm_cpu_preset_requests_no_gpu(composer):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dllm.cache.base import ActiveRequest, CacheMethod, StepView, build_cache
-from dllm.decoding.base import DecodeContext, StepPlan, build_decoder
+from dllm.decoding.base import DecodeContext, build_decoder
 from dllm.decoding.loop import check_guidance, generate
 from dllm.decoding.verify import verification_confidence
 from dllm.eval.arith_data import load_test, prompt_text

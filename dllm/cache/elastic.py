@@ -94,7 +94,7 @@ class ElasticStep(LayerHook):
         self.query_layers = torch.zeros(B, dtype=torch.float32, device=rows.device)
 
     def pick(self, layer: int, block: Block, x_norm: Tensor) -> tuple[Tensor, Tensor, None]:
-        cache, args = self.cache, block.attn.args
+        cache = self.cache
         chosen = self.query_rows | (self.rows_valid & (layer > self.boundary)[:, None])
         picked, picked_valid = pack(chosen)
         self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, cache.ctx.length)

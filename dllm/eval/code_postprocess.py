@@ -11,7 +11,11 @@ the canonical solutions written that way). The d²Cache and Fast-dLLM evaluation
    prompt's function and a full-function answer redefines it;
 3. sanitize (:func:`sanitize`): keep the longest stretch of lines that parses, then only the
    imports and the top-level definitions reachable from the entry point (functions that return
-   something, classes, simple assignments), dropping test code, prints and ``__main__`` blocks;
+   something, classes, simple assignments), dropping test code, prints and ``__main__`` blocks.
+   Reachable as the reference computes it (evalplus's ``get_deps``): a definition uses the names
+   it reads and the attribute names it reads, but not what an attribute is read from, so a
+   module-level object used only through an attribute (``WORD.findall(s)`` with ``WORD =
+   re.compile(...)``) is dropped and the program fails with a NameError, as in the papers' scoring;
 4. HumanEval: run the prompt followed by the sanitized code (as d²Cache's evaluation does: lm-eval's
    HumanEval filter prepends the prompt once more). The prompt's helper functions then stay
    defined for the tests even where the answer never calls them (HumanEval/50's tests call
@@ -19,7 +23,10 @@ the canonical solutions written that way). The d²Cache and Fast-dLLM evaluation
    that problem's canonical solution 0.
 
 MBPP: step 1 only (d²Cache's code extracted the fenced code and ran it with the task's asserts).
-This module follows those rules in our own code; it does not run anything.
+This module follows those rules in our own code; it does not run anything. Where the reference
+would crash the whole evaluation (code nested too deeply for Python's parser or for
+``ast.unparse``: RecursionError, MemoryError), the answer is scored as a program without the
+answer's code, i.e. it fails its tests.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ def _normalise(text: str) -> str:
 def longest_parsable(text: str) -> str:
     """The contiguous stretch of (at most the first 100) lines that parses with the most non-blank
     lines; the first such stretch on ties, "" if no stretch parses."""
-    lines = _normalise(text).split("\n")[:MAX_LINES]
+    lines = _normalise(text).splitlines()[:MAX_LINES]  # as the reference: \f, \v, \u2028 ... end lines too
     best, best_count = "", 0
     for start in range(len(lines)):
         for stop in range(len(lines), start, -1):
@@ -53,13 +60,19 @@ def longest_parsable(text: str) -> str:
             if count <= best_count:
                 break  # shorter stretches from this start hold no more non-blank lines
             chunk = "\n".join(lines[start:stop])
-            try:
-                ast.parse(chunk)
-            except SyntaxError:
+            if not _parses(chunk):
                 continue
             best, best_count = chunk, count
             break
     return best
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, MemoryError, RecursionError):  # the last two: nesting too deep to parse
+        return False
+    return True
 
 
 def _returns(node: ast.AST) -> bool:
@@ -67,12 +80,17 @@ def _returns(node: ast.AST) -> bool:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    used = set()
-    for inner in ast.walk(node):
-        if isinstance(inner, ast.Name):
-            used.add(inner.id)
-        elif isinstance(inner, ast.Attribute):
-            used.add(inner.attr)
+    """The names ``node`` reads, as evalplus's ``get_deps`` collects them: an attribute access
+    contributes its attribute name only, and the expression it is read from is not searched."""
+    used, todo = set(), [node]
+    while todo:
+        for child in ast.iter_child_nodes(todo.pop()):
+            if isinstance(child, ast.Name):
+                used.add(child.id)
+            elif isinstance(child, ast.Attribute):
+                used.add(child.attr)
+            else:
+                todo.append(child)
     return used
 
 
@@ -100,7 +118,10 @@ def sanitize(code: str, entry_point: str) -> str:
         reachable.add(name)
         todo.extend(_names_used(definitions[name]) - reachable)
     kept = imports + [node for name, node in definitions.items() if name in reachable]
-    return "\n".join(ast.unparse(node) for node in kept)
+    try:
+        return "\n".join(ast.unparse(node) for node in kept)
+    except RecursionError:  # an expression nested too deeply to print back: no code (see module doc)
+        return ""
 
 
 def humaneval_program(doc: dict, answer: str) -> str:

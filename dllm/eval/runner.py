@@ -322,21 +322,38 @@ def _experiment(cfg: DictConfig) -> str | None:
 NOT_IN_KEY = ("results_csv", "force", "logger", "hydra", "debug", "device", "dtype")
 
 
-def run_settings(cfg: DictConfig, plan, checkpoint: dict) -> dict:
+def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) -> dict:
     """Everything that can change a number of this run (its resume key hashes this): the resolved
     config minus ``NOT_IN_KEY`` (and minus ``compile`` when false), with ``threads`` resolved (auto
     on another machine is another thread count, another speed), plus the device type, dtype, the
     checkpoint's identity (:func:`dllm.pipeline.checkpoint_identity`), what its files are now
     (:func:`files_state`: weights rewritten in the same folder, e.g. by retraining, are another
-    model) and the content of any file a cache or decoding parameter names (pc_sampler's
-    ``frequencies``)."""
+    model), the content of any file a cache or decoding parameter names (pc_sampler's
+    ``frequencies``) and of a ``task.include_path`` folder outside the bundled ones, and the number
+    of data-parallel processes when it is more than one.
+
+    Equal settings spelled differently hash alike: an integer given for a float parameter
+    (``decoding.temperature=0``) is that float, and ``task.gen_length`` is the response length
+    that runs (``gen_length=16`` and ``task.gen_length=16`` are one run). Settings spelled the
+    default way keep the keys they had before these rules."""
+    from dllm.cache.base import REGISTRY as CACHES
+    from dllm.decoding.base import REGISTRY as DECODERS
+
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_KEY:
         tree.pop(key, None)
     if not plan.compile:  # in the key only when on: eager runs keep the keys of rows recorded before it existed
         tree.pop("compile", None)
     tree["threads"] = plan.threads
+    for group, registry in (("cache", CACHES), ("decoding", DECODERS)):
+        params = dict(tree[group])
+        name = params.pop("name", None)
+        tree[group] = {"name": name, **registry.canonical(name, params)}
+    if isinstance(tree.get("task"), dict) and "gen_length" in tree["task"]:
+        tree["task"]["gen_length"] = plan.gen_length
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
+    if processes > 1:  # in the key only then: one-process runs keep the keys recorded before it was
+        settings["processes"] = processes
     folder = Path(checkpoint["checkpoint"])
     if folder.is_dir():
         settings["checkpoint_files"] = files_state(folder)
@@ -344,7 +361,26 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict) -> dict:
              if isinstance(value, str) and Path(value).is_file()}
     if named:
         settings["input_files"] = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest() for key, path in named.items()}
+    # A task folder of one's own: its resolved path (a relative one depends on where the run
+    # starts) and its files (they can change); a bundled one by its name, as the code's own files.
+    bundled = TASKS_ROOT.resolve()
+    include = _get(cfg, "task.include_path")
+    folders = [Path(p) for p in resolve_include_path(include)]
+    if any(not folder.is_relative_to(bundled) for folder in folders):
+        named = [str(f.relative_to(bundled)) if f.is_relative_to(bundled) else str(f) for f in folders]
+        settings["task"]["include_path"] = named[0] if isinstance(include, str) else named
+        settings["task_files"] = {str(f): folder_contents(f) for f in folders if not f.is_relative_to(bundled)}
     return settings
+
+
+def folder_contents(folder: Path) -> str:
+    """A hash of the relative path and bytes of every file under ``folder`` (a task folder: a few
+    YAML, Python and data files)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def files_state(folder: Path) -> str:
@@ -354,7 +390,7 @@ def files_state(folder: Path) -> str:
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()
 
 
-def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
+def _identity(cfg: DictConfig, settings: TaskSettings, plan, processes: int = 1) -> dict:
     """The RunRecord fields that say *what* was measured, known before the model loads; their
     ``run_key`` is the hash of :func:`run_settings`."""
     from dllm.logging.record import settings_key
@@ -381,7 +417,9 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan) -> dict:
         block_length=decoding_params.get("block_length", plan.gen_length),
         seed=int(cfg.seed),
         experiment=_experiment(cfg),
-        run_key=settings_key(run_settings(cfg, plan, checkpoint)),
+        threads=plan.threads,
+        processes=processes,
+        run_key=settings_key(run_settings(cfg, plan, checkpoint, processes)),
     )
 
 
@@ -428,7 +466,7 @@ def run_eval(cfg: DictConfig) -> dict | None:
     if dp is not None:
         dp.init(plan.device)
     try:
-        identity = _identity(cfg, settings, plan)
+        identity = _identity(cfg, settings, plan, 1 if dp is None else dp.world_size)
         if _done(cfg, identity["run_key"], dp):  # fast path: before indexing lm-eval's tasks
             return _skip_message(cfg, identity, identity["run_key"])
         quiet_console(dp is None or dp.is_main)  # before lm-eval indexes and loads the task
@@ -457,7 +495,7 @@ def _evaluate(
     from lm_eval import simple_evaluate
 
     from dllm.logging.record import RunRecord, git_commit
-    from dllm.logging.sinks import WandbSink, append_csv, write_run_dir
+    from dllm.logging.sinks import ResultsCsvError, WandbSink, append_csv, write_run_dir
     from dllm.pipeline import checkpoint_folder, config_sha256, load_model_and_tokenizer
 
     from .lm import DllmLM
@@ -538,7 +576,11 @@ def _evaluate(
             group=wandb_settings.get("group") or record.experiment,  # a sweep's runs: one group per experiment
             tags=list(wandb_settings.get("tags") or []), run_dir=run_dir,
         ).log(record, samples, config)
-    append_csv(cfg.results_csv, record.to_row())
+    try:
+        append_csv(cfg.results_csv, record.to_row())
+    except ResultsCsvError as err:  # the CSV changed during the run: the record is not lost
+        raise ResultsCsvError(f"{err}. This run's record is in {run_dir}/metrics.json; after the fix, "
+                              f"python scripts/repair_csv.py {cfg.results_csv} --append {run_dir} adds it") from err
     _print_summary(record, cfg.results_csv)
     return record.to_row()
 

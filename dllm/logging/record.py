@@ -72,6 +72,8 @@ class RunRecord:
     device: str | None = None
     gpu_name: str | None = None
     dtype: str | None = None
+    threads: int | None = None  # torch's CPU threads per process (``threads``, resolved)
+    processes: int | None = None  # data-parallel processes (torchrun ranks) that shared the documents
     compile: bool | None = None  # the layers ran compiled (``compile: true``, dllm.models.compiled)
     accuracy_metric: str | None = None
     accuracy: float | None = None

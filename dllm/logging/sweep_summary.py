@@ -4,7 +4,9 @@
 (basic, local or SLURM launcher: Hydra calls it on the submitting machine once every job is
 done) this prints one table of the rows the sweep's jobs wrote to ``results_csv`` — method,
 accuracy ± stderr, tok/s, speedup over the ``none`` row of the same workload (model, task, shots,
-limit, response length, batch size) when the sweep has one (same decoding, else low-confidence), status — and the CSV's path. A SLURM sweep also says, at its start, where the rows will
+limit, response length, batch size, hardware, dtype, threads, processes) when the sweep has one
+(the same decoding and decoding settings, else the workload's one low-confidence ``none``), status
+— and the CSV's path. A CSV that cannot be read is named with the way to repair it. A SLURM sweep also says, at its start, where the rows will
 arrive and how to watch them.
 """
 from __future__ import annotations
@@ -29,7 +31,12 @@ def sweep_rows(csv_path: Path, sweep_dir: Path) -> list[dict]:
 
     if not csv_path.is_file():
         return []
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        print(f"cannot read {csv_path} ({str(err).splitlines()[0]}); python scripts/repair_csv.py {csv_path} "
+              "moves unreadable rows aside")
+        return []
     if "run_dir" not in frame:
         return []
     root = sweep_dir.resolve()
@@ -37,21 +44,30 @@ def sweep_rows(csv_path: Path, sweep_dir: Path) -> list[dict]:
     return frame[mine].to_dict("records")
 
 
-# A row's none baseline did the same work: same model, task, shots, samples, response length, batch.
-SAME_WORKLOAD = ("model", "task", "n_shot", "limit", "gen_length", "batch_size")
+# A row's none baseline did the same work on the same machine and settings: same model, task, shots,
+# samples, response length, batch, device, dtype, threads and processes.
+SAME_WORKLOAD = ("model", "task", "n_shot", "limit", "gen_length", "batch_size", "device", "gpu_name", "dtype",
+                 "threads", "processes")
 
 
 def summary_table(rows: list[dict]) -> str:
     """Plain-text table, one line per row; speedup against the sweep's ``none`` row of the same
-    workload (``SAME_WORKLOAD``) and decoding, else low-confidence decoding (as scripts/aggregate.py)."""
-    def workload(r: dict, decoding: str) -> tuple:
-        return (*(str(r.get(key, "")) for key in SAME_WORKLOAD), decoding)
+    workload (``SAME_WORKLOAD``), decoding and decoding settings (``decoding.*`` columns: steps,
+    block length ...), else the workload's low-confidence ``none`` row if it has exactly one."""
+    def workload(r: dict) -> tuple:
+        return tuple(str(r.get(key, "")) for key in SAME_WORKLOAD)
 
-    none_rows = {workload(r, r["decoding"]): _float(r.get("throughput_all_tok_s")) for r in rows if r["cache"] == "none"}
+    def decoding(r: dict) -> tuple:
+        return r["decoding"], tuple(sorted((k, str(v)) for k, v in r.items() if k.startswith("decoding.")))
+
+    nones = [r for r in rows if r["cache"] == "none"]
 
     def baseline(r: dict) -> float | None:
-        own = none_rows.get(workload(r, r["decoding"]))
-        return own if own is not None else none_rows.get(workload(r, "low_confidence"))
+        same = [n for n in nones if workload(n) == workload(r)]
+        own = [n for n in same if decoding(n) == decoding(r)]
+        low_confidence = [n for n in same if n["decoding"] == "low_confidence"]
+        base = own[-1] if own else low_confidence[0] if len(low_confidence) == 1 else None
+        return None if base is None else _float(base.get("throughput_all_tok_s"))
 
     header = (f"{'model':<14} {'task':<12} {'gen':>5} {'cache':<12} {'decoding':<16} {'accuracy':>16} {'tok/s':>9} "
               f"{'speedup':>8}  status")

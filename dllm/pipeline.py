@@ -211,15 +211,18 @@ def config_sha256(folder: Path) -> str | None:
 
 def checkpoint_identity(cfg: DictConfig) -> dict:
     """What identifies the weights, known before they load: a local folder's absolute path and
-    its config.json's hash, or a Hub id and revision (its config hash follows once it is fetched,
-    see :func:`checkpoint_folder`)."""
+    its config.json's hash, or a Hub id, the commit its revision resolves to now (``main`` when
+    ``model.revision`` is null: a branch that moved on is another model) and its config.json's
+    hash. The commit is the snapshot folder config.json was fetched into (or found in, offline),
+    the one :func:`checkpoint_folder` then loads the weights from."""
     if cfg.model.tiny and not cfg.model.path:
         return {"checkpoint": f"tiny-random:{cfg.model.family}", "checkpoint_revision": None, "checkpoint_config_sha256": None}
     path = local_or_repo_path(str(cfg.model.path))
     local = Path(path).expanduser()
     if local.is_dir():
         return {"checkpoint": str(local.resolve()), "checkpoint_revision": None, "checkpoint_config_sha256": config_sha256(local)}
-    return {"checkpoint": path, "checkpoint_revision": cfg.model.revision, "checkpoint_config_sha256": None}
+    snapshot = _hub_config_folder(path, cfg.model.revision)  # .../snapshots/<commit>/config.json
+    return {"checkpoint": path, "checkpoint_revision": snapshot.name, "checkpoint_config_sha256": config_sha256(snapshot)}
 
 
 def checkpoint_folder(cfg: DictConfig) -> Path:

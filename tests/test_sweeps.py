@@ -362,6 +362,34 @@ def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_process
     assert two["processes"] == 2 and two["run_key"] != base
 
 
+def test_resume_key_of_a_hub_checkpoint_has_the_commit_its_revision_resolves_to(composer, tmp_path, monkeypatch):
+    """A Hub id without model.revision is whatever main is now: a main that moved on is another
+    model (the HF cache here, offline: refs/main names the snapshot)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--fake--tiny"
+    commits = ["a" * 40, "b" * 40]
+    for commit in commits:
+        shutil.copytree(ROOT / "assets" / "tiny_llada", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    keys = []
+    for commit in commits:
+        (repo / "refs" / "main").write_text(commit)
+        keys.append(_key(composer, "model.path=fake/tiny"))
+    assert keys[0] != keys[1]
+    assert _key(composer, "model.path=fake/tiny", f"model.revision={commits[0]}") == keys[0]
+    from dllm.eval.runner import _identity, check_task
+    from dllm.pipeline import config_sha256, plan_run
+
+    cfg = composer("config", overrides=["task=gsm8k_local", "model.path=fake/tiny"])
+    identity = _identity(cfg, check_task(cfg), plan_run(cfg))
+    assert identity["checkpoint"] == "fake/tiny" and identity["checkpoint_revision"] == commits[1]
+    assert identity["checkpoint_config_sha256"] == config_sha256(ROOT / "assets" / "tiny_llada")
+
+
 def test_record_names_the_lm_eval_task_and_the_checkpoint(composer):
     from dllm.eval.runner import _identity, check_task
     from dllm.pipeline import config_sha256, plan_run

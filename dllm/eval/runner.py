@@ -333,9 +333,11 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
     of data-parallel processes when it is more than one.
 
     Equal settings spelled differently hash alike: an integer given for a float parameter
-    (``decoding.temperature=0``) is that float, and ``task.gen_length`` is the response length
-    that runs (``gen_length=16`` and ``task.gen_length=16`` are one run). Settings spelled the
-    default way keep the keys they had before these rules."""
+    (``decoding.temperature=0``) is that float, ``task.gen_length`` is the response length that
+    runs (``gen_length=16`` and ``task.gen_length=16`` are one run), and a Hub checkpoint's
+    ``model.revision`` is the commit it resolved to (``main`` or null, and that commit, are one).
+    Settings spelled the default way keep the keys they had before these rules (but for Hub
+    checkpoints, whose key now has their commit)."""
     from dllm.cache.base import REGISTRY as CACHES
     from dllm.decoding.base import REGISTRY as DECODERS
 
@@ -351,6 +353,8 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
         tree[group] = {"name": name, **registry.canonical(name, params)}
     if isinstance(tree.get("task"), dict) and "gen_length" in tree["task"]:
         tree["task"]["gen_length"] = plan.gen_length
+    if checkpoint["checkpoint_revision"] is not None:  # a Hub checkpoint: the commit it resolved to says it all
+        tree["model"]["revision"] = None
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
     if processes > 1:  # in the key only then: one-process runs keep the keys recorded before it was
         settings["processes"] = processes

@@ -106,6 +106,26 @@ def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, N_REAL, (n,), generator=gen).tolist() for n in lengths]
 
 
+_TRAINED: dict[str, tuple[Transformer, list[list[int]]]] = {}
+
+
+def trained_tiny(family: str) -> tuple[Transformer, list[list[int]]]:
+    """A committed trained tiny checkpoint (assets/tiny_<family>) and four held-out arith prompts
+    of different lengths (chat template; the 2nd and 3rd shortened from the left, the 4th cut to 12
+    tokens), for checks that need decoders whose thresholds only a trained model clears."""
+    if family not in _TRAINED:
+        from dllm.eval.arith_data import load_test, prompt_text
+        from dllm.models.loading import load_model
+        from dllm.models.tokenization import encode_prompts, load_tokenizer
+
+        folder = Path(__file__).resolve().parents[1] / "assets" / f"tiny_{family}"
+        questions = [prompt_text(doc["question"]) for doc in load_test()[:4]]
+        prompts = encode_prompts(load_tokenizer(folder), questions, chat=True)
+        prompts = [prompts[0], prompts[1][7:], prompts[2][3:], prompts[3][:12]]
+        _TRAINED[family] = load_model(str(folder)), prompts
+    return _TRAINED[family]
+
+
 @pytest.fixture
 def make_args():
     return tiny_args

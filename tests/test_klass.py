@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MASK_ID, compose, random_prompts, subprocess_env, tiny_args, tiny_net
+from conftest import MASK_ID, compose, random_prompts, subprocess_env, tiny_args, tiny_net, trained_tiny
 from dllm.cache.base import build_cache
 from dllm.decoding.base import DecodeContext, build_decoder
 from dllm.decoding.loop import generate
@@ -257,3 +257,15 @@ def test_run_py(tmp_path):
                           cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert csv.exists() and "decoding=klass" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_row_of_a_batch_decodes_as_alone_on_a_trained_model(family):
+    """One block for the batch: a row done with it waits, and the predictions of its waiting steps
+    are not recorded (they would be KL 0 and make its later positions look stable early)."""
+    net, prompts = trained_tiny(family)
+    params = dict(steps=32, block_length=16)
+    batch = generate(net, prompts, build_decoder("klass", **params), build_cache("none"), 32)
+    alone = [generate(net, [p], build_decoder("klass", **params), build_cache("none"), 32) for p in prompts]
+    assert [b.tolist() for b in batch.tokens] == [a.tokens[0].tolist() for a in alone]
+    assert len({a.nfe for a in alone}) > 1  # the rows finish their blocks at different steps

@@ -20,7 +20,7 @@ from dllm.cache.base import build_cache
 from dllm.decoding.base import DecodeContext, build_decoder
 from dllm.decoding.loop import generate
 
-from conftest import compose
+from conftest import compose, trained_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -573,3 +573,15 @@ def test_yaml_builds_through_the_pipeline(name):
     else:
         assert plan.decoder.thresholds == (7.5, 5.0, 2.5) and plan.decoder.block_length == 32
         assert (plan.decoder.answer_start, plan.decoder.answer_length, plan.decoder.window) == (None, 5, "rest")
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_prophet_block_window_rows_of_a_batch_decode_as_alone(family):
+    """window=block: a step that commits one row's leftovers widens the batch's window to the end of
+    the response; the other rows' gaps and commits still count only their own block."""
+    net, prompts = trained_tiny(family)
+    params = dict(steps=64, block_length=32, window="block")
+    batch = generate(net, prompts, build_decoder("prophet", **params), build_cache("none"), 64)
+    alone = [generate(net, [p], build_decoder("prophet", **params), build_cache("none"), 64) for p in prompts]
+    assert [b.tolist() for b in batch.tokens] == [a.tokens[0].tolist() for a in alone]
+    assert len({a.nfe for a in alone}) > 1  # the rows go all in at different steps

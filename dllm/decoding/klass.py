@@ -19,7 +19,11 @@ variant ``src/model/dream_klass.py`` differs where noted):
   which always takes exactly one).
 - Blocks of ``block_length`` left to right (one block for the whole batch); a block ends as soon
   as no row has a masked token in it, so the number of forwards is data-dependent, at most
-  ``steps``. The authors' loop runs at most steps_per_block steps per block and moves on even if
+  ``steps``. A row that has finished the block waits for the others, and its predictions of
+  those steps are not recorded: alone it would not have made them (its tokens do not change
+  meanwhile, so their KL values would be 0 and make its later positions look stable). So with
+  full forwards (``cache=none``) a row of a batch decodes as alone; a cache method whose state
+  moves with every step (d²Cache, dLLM-Cache) still sees the waiting steps. The authors' loop runs at most steps_per_block steps per block and moves on even if
   the block still has masks (possible only when steps < gen_length); here the block's last
   budgeted step commits every masked position left in it (no [MASK] may remain).
 
@@ -125,6 +129,7 @@ class KLASS(Decoder):
         block_step = step - self.block_start_step
         self.block_window, self.block_step = (lo, hi), block_step
         left = masked[:, lo:hi].sum(1)
+        self.waiting = left == 0  # rows done with the block, waiting for the others (see the module doc)
         if block_step >= self.steps_per_block - 1:  # the block's last budgeted step: all that is left
             n_transfer = left
         else:
@@ -147,7 +152,7 @@ class KLASS(Decoder):
             self.seen = torch.zeros(B, self.width, dtype=torch.bool, device=dev)
             self.kl = torch.full((B, self.width, self.history), float("inf"), dtype=torch.float64, device=dev)
         offset = positions - self.base
-        valid = (positions < self.ctx.length) & (offset >= 0) & (offset < self.width)
+        valid = (positions < self.ctx.length) & (offset >= 0) & (offset < self.width) & ~self.waiting[:, None]
         rows = torch.arange(B, device=positions.device)[:, None].expand_as(positions)[valid]
         cols = offset[valid]
         p = probs[valid]  # (N, V): the fresh distributions

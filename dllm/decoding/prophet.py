@@ -38,6 +38,12 @@ Positions left masked by an all-in step for lack of a fresh prediction (a later 
 the next step (``plan.scheduled``, which the loop always recomputes) and all committed then;
 decoding ends as soon as no masked position is left, so the forward count is data-dependent
 (at most ``steps`` + 1).
+
+Batches: the plan's window is the batch's, so a step that commits some row's leftovers computes
+logits up to the end of the response for every row. Each row's gap and commits still count only
+what it would see alone (its own window and its own leftovers), so with full forwards
+(``cache=none``) a row decodes as in a batch of one; a cache method that recomputes its window
+(``dual``) refreshes the other rows' later blocks in that step too, which can move a near-tie.
 """
 from __future__ import annotations
 
@@ -127,6 +133,10 @@ class Prophet(BlockDecoder):
             n_transfer = torch.zeros_like(self.all_in, dtype=torch.long)
         self.block_window = (lo, hi)
         window_lo, window_hi = lo, (T if self.window == "rest" else hi)
+        # What each row would see alone: its window and its own leftovers. The plan's window is the
+        # batch's, widened for any row's leftovers; a row's gap and commits use its own view only.
+        self.own_view = leftover.clone()
+        self.own_view[:, window_lo:window_hi] = True
         scheduled = None
         if leftover.any():
             scheduled = leftover
@@ -150,7 +160,7 @@ class Prophet(BlockDecoder):
 
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         gaps = self.fresh_gaps(confidence)
-        fresh = ~confidence.isnan() & masked
+        fresh = ~confidence.isnan() & masked & self.own_view
         region = self.region & masked
         counted = region & fresh
         n = counted.sum(1)

@@ -215,8 +215,11 @@ def checkpoint_identity(cfg: DictConfig) -> dict:
     ``model.revision`` is null: a branch that moved on is another model) and its config.json's
     hash. The commit is the snapshot folder config.json was fetched into (or found in, offline),
     the one :func:`checkpoint_folder` then loads the weights from."""
-    if cfg.model.tiny and not cfg.model.path:
-        return {"checkpoint": f"tiny-random:{cfg.model.family}", "checkpoint_revision": None, "checkpoint_config_sha256": None}
+    if cfg.model.tiny and not cfg.model.path:  # built by this code: its recipe version says which weights
+        from dllm.models.tiny import CACHE_VERSION
+
+        return {"checkpoint": f"tiny-random:{cfg.model.family}-{CACHE_VERSION}", "checkpoint_revision": None,
+                "checkpoint_config_sha256": None}
     path = local_or_repo_path(str(cfg.model.path))
     local = Path(path).expanduser()
     if local.is_dir():

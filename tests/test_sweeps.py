@@ -390,6 +390,14 @@ def test_resume_key_of_a_hub_checkpoint_has_the_commit_its_revision_resolves_to(
     assert identity["checkpoint_config_sha256"] == config_sha256(ROOT / "assets" / "tiny_llada")
 
 
+def test_resume_key_of_a_random_tiny_model_has_its_recipe_version(composer, monkeypatch):
+    import dllm.models.tiny
+
+    first = _key(composer, "model=tiny_llada_random")
+    monkeypatch.setattr(dllm.models.tiny, "CACHE_VERSION", "v0")
+    assert _key(composer, "model=tiny_llada_random") != first
+
+
 def test_record_names_the_lm_eval_task_and_the_checkpoint(composer):
     from dllm.eval.runner import _identity, check_task
     from dllm.pipeline import config_sha256, plan_run

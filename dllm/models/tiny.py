@@ -21,7 +21,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from .loading import save_checkpoint
 from .transformer import ModelArgs, Transformer
 
-# Bump when the folder layout or contents change, so stale caches are not reused.
+# Bump when the folder layout or contents change, so stale caches are not reused (and the runs
+# recorded on them are not resumed: the version is in their checkpoint identity).
 CACHE_VERSION = "v1"
 
 # Qwen2's pre-tokenizer split (LLaMA-3 is the same up to digit grouping): single digits keep

@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ValueError as err:  # a setting, checkpoint or results file refused: one line, no traceback
-        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if cfg.get("debug") is True or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}\n(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
@@ -43,8 +43,17 @@ if __name__ == "__main__":
     sys.argv = quote_free_text(sys.argv)
     from dllm.overrides import unknown_key_message
 
-    checked = os.environ.get("HYDRA_FULL_ERROR") != "1" and not any(a.split("=")[0] in INSPECT_FLAGS for a in sys.argv[1:])
-    if checked and (message := unknown_key_message(sys.argv[1:])):
+    args = sys.argv[1:]
+    checked = os.environ.get("HYDRA_FULL_ERROR") != "1" and not any(a.split("=")[0] in INSPECT_FLAGS for a in args)
+    message = unknown_key_message(args) if checked else None
+    # A sweep run here (not on SLURM nodes, whose devices this machine may not have) checks every job
+    # before the first one runs.
+    in_process = not any(a.startswith("hydra/launcher=slurm") for a in args)
+    if checked and not message and in_process and any(a in ("-m", "--multirun") for a in args):
+        from dllm.overrides import refused_job_message
+
+        message = refused_job_message(args)
+    if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     main()

@@ -48,6 +48,28 @@ def _first_missing(cfg, key: str):
     return key, None, node
 
 
+def unreadable_override_message(args: list[str]) -> str | None:
+    """One line for the first override Hydra's grammar cannot read (``gen_length=32)``, full-width
+    digits), or a sweep (``a,b``) without ``-m``, which Hydra would refuse in several lines."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            return f"{arg}: not an override Hydra can read ({' '.join(str(err).split())})"
+        if override.is_sweep_override() and not multirun:
+            key, _, value = arg.partition("=")
+            return (f"{arg}: a comma-separated value is a sweep; add -m to run one job per value, or quote it to "
+                    f"give the text itself: \"{key}='{value}'\"")
+    return None
+
+
 def unknown_key_message(args: list[str]) -> str | None:
     """One line naming the first bad override in ``args`` (command-line arguments), or None.
 
@@ -57,6 +79,8 @@ def unknown_key_message(args: list[str]) -> str | None:
     the chosen method's key instead); ``+key=`` for a key that exists; a key the composed config lacks
     (one that a preset of its group defines must be added with ``+``). Sweeps (``a,b``) have each value
     of a group or method checked, keys against the first value."""
+    if message := unreadable_override_message(args):
+        return message
     overrides = [m.groups() for m in map(_OVERRIDE.match, args) if m and not m[2].startswith("hydra.")]
     if not overrides:
         return None
@@ -116,4 +140,44 @@ def unknown_key_message(args: list[str]) -> str | None:
             return _refusal(f"{key}: {what} has no key {missing!r}", missing, allowed)
         if not plus:  # a key another preset of the group has (task.mc_num=2 on task=arith)
             return f"{key}: {what} has no key {missing!r}; add it with +{key}={value}"
+    return None
+
+
+def _task_overrides(args: list[str]) -> list[str]:
+    """The overrides that make up a job's config (not flags, not Hydra's own settings)."""
+    return [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+
+
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The override lists of a multirun's jobs, as Hydra's basic sweeper forms them: the experiment's
+    ``hydra.sweeper.params`` first, then the command line, every combination of their values."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = _task_overrides(args)
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+    lines = [f"{key}={value}" for key, value in params.items()] + overrides
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def refused_job_message(args: list[str]) -> str | None:
+    """Before a multirun starts: one line for the first of its jobs whose settings a run would refuse
+    before loading anything (:func:`dllm.pipeline.preflight`), naming the job, or None. So a bad value
+    in a sweep (``-m seed=7,-1``) stops the sweep before its first job rather than after it."""
+    from hydra import compose, initialize_config_dir
+
+    from dllm.pipeline import preflight
+
+    jobs = sweep_jobs(args)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for number, job in enumerate(jobs):
+            try:
+                preflight(compose("config", overrides=job))
+            except ValueError as err:
+                return f"job {number} of {len(jobs)} ({' '.join(job)}): {err}"
     return None

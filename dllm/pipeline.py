@@ -104,7 +104,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     """The validated run settings (no file or network is read; see :func:`check_checkpoint`)."""
     if cfg.model.family not in FAMILY_OF_NAME:
         raise ValueError(f"model.family={cfg.model.family!r} (allowed: {sorted(FAMILY_OF_NAME)})")
-    for key in ("model.tiny", "model.instruct", "model.trust_remote_code"):
+    for key in ("model.tiny", "model.instruct", "model.trust_remote_code", "force", "debug"):
         boolean_setting(cfg, key)
     # A tiny preset without a path (null) is the random-weight checkpoint; an empty text (model.path=, or
     # model.path=$UNSET_VARIABLE) would silently turn a trained preset into that, so it is refused.
@@ -162,6 +162,7 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
         base = BASE_ARGS[cfg.model.family]
         check_model_fit(plan, base["logit_shift"], base.get("block_causal", False))
+        check_room(cfg, plan, base["max_seq_len"], f"the random-weight {cfg.model.family} checkpoint")
         return
     path = local_or_repo_path(str(cfg.model.path))
     local = local_folder(path)
@@ -170,11 +171,20 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
     check_model_fit(plan, args.logit_shift, args.block_causal)
-    if plan.gen_length >= args.max_seq_len:
-        raise ValueError(
-            f"gen_length={plan.gen_length} leaves no room for a prompt: model={cfg.model.name} has max_seq_len="
-            f"{args.max_seq_len} (config.json in {folder})"
-        )
+    check_room(cfg, plan, args.max_seq_len, f"config.json in {folder}")
+
+
+def check_room(cfg: DictConfig, plan: RunPlan, max_seq_len: int, source: str) -> None:
+    """The response the loop lays out (``gen_length``, rounded up to whole blocks by a block-diffusion
+    decoder) must leave room for a prompt of at least one token within ``max_seq_len``."""
+    block = plan.decoder.block_length if plan.decoder.block_causal else None
+    laid_out = -(-plan.gen_length // block) * block if block else plan.gen_length
+    if laid_out >= max_seq_len:
+        what = f"gen_length={plan.gen_length}" + (
+            f" (laid out in blocks of decoding.block_length={block}: {laid_out} positions)" if laid_out != plan.gen_length
+            else "")
+        raise ValueError(f"{what} leaves no room for a prompt: model={cfg.model.name} has max_seq_len={max_seq_len} "
+                         f"({source})")
 
 
 def _hub_config_folder(repo: str, revision: str | None) -> Path:
@@ -263,7 +273,11 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt is not None:
         prompts, source = [str(cfg.prompt)], "prompt"
     elif cfg.prompts_file is None:
-        prompts, source = list(cfg.task.prompts), "task.prompts"
+        source = "task.prompts"
+        if not OmegaConf.is_list(cfg.task.prompts) or not len(cfg.task.prompts):
+            raise ValueError(f"task.prompts={OmegaConf.to_container(cfg.task, resolve=True).get('prompts')!r} "
+                             "(allowed: a non-empty list of texts, task.prompts='[What is 7 * 6?]')")
+        prompts = list(cfg.task.prompts)
     else:
         path = Path(cfg.prompts_file)
         if not path.is_file():
@@ -281,7 +295,11 @@ def read_prompts_file(path: Path) -> list[str]:
     """The prompts of a jsonl file, one {"prompt": "..."} per line (blank lines skipped); a bad line is
     named by its number."""
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts_file={str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"prompts_file={str(path)!r} line {number}"
@@ -310,13 +328,29 @@ def log_compiled(out, what: str) -> None:
         log.info("%s: compiled %d new graph(s) in %.1f s (not in its timing)", what, out.recompiles, out.compile_seconds)
 
 
+def preflight_generate(cfg: DictConfig) -> tuple[RunPlan, list[str]]:
+    """Every check of ``task=generate`` before anything loads: the plan, the prompts, the checkpoint."""
+    plan = plan_run(cfg)
+    prompts = read_prompts(cfg)
+    check_checkpoint(cfg, plan)
+    return plan, prompts
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check a run makes before it loads anything (ValueError naming the first bad value)."""
+    if cfg.task.name == "generate":
+        preflight_generate(cfg)
+    else:
+        from dllm.eval.runner import preflight_eval
+
+        preflight_eval(cfg)
+
+
 def run_generate(cfg: DictConfig) -> list[dict]:
     from dllm.decoding.loop import generate
     from dllm.models.tokenization import decode_responses, encode_prompts, stop_token_ids
 
-    plan = plan_run(cfg)
-    prompts = read_prompts(cfg)
-    check_checkpoint(cfg, plan)
+    plan, prompts = preflight_generate(cfg)
     torch.manual_seed(cfg.seed)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     stops = stop_token_ids(tokenizer, net.args)

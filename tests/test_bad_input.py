@@ -37,6 +37,12 @@ def broken_checkpoints(tmp_path_factory) -> dict[str, Path]:
         weights = folder / "model.safetensors"
         weights.write_bytes(cut(weights.read_bytes()))
         out[name] = folder
+    listed = base / "listjson"
+    shutil.copytree(ROOT / "assets" / "tiny_llada", listed)
+    (listed / "config.json").write_text("[]")
+    out["listjson"] = listed
+    out["binary_prompts"] = base / "prompts.jsonl"
+    out["binary_prompts"].write_bytes(b'\xff{"prompt": "x"}\n')
     return out
 
 
@@ -72,6 +78,20 @@ CASES = [
     (["model.path=/nonexistent/folder"], r"model\.path='/nonexistent/folder' is not a folder"),
     (["model.path={truncated}"], r"truncated/model\.safetensors is not a readable safetensors file"),
     (["model.path={garbage}"], r"garbage/model\.safetensors is not a readable safetensors file"),
+    (["model.path={listjson}"], r"listjson/config\.json is not a JSON object of model settings \(it holds a list\)"),
+    (["model=tiny_llada_random", "gen_length=100000"], r"gen_length=100000 leaves no room for a prompt: "
+                                                       r"model=tiny_llada_random has max_seq_len=4096"),
+    (["model=tiny_sdar", "decoding=block_diffusion", "decoding.block_length=1000000000", "gen_length=32"],
+     r"gen_length=32 \(laid out in blocks of decoding\.block_length=1000000000: 1000000000 positions\) leaves no room"),
+    (["model=tiny_dream", "decoding=dream", "decoding.alg=entropy", "decoding.alg_temp=inf"],
+     r"decoding\.alg_temp=inf must be a finite number >= 0"),
+    (["force=maybe"], r"force='maybe' must be true or false"),
+    (["task.fewshot_as_multiturn=3"], r"task\.fewshot_as_multiturn=3 must be true or false"),
+    (["task=generate", "task.prompts=abc"], r"task\.prompts='abc' \(allowed: a non-empty list of texts"),
+    (["task=generate", "task.prompts=[]"], r"task\.prompts=\[\] \(allowed: a non-empty list of texts"),
+    (["task=generate", "prompts_file={binary_prompts}"], r"prompts_file='.*prompts\.jsonl' is not UTF-8 text"),
+    (["task=gsm8k_local", "task.n_shot=100000"], r"task\.n_shot=100000: lm-eval task 'gsm8k_local' has 8 few-shot "
+                                                 r"examples \(allowed: 0 \.\.\. 8\)"),
 ]
 
 
@@ -105,6 +125,16 @@ def test_run_py_prints_one_line_and_exits_2(tmp_path, args, message):
         debug = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "debug=true"],
                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_bad_debug_value_is_one_line_too(tmp_path):
+    """debug=maybe is no reason to show a traceback: refused like any other boolean."""
+    env = subprocess_env(tmp_path)
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "debug=maybe", f"results_csv={tmp_path / 'runs.csv'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: debug='maybe' must be true or false")
 
 
 @pytest.mark.parametrize("problem", ["read-only folder", "foreign csv", "cut csv"])

@@ -120,11 +120,26 @@ def run_py(tmp_path, *args):
 @pytest.mark.parametrize("args, message", [
     (["-m", "cache=none,nosuch"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
     (["+experiment=dkv_table1", "method=foo"], "error: method=foo is not a method of experiment=dkv_table1"),
+    # a bad value among good ones: refused before the first job runs (no row is written)
+    (["-m", "seed=7,-1", "task.limit=1", "threads=1"], "error: job 1 of 2 (seed=-1 task.limit=1 threads=1 results_csv="),
+    (["gen_length=32)"], "error: gen_length=32): not an override Hydra can read"),
+    (["task.metric=acc,none"], "error: task.metric=acc,none: a comma-separated value is a sweep; add -m"),
 ])
 def test_run_py_prints_one_error_line_and_exits_2(tmp_path, args, message):
     done = run_py(tmp_path, *args)
     assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
     assert done.stderr.startswith(message)
+    assert not (tmp_path / "runs.csv").exists()
+
+
+def test_a_sweeps_jobs_are_the_basic_sweepers():
+    """The experiment's hydra.sweeper.params first, then the command line: every combination."""
+    from dllm.overrides import sweep_jobs
+
+    jobs = sweep_jobs(["-m", "+experiment=tiny_sweep", "seed=0,1", "hydra/launcher=local", "hydra.sweep.dir=x"])
+    assert len(jobs) == 8 and jobs[0] == ["cache=none", "gen_length=16", "+experiment=tiny_sweep", "seed=0"]
+    assert {tuple(job[:2]) for job in jobs} == {(f"cache={c}", f"gen_length={g}") for c in ("none", "dkv_decode")
+                                               for g in (16, 32)}
 
 
 def test_run_py_inspecting_the_config_is_not_checked(tmp_path):

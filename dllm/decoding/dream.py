@@ -20,6 +20,8 @@ The logit shift of Dream is handled by the denoising loop, not here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -84,8 +86,9 @@ class DreamDecoder(Decoder):
         if first_token not in FIRST_TOKEN_RULES:
             raise ValueError(f"decoding.first_token={first_token!r} (allowed: {list(FIRST_TOKEN_RULES)})")
         if alg_temp is not None:
-            if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or not alg_temp >= 0:
-                raise ValueError(f"decoding.alg_temp={alg_temp!r} must be a number >= 0 (or null = top-k by confidence)")
+            if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or not 0 <= alg_temp < math.inf:
+                raise ValueError(f"decoding.alg_temp={alg_temp!r} must be a finite number >= 0 (or null = top-k by "
+                                 "confidence)")
             if alg_temp > 0 and alg == "origin":
                 raise ValueError(f"decoding.alg_temp={alg_temp} needs a confidence algorithm "
                                  f"(allowed with alg: {list(ALGORITHMS[1:])}); alg='origin' draws its positions at random")

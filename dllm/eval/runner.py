@@ -47,6 +47,13 @@ def _get(node: DictConfig, key: str, default=None):
     return OmegaConf.select(node, key, default=default)
 
 
+def _boolean(task: DictConfig, key: str, default: bool = False) -> bool:
+    value = _get(task, key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"task.{key}={value!r} must be true or false")
+    return value
+
+
 def resolve_include_path(value) -> list[str]:
     """null -> []; a name under dllm/eval/tasks/ (e.g. ``local``) or any existing folder."""
     if value in (None, ""):
@@ -140,7 +147,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         include_defaults=defaults,
         allow_code_execution=allow,
         mc_num=mc_num,
-        fewshot_as_multiturn=bool(_get(t, "fewshot_as_multiturn", False)),
+        fewshot_as_multiturn=_boolean(t, "fewshot_as_multiturn"),
         code_scoring=code_scoring,
         num_return_sequences=samples,
         pass_k=tuple(pass_k),
@@ -230,7 +237,20 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
             for name in with_k:
                 task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
         check_metric(task, settings.metric)
+        check_shots(task, settings.n_shot)
     return tasks
+
+
+def check_shots(task, n_shot: int | None) -> None:
+    """``task.n_shot`` no larger than the task's few-shot examples (lm-eval would fail while it
+    builds the prompts, after the model loaded, with "Sample larger than population"). A task fixed
+    at 0 shots ignores the setting (lm-eval warns, and so does the run)."""
+    if not n_shot or task.get_config("num_fewshot") == 0:
+        return
+    docs = task.fewshot_docs()
+    if docs is not None and n_shot > len(docs):
+        raise ValueError(f"task.n_shot={n_shot}: lm-eval task {task.config.task!r} has {len(docs)} few-shot examples "
+                         f"(allowed: 0 ... {len(docs)})")
 
 
 def result_keys(task) -> list[str]:
@@ -444,29 +464,38 @@ def _skip_message(cfg: DictConfig, identity: dict, key: str) -> None:
     )
 
 
+def preflight_eval(cfg: DictConfig, dp=None) -> tuple[TaskSettings, object, dict | None]:
+    """Every check of an evaluation before anything loads (a sweep makes them for all its jobs
+    first): the task settings, ``results_csv``, the run plan and the checkpoint's config.json and
+    safetensors headers, the logger. ``dp`` (torchrun) pins each rank's device before the plan."""
+    from dllm.logging.sinks import check_results_csv
+    from dllm.pipeline import check_checkpoint, plan_run
+
+    settings = check_task(cfg)
+    check_results_csv(cfg.results_csv)  # a foreign, cut or write-protected file: refused before the load
+    if dp is not None:
+        dp.pin_device(str(cfg.device))
+    plan = plan_run(cfg)
+    check_checkpoint(cfg, plan)  # config.json and safetensors headers, before any weight
+    return settings, plan, check_logger(cfg)
+
+
 def run_eval(cfg: DictConfig) -> dict | None:
     """Validate everything; skip (return None) if results_csv already holds this run's ok row
     (unless ``force=true``); else load the model, evaluate, write run dir / W&B / CSV row; the row.
     Under torchrun (WORLD_SIZE > 1) every rank evaluates its share and rank 0 writes the record
     (the other ranks return None)."""
     from dllm.logging.record import new_run_id
-    from dllm.logging.sinks import check_results_csv
-    from dllm.pipeline import check_checkpoint, plan_run, run_dir_of
+    from dllm.pipeline import run_dir_of
 
     from .distributed import DataParallel
 
     run_id, started_at = new_run_id(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    settings = check_task(cfg)
-    check_results_csv(cfg.results_csv)  # a foreign, cut or write-protected file: refused before the load
     dp = DataParallel.from_env()
-    if dp is not None:
-        dp.pin_device(str(cfg.device))
-    plan = plan_run(cfg)
-    check_checkpoint(cfg, plan)  # config.json and safetensors headers, before any weight
+    settings, plan, wandb_settings = preflight_eval(cfg, dp)
     if settings.num_return_sequences > 1 and plan.decoder.temperature == 0:
         log.warning("task.num_return_sequences=%d with greedy decoding: the samples of a problem are identical "
                     "(set decoding.temperature > 0 for pass@k)", settings.num_return_sequences)
-    wandb_settings = check_logger(cfg)
     if dp is not None:
         dp.init(plan.device)
     try:

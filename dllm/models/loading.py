@@ -72,9 +72,12 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object of model settings (it holds a {type(config).__name__})")
+    return config
 
 
 # config.json fields (of any family) that the readers compute with: the least integer each may be.

@@ -9,7 +9,8 @@ Prints the Markdown tables. Only with ``--out`` does it write files there: ``tab
 machine-readable); where runs recorded ``tokens_per_forward``, also the AUP tables ``aup.md``,
 ``aup.tex`` and ``aup.csv`` (printed after the tables; where none did, AUP files an earlier run
 left there are removed). Every input is checked before anything is printed or written (a bad one:
-one error line, exit 2), and each file is written whole (a temp file beside it, then renamed).
+one error line, exit 2; a number cell that is neither empty nor a finite number >= 0 included), and
+each file is written whole (a temp file beside it, then renamed).
 
 - Rows: status "ok" only; a run repeated with the same settings (same ``record_key``, e.g. after
   ``force=true``) counts once, the latest.
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -122,6 +124,23 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: not a CSV ({str(err).splitlines()[0]})") from None
 
 
+def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str]) -> None:
+    """ValueError naming the first cell of ``columns`` (those present) that is neither empty nor a
+    finite number >= 0: run.py writes a value it does not know as an empty cell and none of these
+    can be negative, so anything else is a damaged or hand-edited file, which would otherwise be
+    shown as "–" or break a figure."""
+    for column in [c for c in columns if c in rows]:
+        values = pd.to_numeric(rows[column], errors="coerce")
+        bad = (rows[column] != "") & ~((values >= 0) & (values < math.inf))
+        if bad.any():
+            index = bad.idxmax()  # the first bad row: the index counts the CSV's rows
+            row = rows.loc[index]
+            who = ", ".join(f"{c}={row[c]}" for c in ("source", "model", "method", "cache", "decoding", "started_at")
+                            if c in rows and row[c])
+            raise ValueError(f"{path}: row {index + 1} ({who}): {column}={row[column]!r} "
+                             "(allowed: a finite number >= 0, or an empty cell)")
+
+
 def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     """The ok rows of a results CSV, one per run key (latest wins), typed, with a ``hardware`` column."""
     raw = read_csv(path)
@@ -141,12 +160,13 @@ def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
         raw = raw[raw["experiment"] == experiment]
         if raw.empty:
             raise ValueError(f"--experiment {experiment!r}: no ok row of it in {path} (experiments there: {known})")
+    check_numbers(path, raw, NUMERIC)
     raw["key"] = [record_key(r) for r in raw.to_dict("records")]
     raw = raw.sort_values("started_at").drop_duplicates("key", keep="last")
     runs = raw.copy()
     for column in NUMERIC:
         if column in runs:
-            runs[column] = pd.to_numeric(runs[column], errors="coerce")
+            runs[column] = pd.to_numeric(runs[column])  # empty cells: NaN (check_numbers refused the rest)
     gpu = runs["gpu_name"] if "gpu_name" in runs else pd.Series("", index=runs.index)
     runs["hardware"] = [g if g else d for g, d in zip(gpu, runs.get("device", pd.Series("", index=runs.index)))]
     for column in TABLE_KEYS:
@@ -544,6 +564,7 @@ def load_published(path: str | Path) -> pd.DataFrame:
     need = {"source", "model", "task", "setting", "method", "throughput_tok_s", "speedup", "score"}
     if need - set(published.columns):
         raise ValueError(f"{path} lacks columns {sorted(need - set(published.columns))}")
+    check_numbers(path, published, ["throughput_tok_s", "speedup", "score"])
     return published
 
 
@@ -688,13 +709,27 @@ def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFr
 AUP_FILES = ("aup.md", "aup.tex", "aup.csv")
 
 
-def check_out_folder(out: Path) -> None:
-    """ValueError unless ``out`` is a folder or can be made one (no file in its place or above it)."""
+def make_out_folder(name: str) -> Path:
+    """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
+    line) where it cannot be made or written to. Called last among the checks (a refused command
+    makes nothing) and before anything is printed: found unusable after the work, the tables or
+    figures would be lost."""
+    if not name.strip():  # Path('') is the current folder
+        raise ValueError(f"--out {name!r}: give a folder to write to")
+    out = Path(name)
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f"--out {out}: {path} is a file, not a folder")
-            return
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot make the folder ({err.strerror}); give a folder that exists or "
+                         "can be made") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    return out
 
 
 def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,
@@ -723,10 +758,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default=None, help="only rows of this experiment")
     args = parser.parse_args(argv)
     try:  # every input checked before anything is printed or written
-        if args.out is not None:
-            check_out_folder(Path(args.out))
         runs = load_runs(args.csv, args.experiment)
         published = load_published(args.published) if args.published else None
+        if args.out is not None:
+            make_out_folder(args.out)
     except ValueError as err:
         parser.error(str(err))
     tables = build_tables(runs, published)

@@ -17,6 +17,10 @@ with the *same* decoding as the method it is compared with (computed once per de
     python scripts/bench.py --preset llada8b --batch-sizes 1,8,32,64 --json batch.json  # the same on a GPU
     python scripts/bench.py --preset llada8b --compile --batch-sizes 1,32 --json compiled.json  # eager vs torch.compile
 
+``--prompt-length`` + ``--gen-length`` may not exceed the context of the real model the preset is
+shaped after (LLaDA 4096 tokens, also with ``--family dream``; LLaDA-MoE 8192; SDAR, Fast-dLLM v2 and
+LLaDA2.0 32768): a longer sequence times nothing that model runs, and can take hours.
+
 Columns: wall seconds of the timed generation (CUDA-synchronised, one warm-up excluded),
 tokens/s (batch x gen_length / seconds), speedup over ``none`` with the same decoding,
 ideal_speedup (1 / recompute_ratio, the linear-layer bound), efficiency = speedup / ideal,
@@ -88,6 +92,7 @@ from dllm.decoding.loop import GenerationOutput, generate, kv_store  # noqa: E40
 from dllm.metrics.timing import measure  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
+from dllm.models.tiny import BASE_ARGS  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 PRESETS = {
@@ -195,6 +200,13 @@ def is_block_preset(preset: str) -> bool:
     return "decoding" in PRESETS[preset]
 
 
+def shaped_after(preset: str) -> str:
+    """The family of the real model whose shapes the preset copies (--family dream changes only
+    how the logits are read, not the shapes)."""
+    spec = PRESETS[preset]
+    return spec.get("model", {}).get("family") or ("llada_moe" if spec.get("n_experts") else "llada")
+
+
 def methods_of(preset: str) -> dict:
     """method -> (cache params, decoding, decoding params) for this preset."""
     if not is_block_preset(preset):
@@ -219,8 +231,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes.add_argument("--batch-size", type=int, help="one batch size (default: the preset's)")
     sizes.add_argument("--batch-sizes", help="comma-separated batch sizes, each a full comparison (e.g. 1,4,16 on CPU, "
                                              "1,8,32,64 on a GPU)")
-    ap.add_argument("--prompt-length", type=int)
-    ap.add_argument("--gen-length", type=int)
+    ap.add_argument("--prompt-length", type=int, help="default: the preset's")
+    ap.add_argument("--gen-length", type=int,
+                    help="default: the preset's; prompt + gen at most the context of the model the preset is shaped "
+                         "after (LLaDA 4096, LLaDA-MoE 8192, SDAR, Fast-dLLM v2 and LLaDA2.0 32768)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: gen_length, one token per step)")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -284,6 +298,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, preset[key])
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    # At most the context of the real model the preset is shaped after: positions past it are ones
+    # that model never sees, and every forward attends over all of them, so a mistyped length would
+    # run for hours (or run out of memory) rather than time anything meaningful.
+    family = shaped_after(args.preset)
+    context = BASE_ARGS[family]["max_seq_len"]
+    if args.prompt_length + args.gen_length > context:
+        ap.error(f"--prompt-length {args.prompt_length} + --gen-length {args.gen_length} = "
+                 f"{args.prompt_length + args.gen_length} tokens exceed the context of --preset {args.preset} "
+                 f"({family}-shaped; allowed: a total of at most {context})")
     if args.repeats < 1:
         ap.error(f"--repeats={args.repeats} must be >= 1")
     if args.time_budget is not None and not args.time_budget >= 0:

@@ -486,16 +486,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.csv and not args.trace and not args.bench_json:
         parser.error("give a results CSV, --bench-json, --trace, or several")
-    out, written = Path(args.out), []
+    written = []
     try:  # every input read and checked before the first figure is drawn
-        aggregate.check_out_folder(out)
         if args.csv:
             runs = aggregate.load_runs(args.csv, args.experiment)
+            plotted = [runs[c] if c in runs else pd.Series(dtype=float) for c in ("accuracy", "throughput_useful_tok_s")]
+            if not (plotted[0].notna() & plotted[1].notna()).any():
+                raise ValueError(f"{args.csv}: no ok row has both an accuracy and a throughput: nothing to plot")
             published = aggregate.load_published(args.published) if args.published else None
         bench_rows = load_bench_rows(args.bench_json) if args.bench_json else None
         if args.trace:
+            if not args.prompt.strip():  # as run.py refuses prompt=''
+                raise ValueError(f"--prompt {args.prompt!r}: an empty prompt (give the text to continue, "
+                                 "e.g. --prompt 'What is 7 * 6?')")
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             trace = trace_runs(args.model, methods, args.gen_length, args.block_length)
+        out = aggregate.make_out_folder(args.out)
     except ValueError as err:
         parser.error(str(err))
     if args.csv:

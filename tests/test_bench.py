@@ -217,12 +217,22 @@ def test_batch_size_options():
     (["--json", "."], "--json=.: not a file path in a folder"),
     (["--methods", "", "--samplers", ""], "nothing to compare with none"),
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
+    # longer than the real model's context: hours of attention over positions it never sees
+    (["--prompt-length", "100000"], "100032 tokens exceed the context of --preset smoke (llada-shaped; allowed: a "
+                                    "total of at most 4096)"),
+    (["--family", "dream", "--gen-length", "1048576"], "allowed: a total of at most 4096"),
+    (["--preset", "moe_cpu", "--prompt-length", "7937"], "(llada_moe-shaped; allowed: a total of at most 8192)"),
 ])
 def test_bad_settings_are_refused_before_a_model_is_built(capsys, monkeypatch, bad, message):
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--preset", "smoke", *bad])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lengths_up_to_the_preset_context_are_accepted():
+    assert bench.parse_args(["--preset", "smoke", "--prompt-length", "4064"]).prompt_length == 4064
+    assert bench.parse_args(["--preset", "moe_cpu", "--prompt-length", "7936"]).prompt_length == 7936
 
 
 def test_methods_run_once_each_and_empty_means_none():

@@ -222,14 +222,31 @@ def test_made_dream_checkpoint_has_generation_config(tmp_path):
     assert not (make_tiny_checkpoint("llada", tmp_path / "llada") / "generation_config.json").exists()
 
 
-def test_script_writes_generation_config(tmp_path):
+def checkpoint_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_tiny_checkpoint_script", REPO / "scripts" / "make_tiny_checkpoint.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--family", "dream", "--out", str(tmp_path / "d")])
+    return script
+
+
+def test_script_writes_generation_config(tmp_path):
+    checkpoint_script().main(["--family", "dream", "--out", str(tmp_path / "d")])
     check_generation_config(tmp_path / "d")
+
+
+def test_script_refuses_an_out_it_cannot_write_to(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # --out '' used to write the checkpoint here
+    cases = [("", "--out='': give the folder to write (e.g. --out /tmp/tiny_llada)")]
+    if Path("/proc/self").is_dir():  # Linux: no folder can be made in /proc
+        cases.append(("/proc/x", "--out=/proc/x: must be a folder or a path where one can be made (No such file"))
+    for out, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            checkpoint_script().main(["--family", "llada", "--out", out])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cached_tiny_dream_gets_generation_config(tmp_path):

@@ -342,6 +342,7 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
         "no_started_at": write_csv(tmp_path / "no_started_at.csv", without("started_at")),
         "no_experiment": write_csv(tmp_path / "no_experiment.csv", without("experiment")),
         "wrong": write_csv(tmp_path / "wrong.csv", [{"x": "1", "y": "2"}]),
+        "no_accuracy": write_csv(tmp_path / "no_accuracy.csv", [dict(r, accuracy="") for r in rows]),
         "file": tmp_path / "a_file",
         "missing": tmp_path / "missing.csv",
     }
@@ -388,6 +389,7 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
         ([f["missing"]], "missing.csv: cannot read it (No such file or directory)"),
         ([f["empty"]], "empty.csv: not a CSV (No columns to parse from file)"),
         ([f["wrong"]], "wrong.csv is not a results CSV (missing columns"),
+        ([f["no_accuracy"]], "no_accuracy.csv: no ok row has both an accuracy and a throughput: nothing to plot"),
         ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
         (["--bench-json", str(tmp_path / "text.json")], "text.json: not JSON (Expecting value: line 1 column 1"),
         (["--bench-json", str(tmp_path / "empty.json")], "empty.json: not a list of scripts/bench.py rows"),
@@ -400,10 +402,47 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
         ([f["good"], "--trace", "--model", "foo"], "--model 'foo': no such model config (allowed: d3llm_dream, "),
         (["--trace", "--methods", "none,prefix,foo"], "--methods: unknown ['foo'] (cache configs, comma-separated: d2cache, "),
         (["--trace", "--gen-length", "0"], "--trace, cache none: gen_length=0 must be an integer >= 1"),
+        (["--trace", "--prompt", " "], "--prompt ' ': an empty prompt"),
     ]
     for argv, message in cases:
         assert message in refused(plot.main, [*argv, "--out", str(figures)], capsys), argv
     assert not figures.exists()
+
+
+def test_cells_that_are_not_numbers_are_refused_naming_column_row_and_value(tmp_path, monkeypatch, capsys):
+    """run.py writes a finite number >= 0 or an empty cell; anything else would be shown as "–" or
+    break a figure, so both scripts refuse it before any output."""
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    figures = tmp_path / "figures"
+    for column, value in (("accuracy", "abc"), ("throughput_useful_tok_s", "nan"), ("throughput_all_tok_s", "-5"),
+                          ("latency_s_mean", "inf")):
+        rows = [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2, **{column: value})]
+        csv = str(write_csv(tmp_path / "runs.csv", rows))
+        for main in (aggregate.main, plot.main):
+            line = refused(main, [csv, "--out", str(figures)], capsys)
+            assert "runs.csv: row 2 (model=llada, cache=prefix, decoding=low_confidence, " in line, line
+            assert f"{column}={value!r} (allowed: a finite number >= 0, or an empty cell)" in line
+    csv = str(write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)]))
+    published = pd.read_csv(PUBLISHED, dtype=str, keep_default_na=False)
+    published.loc[3, "score"] = "n/a"
+    published.to_csv(tmp_path / "published.csv", index=False)
+    line = refused(aggregate.main, [csv, "--published", str(tmp_path / "published.csv")], capsys)
+    assert "published.csv: row 4 (source=" in line and "score='n/a' (allowed: a finite number >= 0" in line
+    assert not figures.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_out_folder_that_cannot_be_made_or_is_empty_is_refused_before_any_output(tmp_path, monkeypatch, capsys):
+    import plot
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    csv = str(write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)]))
+    for main in (aggregate.main, plot.main):
+        line = refused(main, [csv, "--out", "/proc/nope/tables"], capsys)
+        assert "--out /proc/nope/tables: cannot make the folder (No such file or directory)" in line
+        assert "--out '': give a folder to write to" in refused(main, [csv, "--out", ""], capsys)
 
 
 def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -23,9 +23,10 @@ variant ``src/model/dream_klass.py`` differs where noted):
   those steps are not recorded: alone it would not have made them (its tokens do not change
   meanwhile, so their KL values would be 0 and make its later positions look stable). So with
   full forwards (``cache=none``) a row of a batch decodes as alone; a cache method whose state
-  moves with every step (d²Cache, dLLM-Cache) still sees the waiting steps. The authors' loop runs at most steps_per_block steps per block and moves on even if
-  the block still has masks (possible only when steps < gen_length); here the block's last
-  budgeted step commits every masked position left in it (no [MASK] may remain).
+  moves with every step (d²Cache, dLLM-Cache) still sees the waiting steps. The authors' loop
+  runs at most steps_per_block steps per block and moves on even if the block still has masks
+  (possible only when steps < gen_length); here the block's last budgeted step commits every
+  masked position left in it (no [MASK] may remain).
 
 What counts as "consecutive steps" when a cache method leaves a prediction stale: in the authors'
 code every position is recomputed every step. Here only the positions the loop recomputed this

@@ -16,9 +16,13 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from dllm.pipeline import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +468,7 @@ def _skip_message(cfg: DictConfig, identity: dict, key: str) -> None:
     )
 
 
-def preflight_eval(cfg: DictConfig, dp=None) -> tuple[TaskSettings, object, dict | None]:
+def preflight_eval(cfg: DictConfig, dp=None) -> tuple[TaskSettings, "RunPlan", dict | None]:
     """Every check of an evaluation before anything loads (a sweep makes them for all its jobs
     first): the task settings, ``results_csv``, the run plan and the checkpoint's config.json and
     safetensors headers, the logger. ``dp`` (torchrun) pins each rank's device before the plan."""

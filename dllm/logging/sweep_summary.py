@@ -6,8 +6,8 @@ done) this prints one table of the rows the sweep's jobs wrote to ``results_csv`
 accuracy ± stderr, tok/s, speedup over the ``none`` row of the same workload (model, task, shots,
 limit, response length, batch size, hardware, dtype, threads, processes) when the sweep has one
 (the same decoding and decoding settings, else the workload's one low-confidence ``none``), status
-— and the CSV's path. A CSV that cannot be read is named with the way to repair it. A SLURM sweep also says, at its start, where the rows will
-arrive and how to watch them.
+— and the CSV's path. A CSV that cannot be read is named with the way to repair it. A SLURM sweep
+also says, at its start, where the rows will arrive and how to watch them.
 """
 from __future__ import annotations
 

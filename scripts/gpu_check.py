@@ -45,6 +45,7 @@ from dllm.atomic import write_atomic  # noqa: E402
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
+from dllm.models.tiny import BASE_ARGS  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
 
 FAMILIES = ("llada", "dream")
@@ -133,6 +134,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, default)
         elif getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    # Within the context of the real models whose shapes are built (LLaDA-8B: 4096): longer, it times
+    # positions they never see, and an 8B model's store and attention over them may run for hours.
+    context = min(BASE_ARGS[family]["max_seq_len"] for family in args.families)
+    if args.prompt_length + args.gen_length > context:
+        ap.error(f"--prompt-length {args.prompt_length} + --gen-length {args.gen_length} = "
+                 f"{args.prompt_length + args.gen_length} tokens exceed the context of --families "
+                 f"{','.join(args.families)} (allowed: a total of at most {context})")
     # Every method's decoder and cache, as its runs build them (one token per step), else every run of it errs.
     runs = argparse.Namespace(preset="smoke", methods=args.methods, samplers=[], steps=args.gen_length,
                               gen_length=args.gen_length)  # smoke: a preset with bench.METHODS' decodings

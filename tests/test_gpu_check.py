@@ -136,6 +136,9 @@ def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
     # lengths: 0 is not "the default", a negative one crashed or erred every run, 40 is not in blocks of 32
     (["--prompt-length", "0"], "--prompt-length=0"), (["--prompt-length", "-4"], "--prompt-length=-4"),
     (["--gen-length", "-4"], "--gen-length=-4"), (["--gen-length", "40"], "--gen-length=40"),
+    # beyond the real models' context (LLaDA-8B: 4096), hours of attention over positions they never see
+    (["--prompt-length", "100000"], "100016 tokens exceed the context of --families llada,dream (allowed: a total "
+                                    "of at most 4096)"),
 ])
 def test_bad_arguments_are_refused(bad, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:

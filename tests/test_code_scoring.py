@@ -130,7 +130,30 @@ def test_the_sanitize_tasks_are_lm_eval_tasks():
     from dllm.eval.runner import resolve_include_path
 
     manager = TaskManager(include_path=resolve_include_path("code"), include_defaults=False)
-    assert {"dllm_humaneval_sanitized", "dllm_mbpp_sanitized"} <= set(manager.all_tasks)
+    assert {"dllm_humaneval_sanitized", "dllm_humaneval_sanitized_no_prompt", "dllm_mbpp_sanitized"} <= set(
+        manager.all_tasks)
+
+
+def test_without_the_prompt_only_the_problem_whose_tests_need_its_helpers_fails(problems):
+    """code_scoring=sanitize_no_prompt (Fast-dLLM's rule): the sanitized code run alone. Canonical chat
+    answers all pass but HumanEval/50, whose tests call encode_shift, defined in the prompt only."""
+    chat = [humaneval_program(p, chat_answer(p["prompt"], p["canonical_solution"]), with_prompt=False) for p in problems]
+    failed = [p["task_id"] for p, program in zip(problems, chat) if pass_rate([p], [program]) < 1]
+    assert failed == ["HumanEval/50"]
+
+
+def test_the_local_twin_runs_without_the_prompt_through_lm_eval(tmp_path, monkeypatch):
+    """The filter the no-prompt task names: a prompt helper the entry point does not call is gone."""
+    from lm_eval.tasks import TaskManager
+
+    from dllm.eval.runner import resolve_include_path
+
+    manager = TaskManager(include_path=resolve_include_path("local"), include_defaults=False)
+    task = manager.load(["humaneval_local_sanitized_no_prompt"])["tasks"]["humaneval_local_sanitized_no_prompt"]
+    doc = {"prompt": "def helper():\n    return 1\n\ndef f():\n", "entry_point": "f"}
+    filter_fn = task.config.filter_list[0]["filter"][0]["filter_fn"]
+    (filtered,) = filter_fn([["    return 2\n"]], [doc])
+    assert filtered == ["def f():\n    return 2"]
 
 
 def test_mbpp_sanitized_results_run_the_fenced_code_with_the_asserts():

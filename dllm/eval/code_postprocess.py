@@ -124,9 +124,12 @@ def sanitize(code: str, entry_point: str) -> str:
         return ""
 
 
-def humaneval_program(doc: dict, answer: str) -> str:
-    """The program an instruct model's HumanEval answer is scored as (tests are appended later)."""
-    return doc["prompt"] + "\n" + sanitize(doc["prompt"] + "\n" + extract_code(answer), doc["entry_point"])
+def humaneval_program(doc: dict, answer: str, with_prompt: bool = True) -> str:
+    """The program an instruct model's HumanEval answer is scored as (tests are appended later):
+    the prompt, then the sanitized code (d²Cache's Table 1); ``with_prompt=False``: the sanitized
+    code alone (Fast-dLLM's ``postprocess_code.py``, d²Cache's code since its commit 9a13d76)."""
+    code = sanitize(doc["prompt"] + "\n" + extract_code(answer), doc["entry_point"])
+    return doc["prompt"] + "\n" + code if with_prompt else code
 
 
 def mbpp_program(answer: str) -> str:

@@ -23,6 +23,13 @@ def humaneval_sanitized(resps: list[list[str]], docs: list[dict]) -> list[list[s
     return [[humaneval_program(doc, r) for r in resp] for resp, doc in zip(resps, docs)]
 
 
+def humaneval_sanitized_no_prompt(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """Filter: each answer -> the sanitized code alone, without the prompt before it (Fast-dLLM's rule)."""
+    from dllm.eval.code_postprocess import humaneval_program
+
+    return [[humaneval_program(doc, r, with_prompt=False) for r in resp] for resp, doc in zip(resps, docs)]
+
+
 def mbpp_fewshot_samples() -> list[dict]:
     """lm-eval's three MBPP few-shot examples (task ids 2-4 of MBPP's prompt split)."""
     return [json.loads(line) for line in (DATA / "mbpp_fewshot.jsonl").read_text().splitlines() if line.strip()]

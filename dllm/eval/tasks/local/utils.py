@@ -57,3 +57,10 @@ def humaneval_sanitized(resps: list[list[str]], docs: list[dict]) -> list[list[s
     from dllm.eval.code_postprocess import humaneval_program
 
     return [[humaneval_program(doc, r) for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def humaneval_sanitized_no_prompt(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """Filter: each answer -> the sanitized code alone, without the prompt before it (Fast-dLLM's rule)."""
+    from dllm.eval.code_postprocess import humaneval_program
+
+    return [[humaneval_program(doc, r, with_prompt=False) for r in resp] for resp, doc in zip(resps, docs)]

@@ -369,7 +369,8 @@ def test_alg_temp_whole_response(net):
 @pytest.mark.parametrize("params, message", [
     (dict(first_token="first"), r"first_token='first' \(allowed: \['schedule', 'commit'\]\)"),
     (dict(first_token=None), r"first_token=None \(allowed"),
-    (dict(alg_temp=-0.5), r"alg_temp=-0.5 must be a number >= 0"),
+    (dict(alg_temp=-0.5), r"alg_temp=-0.5 must be a finite number >= 0"),
+    (dict(alg_temp=float("inf")), r"alg_temp=inf must be a finite number >= 0"),
     (dict(alg_temp="hot"), r"alg_temp='hot'"),
     (dict(alg_temp=0.5, alg="origin"), r"alg_temp=0.5 .*allowed with alg: \['maskgit_plus', 'topk_margin', 'entropy'\]"),
     (dict(block_length=0), r"block_length=0 must be >= 1"),

@@ -92,9 +92,10 @@ def integer_setting(cfg: DictConfig, key: str, minimum: int, below: int | None =
     return value
 
 
-def boolean_setting(cfg: DictConfig, key: str) -> bool:
-    """``cfg.<key>`` checked to be true or false (Hydra keeps ``maybe`` as a text, which reads as true)."""
-    value = OmegaConf.select(cfg, key)
+def boolean_setting(cfg: DictConfig, key: str, default: bool | None = None) -> bool:
+    """``cfg.<key>`` (``default`` where the config lacks it) checked to be true or false (Hydra keeps
+    ``maybe`` as a text, which reads as true)."""
+    value = OmegaConf.select(cfg, key, default=default)
     if not isinstance(value, bool):
         raise ValueError(f"{key}={value!r} must be true or false")
     return value

@@ -51,13 +51,6 @@ def _get(node: DictConfig, key: str, default=None):
     return OmegaConf.select(node, key, default=default)
 
 
-def _boolean(task: DictConfig, key: str, default: bool = False) -> bool:
-    value = _get(task, key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"task.{key}={value!r} must be true or false")
-    return value
-
-
 def resolve_include_path(value) -> list[str]:
     """null -> []; a name under dllm/eval/tasks/ (e.g. ``local``) or any existing folder."""
     if value in (None, ""):
@@ -93,6 +86,8 @@ def code_scoring_task(cfg: DictConfig) -> tuple[str | None, str | None]:
 
 def check_task(cfg: DictConfig) -> TaskSettings:
     """Everything about the task that can be checked without lm-eval or the model."""
+    from dllm.pipeline import boolean_setting
+
     t = cfg.task
     name = str(t.name)
     code_scoring, lm_eval_task = code_scoring_task(cfg)
@@ -120,9 +115,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         log.warning("task=%s with task.n_shot=0: exact_match reads only Minerva's 'Final Answer: The final answer "
                     "is X' sentence, which only the few-shot examples teach, so 0-shot answers score near 0; "
                     "task.metric='math_verify,none' scores them (dkv_table1 does)", name)
-    allow = _get(t, "allow_code_execution", False)
-    if not isinstance(allow, bool):
-        raise ValueError(f"task.allow_code_execution={allow!r} must be true or false")
+    allow = boolean_setting(cfg, "task.allow_code_execution", default=False)
     if _get(t, "executes_code", False) and not allow:
         raise ValueError(
             f"task={name} executes model-written code to score it; opt in explicitly with "
@@ -138,9 +131,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
     pass_k = list(pass_k) if isinstance(pass_k, (list, tuple)) or OmegaConf.is_list(pass_k) else [pass_k]
     if not pass_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= samples for k in pass_k):
         raise ValueError(f"task.pass_k={pass_k} must list integers in [1, task.num_return_sequences={samples}]")
-    defaults = _get(t, "include_defaults", True)
-    if not isinstance(defaults, bool):
-        raise ValueError(f"task.include_defaults={defaults!r} must be true or false")
+    defaults = boolean_setting(cfg, "task.include_defaults", default=True)
     return TaskSettings(
         name=name,
         lm_eval_task=str(lm_eval_task),
@@ -151,7 +142,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         include_defaults=defaults,
         allow_code_execution=allow,
         mc_num=mc_num,
-        fewshot_as_multiturn=_boolean(t, "fewshot_as_multiturn"),
+        fewshot_as_multiturn=boolean_setting(cfg, "task.fewshot_as_multiturn", default=False),
         code_scoring=code_scoring,
         num_return_sequences=samples,
         pass_k=tuple(pass_k),

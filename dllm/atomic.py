@@ -1,4 +1,5 @@
-"""Whole-file writes: readers, and a crash mid-write, see the old file or the new one, never half of one."""
+"""Whole-file writes: readers, and a crash mid-write, see the old file or the new one, never half of one;
+and the output folder a script writes them into, checked before its work starts."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,26 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:  # e.g. a full disk: the old file stays, drop the partial copy
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_out_folder(name: str | os.PathLike, option: str = "--out") -> Path:
+    """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
+    line, naming ``option``) where it cannot be made or written to. Scripts call it last among their
+    checks (a refused command makes nothing) and before their work: found unusable after the work,
+    the tables, figures or checkpoints would be lost."""
+    if not str(name).strip():  # Path('') is the current folder
+        raise ValueError(f"{option} {str(name)!r}: give a folder to write to")
+    out = Path(name)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{option} {out}: {path} is a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {out}: cannot make the folder ({err.strerror}); give a folder that exists or "
+                         "can be made") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {out}: the folder is not writable")
+    return out

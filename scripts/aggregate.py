@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Iterable
@@ -56,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dllm.atomic import write_atomic  # noqa: E402
+from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.logging.record import record_key  # noqa: E402
 
 TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware", "dtype", "threads",
@@ -707,29 +706,6 @@ def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFr
 
 
 AUP_FILES = ("aup.md", "aup.tex", "aup.csv")
-
-
-def make_out_folder(name: str) -> Path:
-    """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
-    line) where it cannot be made or written to. Called last among the checks (a refused command
-    makes nothing) and before anything is printed: found unusable after the work, the tables or
-    figures would be lost."""
-    if not name.strip():  # Path('') is the current folder
-        raise ValueError(f"--out {name!r}: give a folder to write to")
-    out = Path(name)
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"--out {out}: {path} is a file, not a folder")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot make the folder ({err.strerror}); give a folder that exists or "
-                         "can be made") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
-    return out
 
 
 def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -41,7 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (puts the repository on sys.path)
-from dllm.atomic import write_atomic  # noqa: E402
+from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
@@ -167,11 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"{error} (--no-compile runs the eager half)")
     # Made now, last (a refused command makes nothing): found unusable after the runs, it would lose them all.
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        ap.error(f"--out={args.out}: must be a folder or a path where one can be made ({error.strerror})")
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        ap.error(f"--out={args.out}: the folder is not writable")
+        make_out_folder(args.out)
+    except ValueError as error:
+        ap.error(str(error))
     return args
 
 

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
 
+from dllm.atomic import make_out_folder  # noqa: E402
 from dllm.models.tiny import SPECIALS, make_tiny_checkpoint  # noqa: E402
 
 
@@ -26,16 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.shard_bytes < 1:
         parser.error(f"--shard-bytes={args.shard_bytes} must be >= 1")
-    if not args.out.strip():  # '' would write into the current folder
-        parser.error(f"--out={args.out!r}: give the folder to write (e.g. --out /tmp/tiny_{args.family})")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out={args.out} is a file, not a folder")
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        parser.error(f"--out={args.out}: must be a folder or a path where one can be made ({error.strerror})")
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        parser.error(f"--out={args.out}: the folder is not writable")
+        make_out_folder(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     folder = make_tiny_checkpoint(args.family, args.out, seed=args.seed, max_shard_bytes=args.shard_bytes)
     print(folder)
 

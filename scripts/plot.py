@@ -56,7 +56,7 @@ for path in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(path))
 
 import aggregate  # noqa: E402
-from dllm.atomic import write_atomic  # noqa: E402
+from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 
 # cache method -> (colour, marker). Colours: Okabe & Ito's palette, told apart under the common
 # colour-vision deficiencies (its yellow is too faint on white for points); the marker shape keeps
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "e.g. --prompt 'What is 7 * 6?')")
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             trace = trace_runs(args.model, methods, args.gen_length, args.block_length)
-        out = aggregate.make_out_folder(args.out)
+        out = make_out_folder(args.out)
     except ValueError as err:
         parser.error(str(err))
     if args.csv:

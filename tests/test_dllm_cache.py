@@ -245,6 +245,20 @@ def test_rows_recomputed_per_layer_follow_the_intervals(monkeypatch, refresh_fir
     assert out.active_token_layers == pytest.approx(sum(row[3] for row in expected) + value_only * share)
 
 
+@pytest.mark.parametrize("rounding, per_layer", [("ceil", math.ceil(0.3 * 16)), ("floor", math.floor(0.3 * 16))])
+def test_update_rounding(monkeypatch, rounding, per_layer):
+    """rho n = 4.8 response rows: ceil updates 5 per layer (ours), floor 4 (the reference's
+    int(gen_length * rho)); layers other than 0 between refreshes."""
+    monkeypatch.setattr(module, "FeatureReuse", CountingHook)
+    CountingHook.per_layer = []
+    net = tiny_net(tiny_args("llada"), logit_scale=8.0, silent_ids=(MASK_ID,))
+    generate(net, random_prompts((10,)), low_confidence(),
+             build_cache("dllm_cache", prompt_interval=8, response_interval=4, update_ratio=0.3,
+                         update_rounding=rounding), GEN)
+    partial = {count for prompt, response, layer, count in CountingHook.per_layer if not response and layer > 0}
+    assert partial == {per_layer}
+
+
 def test_no_update_ratio_computes_no_values(monkeypatch):
     """rho = 0 (as in the reference): between refreshes no value is projected, written or counted."""
     monkeypatch.setattr(module, "FeatureReuse", CountingHook)
@@ -264,3 +278,5 @@ def test_bad_settings():
         build_cache("dllm_cache", value_write="some")
     with pytest.raises(ValueError, match="refresh_first_layer='yes'"):
         build_cache("dllm_cache", refresh_first_layer="yes")
+    with pytest.raises(ValueError, match="update_rounding='round'.*ceil, floor"):
+        build_cache("dllm_cache", update_rounding="round")

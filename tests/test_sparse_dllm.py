@@ -89,6 +89,27 @@ def test_eviction_hand_traced():
     assert kept(1.0, 3) == [[0, 1, 2, 3, 6, 7], [1, 2, 3, 6, 7]]
 
 
+def test_tie_break_topk_keeps_what_torch_topk_returns():
+    """Pooling copies a maximum onto its neighbours, so exact ties at the keep cut-off are common.
+    tie_break=topk keeps, per row, what torch.topk returns for the row's (1, n) pooled candidate
+    scores (the authors' call); earlier keeps the earlier positions."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 40), generator=gen).float()  # few distinct values: many ties
+    candidates = torch.rand(3, 40, generator=gen) > 0.2
+    candidates[:, 16:24] = False  # the block
+    for kernel, ratio in ((1, 0.5), (3, 0.3), (5, 0.7)):
+        topk, earlier = (keep_keys(scores, candidates, ratio, kernel, tie) for tie in ("topk", "earlier"))
+        assert topk.sum(1).tolist() == earlier.sum(1).tolist() and not (topk & ~candidates).any()
+        for row in range(3):
+            positions = candidates[row].nonzero()[:, 0]
+            pooled = scores[row, positions][None, None]
+            if kernel > 1:
+                pooled = torch.nn.functional.max_pool1d(pooled, kernel, stride=1, padding=kernel // 2)
+            expected = positions[torch.topk(pooled[0], int(len(positions) * ratio), dim=-1).indices[0]]
+            assert sorted(topk[row].nonzero()[:, 0].tolist()) == sorted(expected.tolist())
+    assert not torch.equal(*(keep_keys(scores, candidates, 0.3, 3, tie) for tie in ("topk", "earlier")))
+
+
 def test_block_scores_average_the_block_rows():
     """Attention of rows at positions 2, 3, 5 (and a padding row) over 6 positions; block [2, 4)."""
     rows = torch.tensor([[2, 3, 5, 6]])
@@ -212,7 +233,7 @@ def test_schedule_and_key_sets_traced(family, update_interval, delay):
     ("dream", dict(steps=GEN, alg="maskgit_plus", block_length=BLOCK, first_token="commit")),
 ])
 @pytest.mark.parametrize("cache", [dict(keep_ratio=0.1, kernel_size=1), dict(keep_ratio=0.5, delay=0, update_interval=2),
-                                   dict(score="mean_query")])
+                                   dict(score="mean_query"), dict(score="mean_query", tie_break="topk")])
 def test_no_mask_left(family, decoding, params, cache):
     if decoding == "dream" and family == "llada":
         pytest.skip("Dream's decoding is for the Dream family")
@@ -230,6 +251,7 @@ def test_no_mask_left(family, decoding, params, cache):
     (dict(update_interval=0), "update_interval=0 must be an integer >= 1 or null"),
     (dict(delay=-1), "delay=-1 must be an integer >= 0"),
     (dict(score="logits"), "score='logits' \\(allowed: \\['attention', 'mean_query'\\]\\)"),
+    (dict(tie_break="later"), "tie_break='later' \\(allowed: \\['earlier', 'topk'\\]\\)"),
 ])
 def test_bad_hyperparameters(params, message):
     with pytest.raises(ValueError, match=message):

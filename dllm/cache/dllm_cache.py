@@ -4,7 +4,8 @@ Per layer, every position's attention output, FFN output and value vector are ca
 features are recomputed every ``prompt_interval`` (Kp) steps, response features every
 ``response_interval`` (Kr) steps. On other steps every response position still flows through
 all layers: its value vector is recomputed (one projection) and the ``update_ratio`` (rho)
-fraction with the lowest cosine similarity to its cached value is recomputed in full
+fraction with the lowest cosine similarity to its cached value (``update_rounding``: ceil(rho n)
+of the n candidates, or floor as the reference) is recomputed in full
 (attention + FFN, K/V rewritten); the others reuse their cached attention and FFN outputs.
 The prompt is read from the caches. Every response position gets a prediction each step
 (from mixed fresh and cached features), so every masked position is eligible to unmask.
@@ -50,6 +51,9 @@ from dllm.models.transformer import Block, LayerHook, ModelArgs, put_rows, take_
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
 
 VALUE_WRITES = ("all", "recomputed")
+# How many of the n candidate rows are updated: ceil(rho * n) (ours: at least one whenever rho > 0) or
+# floor (the reference's int(gen_length * rho); its candidates are the whole response).
+UPDATE_ROUNDINGS = ("ceil", "floor")
 
 
 def value_share(args: ModelArgs) -> float:
@@ -73,7 +77,11 @@ class FeatureReuse(LayerHook):
         self.always = rows_valid & refreshed
         # With rho = 0 nothing is chosen by similarity: no value is computed (nor written), as in the reference.
         self.candidates = rows_valid & ~in_prompt & ~refreshed & (self.cache.update_ratio > 0)
-        self.n_updates = torch.ceil(self.candidates.sum(1) * self.cache.update_ratio).long()
+        n_candidates = self.candidates.sum(1)
+        if self.cache.update_rounding == "floor":  # the reference's int(gen_length * rho), in Python's float64
+            self.n_updates = torch.floor(n_candidates.double() * self.cache.update_ratio).long()
+        else:
+            self.n_updates = torch.ceil(n_candidates * self.cache.update_ratio).long()
         # Whose fresh values are written under value_write="all": the chosen rows and the candidates
         # (the chosen ones are always or candidates); every other row to the trash slot T.
         self.value_rows = self.always | self.candidates
@@ -134,6 +142,7 @@ class DLLMCache(CacheMethod):
         update_ratio: float = 0.25,
         value_write: str = "all",
         refresh_first_layer: bool = True,
+        update_rounding: str = "ceil",
     ) -> None:
         check_interval("prompt_interval", prompt_interval)
         check_interval("response_interval", response_interval)
@@ -143,8 +152,11 @@ class DLLMCache(CacheMethod):
             raise ValueError(f"cache.value_write={value_write!r} must be one of {', '.join(VALUE_WRITES)}")
         if not isinstance(refresh_first_layer, bool):
             raise ValueError(f"cache.refresh_first_layer={refresh_first_layer!r} must be true or false")
+        if update_rounding not in UPDATE_ROUNDINGS:
+            raise ValueError(f"cache.update_rounding={update_rounding!r} must be one of {', '.join(UPDATE_ROUNDINGS)}")
         self.prompt_interval, self.response_interval = prompt_interval, response_interval
         self.update_ratio, self.value_write, self.refresh_first_layer = update_ratio, value_write, refresh_first_layer
+        self.update_rounding = update_rounding
 
     def start(self, ctx) -> None:
         super().start(ctx)

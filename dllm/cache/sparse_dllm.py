@@ -12,7 +12,8 @@ For each block [lo, hi) of a block decoder (the plan's window), by block step s:
   over the block's rows), the scores are max-pooled over neighbouring candidates
   (``kernel_size``; neighbours in the candidate sequence, so the pool reaches across the block)
   and the top floor(``keep_ratio`` x candidates) candidates of the row survive (ties: the
-  earlier position first).
+  earlier position first; ``tie_break=topk``: as ``torch.topk`` orders them, the authors' call —
+  the pooling copies a maximum onto its neighbours, so exact ties at the cut-off are common).
 - other steps: only the block is recomputed (Dream: plus row lo - 1 while lo is masked, to
   predict it). Every computed row attends, per layer, to the surviving keys, whose K/V stay as
   the selecting forward wrote them (evicted ones are never recomputed nor read), and to the
@@ -37,6 +38,7 @@ from dllm.models.transformer import LayerHook, apply_rope, rope_cos_sin
 from .base import ActiveRequest, CacheMethod, StepOutcome, StepView, check_interval, register_cache
 
 SCORES = ("attention", "mean_query")
+TIE_BREAKS = ("earlier", "topk")
 
 
 def block_scores(attention: Tensor, rows: Tensor, rows_valid: Tensor, lo: int, hi: int) -> Tensor:
@@ -46,12 +48,15 @@ def block_scores(attention: Tensor, rows: Tensor, rows_valid: Tensor, lo: int, h
     return (attention * weight[:, :, None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
 
 
-def keep_keys(scores: Tensor, candidates: Tensor, keep_ratio: float, kernel_size: int) -> Tensor:
+def keep_keys(scores: Tensor, candidates: Tensor, keep_ratio: float, kernel_size: int, tie_break: str = "earlier"
+              ) -> Tensor:
     """(B, T) bool: the candidates that survive eviction.
 
     Per row, the candidates' scores in position order are max-pooled (window ``kernel_size``,
     stride 1, the candidate sequence's ends padded with -inf) and the floor(keep_ratio x n)
-    highest of the n candidates are kept, ties to the earlier position.
+    highest of the n candidates are kept. ``tie_break``: ``earlier`` keeps the earlier of equal
+    scores; ``topk`` keeps whichever ``torch.topk`` returns for the row's (1, n) candidate scores,
+    as the authors' code calls it (its order among ties is torch's, and may differ by device).
     """
     T = candidates.shape[1]
     # Candidates first, in position order: the row's candidate sequence, -inf after its end.
@@ -62,7 +67,16 @@ def keep_keys(scores: Tensor, candidates: Tensor, keep_ratio: float, kernel_size
         packed = F.max_pool1d(packed[:, None], kernel_size, stride=1, padding=kernel_size // 2)[:, 0]
         packed = packed.masked_fill(~packed_valid, float("-inf"))
     n_keep = torch.floor(candidates.sum(1).double() * keep_ratio).long()  # as int(n * ratio)
-    ranked = torch.sort(packed, dim=1, descending=True, stable=True).indices
+    if tie_break == "topk":  # once per block and layer; the reference is batch 1, a row at a time here
+        n_candidates = packed_valid.sum(1).tolist()
+        ranked = torch.zeros_like(order)
+        for row, (n, keep) in enumerate(zip(n_candidates, n_keep.tolist())):
+            top = torch.topk(packed[row:row + 1, :n], keep, dim=-1).indices[0]
+            rest = torch.ones(T, dtype=torch.bool, device=scores.device)
+            rest[top] = False
+            ranked[row] = torch.cat([top, rest.nonzero()[:, 0]])
+    else:
+        ranked = torch.sort(packed, dim=1, descending=True, stable=True).indices
     chosen = torch.arange(T, device=scores.device)[None, :] < n_keep[:, None]
     keep_packed = torch.zeros_like(candidates).scatter(1, ranked, chosen)
     return torch.zeros_like(candidates).scatter(1, order, keep_packed & packed_valid)
@@ -114,7 +128,7 @@ class SparseDLLM(CacheMethod):
     name = "sparse_dllm"
 
     def __init__(self, keep_ratio: float = 0.5, kernel_size: int = 3, update_interval: int | None = None,
-                 delay: int = 1, score: str = "attention") -> None:
+                 delay: int = 1, score: str = "attention", tie_break: str = "earlier") -> None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"cache.keep_ratio={keep_ratio!r} must be a number in (0, 1]")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -124,8 +138,10 @@ class SparseDLLM(CacheMethod):
             raise ValueError(f"cache.delay={delay!r} must be an integer >= 0 (block steps before the first selection)")
         if score not in SCORES:
             raise ValueError(f"cache.score={score!r} (allowed: {list(SCORES)})")
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"cache.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
         self.keep_ratio = float(keep_ratio)
-        self.score = score
+        self.score, self.tie_break = score, tie_break
         # The paper's score reads the loop's attention statistics; the code's comes from a hook.
         self.needs_attention = score == "attention"
         self.kernel_size = kernel_size
@@ -171,4 +187,4 @@ class SparseDLLM(CacheMethod):
         outside = torch.ones_like(view.masked)
         outside[:, lo:hi] = False
         candidates = self.ctx.real & outside
-        self.kept = [keep_keys(s, candidates, self.keep_ratio, self.kernel_size) for s in scores]
+        self.kept = [keep_keys(s, candidates, self.keep_ratio, self.kernel_size, self.tie_break) for s in scores]

@@ -10,6 +10,10 @@ from .base import DecodeContext, Decoder, StepPlan, exclude_token, gumbel_argmax
 class BlockDecoder(Decoder):
     """Blocks of ``block_length`` decoded left to right with ``steps`` split evenly over blocks."""
 
+    #: the dtype of the softmax whose chosen-token probability is the confidence: "float64", or
+    #: "logits" (the logits' own, as LLaDA's current generate() computes it)
+    confidence_dtype: str = "float64"
+
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)
         self.counts: Tensor | None = None
@@ -30,16 +34,33 @@ class BlockDecoder(Decoder):
 
     def propose(self, logits: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         tokens = gumbel_argmax(exclude_token(logits, self.ctx.mask_token_id), self.temperature, self.ctx.generator)
-        # LLaDA's confidence: the noise-free float64 softmax over the whole vocabulary.
-        probs = torch.softmax(logits.double(), dim=-1)
+        # LLaDA's confidence: the noise-free softmax over the whole vocabulary.
+        probs = torch.softmax(logits.double() if self.confidence_dtype == "float64" else logits, dim=-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+CONFIDENCE_DTYPES = ("float64", "logits")
 
 
 @register_decoder
 class LowConfidence(BlockDecoder):
-    """Unmask the most confident predictions (softmax probability of the chosen token)."""
+    """Unmask the most confident predictions (softmax probability of the chosen token).
+
+    ``confidence_dtype``: ``float64`` (default) computes that softmax in float64, as LLaDA's
+    generate() did until its commit f51cb17 (June 2025) and as the Fast-dLLM and dKV-Cache code
+    does; ``logits``: in the logits' own dtype (float32 on CPU here, bfloat16 on a GPU), as LLaDA's
+    generate() has since. Near 1 a lower precision rounds distinct confidences to equal ones (with
+    ``cfg_scale``'s amplified logits, several are exactly 1.0), and the earlier position wins the tie.
+    """
 
     name = "low_confidence"
+
+    def __init__(self, steps: int, block_length: int | None = None, temperature: float = 0.0,
+                 confidence_dtype: str = "float64") -> None:
+        super().__init__(steps, block_length, temperature)
+        if confidence_dtype not in CONFIDENCE_DTYPES:
+            raise ValueError(f"decoding.confidence_dtype={confidence_dtype!r} (allowed: {list(CONFIDENCE_DTYPES)})")
+        self.confidence_dtype = confidence_dtype
 
 
 @register_decoder

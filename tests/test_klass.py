@@ -231,6 +231,7 @@ def test_dkv_greedy_refuses_it():
     (dict(temperature=-1), "decoding.temperature=-1"),
     (dict(steps=0), "decoding.steps=0 must be an integer >= 1"),
     (dict(threshold=0.9), "no parameter decoding.threshold"),
+    (dict(fallback_dtype="float32"), r"decoding.fallback_dtype='float32' \(allowed: \['float64', 'logits'\]\)"),
 ])
 def test_bad_hyperparameters_are_refused(params, message):
     with pytest.raises(ValueError, match=message):
@@ -269,3 +270,54 @@ def test_a_row_of_a_batch_decodes_as_alone_on_a_trained_model(family):
     alone = [generate(net, [p], build_decoder("klass", **params), build_cache("none"), 32) for p in prompts]
     assert [b.tolist() for b in batch.tokens] == [a.tokens[0].tolist() for a in alone]
     assert len({a.nfe for a in alone}) > 1  # the rows finish their blocks at different steps
+
+
+def dream_klass(net, prompt, gen_length, conf_threshold, kl_threshold, history):
+    """Our reading of the authors' Dream variant (src/model/dream_klass.py), batch 1, one block, steps =
+    gen_length, full forwards: KL of the float64 softmax against the previous one (an all-zero start),
+    ready when the last ``history`` KL values are < kl_threshold and the float64 confidence >=
+    conf_threshold; all ready positions committed, else one: the first maximum of the float32 softmax's
+    top probability over the masked positions. Returns the response and the number of forwards."""
+    mask, V = net.args.mask_token_id, net.args.vocab_size
+    x = torch.tensor([prompt + [mask] * gen_length])
+    previous = torch.zeros(1, x.shape[1], V, dtype=torch.float64)
+    kls = torch.zeros(1, x.shape[1], history, dtype=torch.float64)
+    for forwards in range(gen_length):
+        masked = x == mask
+        if not masked.any():
+            return x[0, len(prompt):].tolist(), forwards
+        with torch.no_grad():
+            logits = net(x)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position j predicted from j - 1
+        tokens = torch.zeros_like(x)
+        tokens[masked] = logits[masked].argmax(-1)
+        probs = torch.softmax(logits.double(), dim=-1)
+        kl = (probs * (torch.log(probs + 1e-12) - torch.log(previous + 1e-12))).sum(-1)
+        kls = torch.cat([kls[..., 1:], kl[..., None]], dim=-1)
+        previous = probs
+        confidence = probs.gather(-1, tokens[..., None])[..., 0]
+        ready = (kls < kl_threshold).all(-1) & (confidence >= conf_threshold) & masked
+        if ready.any():
+            x[ready] = tokens[ready]
+        else:
+            top = torch.softmax(logits[masked], dim=-1).max(-1).values  # the logits' float32
+            position = masked[0].nonzero()[int(top.argmax())]
+            x[0, position] = tokens[0, position]
+    return x[0, len(prompt):].tolist(), gen_length
+
+
+def test_dream_fallback_in_the_logits_dtype_equals_the_authors_dream_code():
+    """fallback_dtype=logits ranks KLASS's one-token fallback as the authors' Dream code does (a float32
+    softmax, the first maximum): tokens and forward counts equal on the trained tiny Dream, where the
+    float64 default differs (the rounding reorders near-ties)."""
+    net, prompts = trained_tiny("dream")
+    differs = 0
+    for gen, conf, kl, history in ((64, 0.9, 0.001, 2), (48, 0.8, 0.001, 2), (32, 0.9, 0.005, 3)):
+        for prompt in prompts:
+            tokens, forwards = dream_klass(net, prompt, gen, conf, kl, history)
+            runs = {dtype: generate(net, [prompt], build_decoder("klass", steps=gen, block_length=None, conf_threshold=conf,
+                                                                 kl_threshold=kl, history=history, fallback_dtype=dtype),
+                                    build_cache("none"), gen) for dtype in ("logits", "float64")}
+            assert (runs["logits"].tokens[0].tolist(), runs["logits"].nfe) == (tokens, forwards)
+            differs += (runs["float64"].tokens[0].tolist(), runs["float64"].nfe) != (tokens, forwards)
+    assert differs

@@ -52,6 +52,12 @@ at each block start), with a float64 (B, W, history) KL register: for LLaDA's vo
 storage of p_prev changes a KL by ~1e-8 at most here, far below the thresholds (>= 1e-3) the
 authors use.
 
+``fallback_dtype``: ``float64`` (default) ranks the fallback by the confidence above; ``logits`` by
+the chosen token's probability under a softmax in the logits' own dtype (float32 here on CPU), as the
+authors' Dream code does (``sample_tokens`` on the raw logits, then the first of the maxima): its
+rounding can reorder near-ties (probabilities of 0.9999982 and 0.9999983), and so the tokens and
+the number of forwards. Their LLaDA code ranks in float64.
+
 Tokens are LLaDA's (greedy, or Gumbel noise on float64 logits with ``temperature`` > 0, [MASK]
 never chosen); confidences and KL values come from the noise-free softmax (the authors' code
 uses the noisy one at temperature > 0; their scripts run at 0).
@@ -68,6 +74,7 @@ from .base import (DecodeContext, Decoder, StepPlan, exclude_token, gumbel_argma
                    register_decoder, top_n_mask)
 
 WINDOWS = ("rest", "block")
+FALLBACK_DTYPES = ("float64", "logits")
 LOG_EPS = 1e-12  # the authors' eps inside both logarithms of the KL
 
 
@@ -80,7 +87,8 @@ class KLASS(Decoder):
     name = "klass"
 
     def __init__(self, steps: int | None = None, block_length: int | None = 64, conf_threshold: float = 0.9,
-                 kl_threshold: float = 0.01, history: int = 2, window: str = "rest", temperature: float = 0.0) -> None:
+                 kl_threshold: float = 0.01, history: int = 2, window: str = "rest", temperature: float = 0.0,
+                 fallback_dtype: str = "float64") -> None:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"decoding.steps={steps!r} must be an integer >= 1 (the most forwards; "
                              "null = gen_length)")
@@ -97,10 +105,12 @@ class KLASS(Decoder):
                              "consecutive KL values that must stay below kl_threshold)")
         if window not in WINDOWS:
             raise ValueError(f"decoding.window={window!r} (allowed: {list(WINDOWS)})")
+        if fallback_dtype not in FALLBACK_DTYPES:
+            raise ValueError(f"decoding.fallback_dtype={fallback_dtype!r} (allowed: {list(FALLBACK_DTYPES)})")
         super().__init__(steps or 1, block_length, float(temperature))
         self.steps_asked = steps
         self.conf_threshold, self.kl_threshold = float(conf_threshold), float(kl_threshold)
-        self.history, self.window = history, window
+        self.history, self.window, self.fallback_dtype = history, window, fallback_dtype
 
     def check(self, gen_length: int) -> None:
         self.steps = self.steps_asked or gen_length
@@ -167,6 +177,10 @@ class KLASS(Decoder):
         ready = torch.zeros_like(valid)
         ready[valid] = stable & (confidence[valid] > self.conf_threshold)
         self.positions, self.ready = positions, ready
+        # What the fallback ranks by: the confidence, or (Dream's code: sample_tokens on the raw logits)
+        # the same probability from a softmax in the logits' dtype, whose rounding can reorder near-ties.
+        self.fallback_confidence = confidence if self.fallback_dtype == "float64" else (
+            torch.softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1).double())
         self.last_kl = torch.full(positions.shape, float("nan"), dtype=torch.float64, device=positions.device)
         self.last_kl[valid] = kl
         return tokens, confidence
@@ -175,6 +189,7 @@ class KLASS(Decoder):
         """The confidence (so cache methods can rank with it); keeps the ready flags, laid onto
         their positions, for :meth:`select`."""
         self.ready_map = on_positions(self.ready, self.positions, confidence.shape[1], fill=False)
+        self.fallback_map = on_positions(self.fallback_confidence, self.positions, confidence.shape[1])
         return confidence
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
@@ -183,6 +198,7 @@ class KLASS(Decoder):
         in_block[:, lo:hi] = True
         score = score.masked_fill(~in_block, float("-inf"))
         ready = self.ready_map & torch.isfinite(score)
-        chosen = torch.where(ready.any(1, keepdim=True), ready, top_n_mask(score, self.fallback))
+        fallback_score = self.fallback_map.masked_fill(~torch.isfinite(score), float("-inf"))
+        chosen = torch.where(ready.any(1, keepdim=True), ready, top_n_mask(fallback_score, self.fallback))
         short = chosen.sum(1, keepdim=True) < plan.n_transfer[:, None]  # the budget's last step: the rest
         return torch.where(short, chosen | top_n_mask(score, plan.n_transfer), chosen)

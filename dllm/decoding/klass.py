@@ -26,7 +26,11 @@ variant ``src/model/dream_klass.py`` differs where noted):
   moves with every step (d²Cache, dLLM-Cache) still sees the waiting steps. The authors' loop
   runs at most steps_per_block steps per block and moves on even if the block still has masks
   (possible only when steps < gen_length); here the block's last budgeted step commits every
-  masked position left in it (no [MASK] may remain).
+  masked position left in it (no [MASK] may remain). With steps < gen_length the authors' LLaDA
+  fallback also asks ``topk`` for LLaDA's count even when the block has fewer masked positions left,
+  which then picks positions at -inf (overwriting decoded tokens or filling another block's masks,
+  whichever its tie order gives): not reproduced. At the authors' steps = gen_length neither
+  happens (a re-statement of their code gave the same tokens in 42 settings).
 
 What counts as "consecutive steps" when a cache method leaves a prediction stale: in the authors'
 code every position is recomputed every step. Here only the positions the loop recomputed this

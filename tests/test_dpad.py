@@ -117,6 +117,29 @@ def test_retention_frequencies():
     assert draws.tolist() == pytest.approx(retention(8, 6, 3.0, 2.2, "reference").tolist(), abs=0.03)
 
 
+def test_float32_draws_are_the_authors_sampler():
+    """draw=float32: per block, torch.rand(n) in float32 from the run's generator against float32 keep
+    probabilities, the authors' GaussianSampler (a generator seeded as their global one draws the same
+    uniforms, so the same positions are kept; checked token for token against their code on a tiny
+    LLaDA). The probabilities are the reference distance's, to float32 rounding; the draws are not
+    the float64 path's."""
+    from dllm.cache.dpad import retention_float32
+
+    for n, window in ((10, 8), (8, 8), (5, 8)):
+        assert retention_float32(n, window, 4.0, 2.0).dtype == torch.float32
+        assert retention_float32(n, window, 4.0, 2.0).tolist() == pytest.approx(
+            retention(n, window, 4.0, 2.0, "reference").tolist(), rel=1e-6)
+    real = torch.ones(1, GEN, dtype=torch.bool)
+    kept = {}
+    for draw in ("float32", "float64"):
+        cache = build_cache("dpad", window=12, k_sigma=2.0, scale=2.0, draw=draw)
+        cache.start(DecodeContext(1, 0, GEN, MASK_ID, real, torch.Generator().manual_seed(3), torch.device("cpu")))
+        kept[draw] = torch.stack([cache.draw_suffix(16) for _ in range(20)])
+    uniforms = torch.rand(20, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(kept["float32"], uniforms < retention_float32(16, 12, 2.0, 2.0))
+    assert not torch.equal(kept["float32"], kept["float64"])
+
+
 # --- the requests in the loop ------------------------------------------------------------------
 
 @pytest.mark.parametrize("base", ["none", "prefix", "dual"])
@@ -240,6 +263,8 @@ def test_never_ends_with_mask(family, decoding, base):
     (dict(refresh_interval=2), "cache.refresh_interval=2"),
     (dict(base="prefix", refresh_interval=0), "cache.refresh_interval=0"),
     (dict(dream_rows="shifted"), "cache.dream_rows='shifted'"),
+    (dict(draw="float16"), "cache.draw='float16'"),
+    (dict(draw="float32", distance="paper"), "cache.draw=float32 reproduces the authors' sampler"),
 ])
 def test_bad_hyperparameters(params, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

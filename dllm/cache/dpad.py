@@ -48,6 +48,7 @@ from .none import NoCache
 
 DROPOUTS = ("gaussian", "uniform", "none")
 DISTANCES = ("reference", "paper")
+DRAWS = ("float64", "float32")  # the gaussian dropout's uniform draws: ours | the authors' (see DPad.draw_suffix)
 BASES = {"none": NoCache, "prefix": PrefixCache, "dual": DualCache}
 
 
@@ -60,6 +61,15 @@ def retention(n: int, window: int, k_sigma: float, scale: float, distance: str) 
         x = (offset + 1) * (k_sigma / window)
     p = scale * torch.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
     return p.masked_fill(offset >= window, 0.0)
+
+
+def retention_float32(n: int, window: int, k_sigma: float, scale: float) -> Tensor:
+    """(n,) float32 keep probabilities computed as the authors' GaussianSampler.pdf computes them (in
+    float32: linspace(0, k_sigma, window), the density times scale, zeros past the window), so that a
+    float32 uniform draw compares against the same values (distance=reference)."""
+    x = torch.linspace(0.0, k_sigma, window)
+    p = scale * torch.exp(-0.5 * x**2) / torch.sqrt(torch.tensor(2 * torch.pi))
+    return torch.cat([p, torch.zeros(max(n - window, 0))])[:n]
 
 
 def check_number(name: str, value: float) -> None:
@@ -82,6 +92,7 @@ class DPad(CacheMethod):
         base: str = "none",
         refresh_interval: int | None = None,
         dream_rows: str = "ours",
+        draw: str = "float64",
     ) -> None:
         if dropout not in DROPOUTS:
             raise ValueError(f"cache.dropout={dropout!r} (allowed: {list(DROPOUTS)})")
@@ -94,6 +105,11 @@ class DPad(CacheMethod):
             raise ValueError(f"cache.keep={keep!r} applies to cache.dropout=uniform only; use null")
         if distance not in DISTANCES:
             raise ValueError(f"cache.distance={distance!r} (allowed: {list(DISTANCES)})")
+        if draw not in DRAWS:
+            raise ValueError(f"cache.draw={draw!r} (allowed: {list(DRAWS)})")
+        if draw == "float32" and distance != "reference":
+            raise ValueError("cache.draw=float32 reproduces the authors' sampler, whose distance is theirs: "
+                             "use it with cache.distance=reference")
         if base not in BASES:
             raise ValueError(f"cache.base={base!r} (allowed: {list(BASES)})")
         if base == "none":
@@ -106,7 +122,7 @@ class DPad(CacheMethod):
         else:
             self.base = BASES[base](refresh_interval=refresh_interval, dream_rows=dream_rows)
         self.dropout, self.window, self.k_sigma, self.scale = dropout, window, k_sigma, scale
-        self.keep, self.distance = keep, distance
+        self.keep, self.distance, self.draw = keep, distance, draw
 
     def check(self, decoder: Decoder) -> None:
         if decoder.remasks:
@@ -131,6 +147,9 @@ class DPad(CacheMethod):
         """(n,) bool: which of the n suffix positions after the block's end this block keeps."""
         window = self.window or self.ctx.gen_length
         device, generator = self.ctx.device, self.ctx.generator
+        if self.dropout == "gaussian" and self.draw == "float32":  # the authors' sampler, draw for draw
+            p = retention_float32(n, window, self.k_sigma, self.scale).to(device)
+            return torch.rand(n, generator=generator, device=device) < p
         if self.dropout == "gaussian":
             p = retention(n, window, self.k_sigma, self.scale, self.distance).to(device)
             return torch.rand(n, dtype=torch.float64, generator=generator, device=device) < p

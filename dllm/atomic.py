@@ -19,10 +19,13 @@ def write_all(fd: int, data: bytes) -> None:
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` (text is UTF-8) to a temp file beside ``path`` and swap it in with os.replace;
-    only SIGKILL or power loss mid-write leaves a stray ``.<name>.*.tmp`` beside it. A new file gets
+    only SIGKILL or power loss mid-write leaves a stray ``.<name>.*.tmp`` beside it; ValueError when
+    ``path`` exists and is no regular file (replacing ``/dev/null`` as root would turn it into one). A new file gets
     0o666 & ~umask (not mkstemp's 0600), so a shared results file stays readable by the group; a
     replaced one keeps its mode (os.replace swaps in the temp file's inode, so the mode is copied)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # os.replace would put a file in place of a device, pipe or folder
+        raise ValueError(f"{path} is not a regular file (a device, pipe or folder): give a file to write")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(TMP_TOKEN_BYTES)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -94,6 +94,7 @@ from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E4
 from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.tiny import BASE_ARGS  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
+from dllm.pipeline import resolve_device  # noqa: E402
 
 PRESETS = {
     # tiny: a few seconds on CPU, for tests
@@ -236,7 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="default: the preset's; prompt + gen at most the context of the model the preset is shaped "
                          "after (LLaDA 4096, LLaDA-MoE 8192, SDAR, Fast-dLLM v2 and LLaDA2.0 32768)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: gen_length, one token per step)")
-    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    ap.add_argument("--device", default=None,
+                    help="auto | cpu | cuda | cuda:N, a device this machine has (default auto: cuda if available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--seed", type=int, default=0)
@@ -315,14 +317,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key}={getattr(args, key)} must be >= 1")
     args.steps = args.steps or args.gen_length
+    # run.py's test (resolve_device): torch.device also takes names that fail only once the model is
+    # built (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name must be one of this
+    # machine's devices.
     try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        ap.error(f"--device={args.device!r}: {error}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device={args.device}: no CUDA device here (cpu runs the CPU presets)")
+        args.device = resolve_device(args.device or "auto")
+    except ValueError as error:  # "device='meta' (allowed here: ['auto', 'cpu'])"
+        ap.error(f"--{error}")
     if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
         ap.error(f"--json={args.json}: not a file path in a folder")
+    if args.json is not None and args.json.exists() and not args.json.is_file():  # /dev/null: write_atomic would replace it
+        ap.error(f"--json={args.json}: not a regular file (a device or pipe); give a file to write")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)

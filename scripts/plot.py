@@ -393,10 +393,12 @@ def dllm_cache_layers():
 
 def trace_runs(model: str, methods: list[str], gen_length: int, block_length: int) -> dict:
     """{method: (config, run plan)} of the recompute map's generations, every one composed and
-    checked before the first runs (no weights are read); ValueError (one line) for a bad setting."""
+    checked before the first runs: its settings, and its checkpoint's config.json (found, of the
+    configured family, room for gen_length, a model the decoding and cache method can run; no weights
+    are read); ValueError (one line, a CheckpointError too) for a bad setting."""
     from hydra import compose, initialize_config_dir
 
-    from dllm.pipeline import plan_run
+    from dllm.pipeline import check_checkpoint, plan_run
 
     models, caches = (sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in ("model", "cache"))
     if model not in models:
@@ -412,8 +414,10 @@ def trace_runs(model: str, methods: list[str], gen_length: int, block_length: in
             if "block_length" in cfg.decoding:
                 cfg.decoding.block_length = block_length
             try:
-                runs[method] = cfg, plan_run(cfg)
-            except ValueError as err:
+                plan = plan_run(cfg)
+                check_checkpoint(cfg, plan)  # the model itself: found, fits the methods and gen_length
+                runs[method] = cfg, plan
+            except ValueError as err:  # CheckpointError is one
                 raise ValueError(f"--trace, cache {method}: {err}") from None
     return runs
 

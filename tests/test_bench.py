@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,43 @@ def test_bad_settings_are_refused_before_a_model_is_built(capsys, monkeypatch, b
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--preset", "smoke", *bad])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cpu:3", "cuda:99", "foo"])
+def test_devices_this_machine_lacks_are_refused_in_one_line(tmp_path, capsys, monkeypatch, device):
+    """torch.device takes meta, mps, cpu:3, cuda:99: as in run.py (resolve_device), only a device this
+    machine has runs, and the refusal names the value and the allowed ones, before a model is built or
+    the --json written."""
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--preset", "smoke", "--device", device, "--json", str(out)])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == "" and "Traceback" not in captured.err
+    line = captured.err.strip().splitlines()[-1]
+    assert f": error: --device={device!r} (allowed here: ['auto', 'cpu'" in line, line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_json_path_that_is_no_regular_file_is_refused(tmp_path, capsys, monkeypatch):
+    """--json /dev/null (or a pipe): write_atomic's os.replace would, as root, put a regular file in
+    place of the device node; refused first, and write_atomic itself refuses too."""
+    from dllm.atomic import write_atomic
+
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--preset", "smoke", "--json", str(pipe)])
+    assert exit_.value.code == 2 and "--json=" in capsys.readouterr().err and not pipe.is_file()
+    with pytest.raises(ValueError, match="is not a regular file"):
+        write_atomic(pipe, "rows")
+    assert pipe.exists() and not pipe.is_file()
+
+
+def test_auto_and_cpu_devices_are_accepted():
+    assert bench.parse_args(["--preset", "smoke", "--device", "cpu"]).device == torch.device("cpu")
+    assert bench.parse_args(["--preset", "smoke", "--device", "auto"]).device == bench.parse_args(["--preset", "smoke"]).device
 
 
 def test_lengths_up_to_the_preset_context_are_accepted():

@@ -512,3 +512,33 @@ def test_local_task_data_is_never_half_regenerated(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no data from the wheels"):
         make_local_tasks.main(["--wheels", str(tmp_path)])
     assert not out.exists()
+
+
+def test_local_task_wheels_folder_must_exist(tmp_path, monkeypatch, capsys):
+    """scripts/make_local_tasks.py --wheels names a folder that exists: a missing one (a typo) is
+    refused in one line (exit 2) before pip makes it and downloads into it, or any data is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_local_tasks", ROOT / "scripts" / "make_local_tasks.py")
+    make_local_tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_local_tasks)
+    out = tmp_path / "data"
+    monkeypatch.setattr(make_local_tasks, "OUT", out)
+    monkeypatch.setattr(make_local_tasks.subprocess, "run", lambda *a, **k: pytest.fail("pip ran before --wheels was checked"))
+    (tmp_path / "a_file").write_text("not a folder")
+    cases = [
+        (tmp_path / "missing" / "wheels", "no such folder"),
+        (tmp_path / "a_file", "is a file, not a folder"),
+        ("", "is empty"),
+    ]
+    for wheels, why in cases:
+        with pytest.raises(SystemExit) as exit_:
+            make_local_tasks.main(["--wheels", str(wheels)])
+        captured = capsys.readouterr()
+        assert exit_.value.code == 2 and captured.out == "" and "Traceback" not in captured.err
+        line = captured.err.strip().splitlines()[-1]
+        assert line.endswith(f": error: --wheels={str(wheels)!r}: {why} (allowed: an existing folder "
+                              "holding the wheels or to download them into, e.g. mkdir it first; or no --wheels: a temporary "
+                              "folder)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "not a folder"

@@ -409,6 +409,40 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
     assert not figures.exists()
 
 
+def test_plot_trace_checks_the_checkpoint_before_loading_it_or_making_the_out_folder(tmp_path, monkeypatch, capsys):
+    """--trace reads each run's config.json before anything loads: a gen_length the model has no room
+    for, a model the decoding cannot run, a Hub checkpoint that cannot be found offline are one error
+    line (exit 2), with no --out folder made and no weights read."""
+    import huggingface_hub.constants
+    import plot
+
+    import dllm.pipeline
+
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty: nothing cached
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded before the input was checked")
+
+    monkeypatch.setattr(plot, "recompute_maps", no_loading)
+    monkeypatch.setattr(dllm.pipeline, "load_model_and_tokenizer", no_loading)
+    figures = tmp_path / "out" / "figures"
+    cases = [
+        (["--gen-length", "100000"], "--trace, cache none: gen_length=100000 leaves no room for a prompt: "
+                                     "model=tiny_llada has max_seq_len=4096"),
+        (["--model", "tiny_sdar"], "--trace, cache none: decoding='low_confidence' cannot decode a block-diffusion "
+                                   "(block-causal attention) model (allowed: ['block_diffusion', 'fast_dllm_v2'])"),
+        (["--model", "llada", "--methods", "dual"], "--trace, cache dual: model.path='GSAI-ML/LLaDA-8B-Instruct': "
+                                                    "cannot get its config.json from the Hugging Face Hub"),
+    ]
+    for argv, message in cases:
+        line = refused(plot.main, ["--trace", *argv, "--out", str(figures)], capsys)
+        assert ": error: " in line and message in line, (argv, line)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cells_that_are_not_numbers_are_refused_naming_column_row_and_value(tmp_path, monkeypatch, capsys):
     """run.py writes a finite number >= 0 or an empty cell; anything else would be shown as "–" or
     break a figure, so both scripts refuse it before any output."""

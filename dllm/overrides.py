@@ -35,6 +35,23 @@ def _refusal(what: str, bad: str, allowed) -> str:
     return f"{what} (close: {difflib.get_close_matches(bad, allowed, n=3) or 'none'}; allowed: {allowed})"
 
 
+def _composition_message(err) -> str:
+    """Hydra's refusal to compose a config on one line; a missing preset named with its group's options."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return _refusal(f"{group}={option}: no such {group} option", option, err.options)
+    return " ".join(str(err).split())
+
+
+def _values(parser, arg: str, value: str) -> list[str]:
+    """The values ``arg`` gives its key: each of a sweep's, as Hydra's sweeper expands it (``a,b``,
+    ``choice(a,b)``, ``range(0,3)``, ``glob(a*)``: the options of the group that match), else ``value``."""
+    (override,) = parser.parse_overrides([arg])
+    return list(override.sweep_string_iterator()) if override.is_discrete_sweep() else [value]
+
+
 def _first_missing(cfg, key: str):
     """(the path of the deepest node on ``key``'s path that exists, the first part missing under it or
     None when the whole key exists, that node)."""
@@ -77,8 +94,9 @@ def unknown_key_message(args: list[str]) -> str | None:
     an experiment reading ``model.published`` from a preset without it; a key under a node the
     experiment interpolates (``cache.k=3`` with ``cache: ${methods.${method}.cache}``: the line names
     the chosen method's key instead); ``+key=`` for a key that exists; a key the composed config lacks
-    (one that a preset of its group defines must be added with ``+``). Sweeps (``a,b``) have each value
-    of a group or method checked, keys against the first value."""
+    (one that a preset of its group defines must be added with ``+``); a sweep of no values (``glob(x*)``
+    matching no option). Sweeps (``a,b``, ``choice(a,b)``, ``glob(a*)``) have each value of a group or
+    method checked, keys against the first value."""
     if message := unreadable_override_message(args):
         return message
     overrides = [m.groups() for m in map(_OVERRIDE.match, args) if m and not m[2].startswith("hydra.")]
@@ -86,31 +104,39 @@ def unknown_key_message(args: list[str]) -> str | None:
         return None
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     selections = []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        for plus, key, value in overrides:
-            if key not in GROUPS or "(" in value:  # choice(...), range(...), glob(...): Hydra expands them
-                continue
-            for option in value.split(","):
-                if option not in (options := loader.get_group_options(key)):
-                    return _refusal(f"{key}={option}: no such {key} option", option, options)
-            if key != "hydra/launcher":  # the launcher is not part of the run's config
-                selections.append(f"{plus}{key}={value.split(',')[0]}")
+        parser = OverridesParser.create(config_loader=loader)  # glob(...) lists a group's options through it
+        picks = [_values(parser, f"{plus}{key}={value}", value) for plus, key, value in overrides]
+        for (plus, key, value), values in zip(overrides, picks):
+            if key in GROUPS:
+                options = loader.get_group_options(key)
+                if not values:
+                    return _refusal(f"{key}={value}: matches no {key} option, so no job would run", value, options)
+                for option in values:
+                    if option not in options:
+                        return _refusal(f"{key}={option}: no such {key} option", option, options)
+                if key != "hydra/launcher":  # the launcher is not part of the run's config
+                    selections.append(f"{plus}{key}={values[0]}")
+            elif not values:  # range(1,1), or glob(...) on a key: Hydra would run no job
+                hint = f" (glob() matches the options of a config group: {list(GROUPS)})" if "glob(" in value else ""
+                return f"{key}={value}: a sweep of no values, so no job would run{hint}"
         try:
             cfg = compose("config", overrides=selections)
         except Exception as err:  # noqa: BLE001 - e.g. experiment=X without '+': Hydra's words, on one line
-            return " ".join(str(err).split())
+            return _composition_message(err)
 
     # An experiment's method picks its cache and decoding: check it, and name keys of its choice below.
-    for plus, key, value in overrides:
+    for (plus, key, value), values in zip(overrides, picks):
         if key == "method" and "methods" in cfg:
-            for method in value.split(","):
+            for method in values:
                 if method not in cfg.methods:
                     return _refusal(f"method={method} is not a method of experiment={cfg.experiment}", method, cfg.methods)
-            cfg.method = value.split(",")[0]
+            cfg.method = values[0]
     if "published" not in cfg.model and "${model.published." in OmegaConf.to_yaml(cfg):
         with_published = [name for name, keys in preset_keys("model").items() if "published" in keys]
         return (f"experiment={cfg.experiment} uses the model preset's published settings (model.published), and "
@@ -153,15 +179,17 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
     ``hydra.sweeper.params`` first, then the command line, every combination of their values."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = _task_overrides(args)
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        # with the config loader, as the sweeper's: glob(...) expands to the options of its group
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
         params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
-    lines = [f"{key}={value}" for key, value in params.items()] + overrides
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
+        lines = [f"{key}={value}" for key, value in params.items()] + overrides
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
     return [job for batch in batches for job in batch]
 
 
@@ -170,14 +198,21 @@ def refused_job_message(args: list[str]) -> str | None:
     before loading anything (:func:`dllm.pipeline.preflight`), naming the job, or None. So a bad value
     in a sweep (``-m seed=7,-1``) stops the sweep before its first job rather than after it."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, HydraException
 
     from dllm.pipeline import preflight
 
-    jobs = sweep_jobs(args)
+    try:
+        jobs = sweep_jobs(args)
+    except HydraException as err:  # e.g. interval(...), which the basic sweeper does not run
+        return _composition_message(err)
+    checked: dict = {}  # the tokenizers and lm-eval tasks the jobs share, checked once
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for number, job in enumerate(jobs):
             try:
-                preflight(compose("config", overrides=job))
+                preflight(compose("config", overrides=job), checked)
             except ValueError as err:
                 return f"job {number} of {len(jobs)} ({' '.join(job)}): {err}"
+            except ConfigCompositionException as err:  # e.g. a missing preset the experiment sweeps
+                return f"job {number} of {len(jobs)} ({' '.join(job)}): {_composition_message(err)}"
     return None

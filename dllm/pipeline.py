@@ -337,14 +337,34 @@ def preflight_generate(cfg: DictConfig) -> tuple[RunPlan, list[str]]:
     return plan, prompts
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Every check a run makes before it loads anything (ValueError naming the first bad value)."""
+def preflight(cfg: DictConfig, checked: dict | None = None) -> None:
+    """Every check a run makes before it loads its weights (ValueError naming the first bad value),
+    for a sweep's jobs before the first one runs: the checks of :func:`preflight_eval` /
+    :func:`preflight_generate`, and those a run makes later, after its resume check: a local
+    checkpoint's tokenizer, the lm-eval task (its name, data, shots and metric). ``checked`` (shared
+    by the jobs of a sweep) remembers the tokenizers and tasks already checked."""
+    from dllm.models.loading import local_folder
+    from dllm.models.tokenization import load_tokenizer
+
+    checked = {} if checked is None else checked
     if cfg.task.name == "generate":
         preflight_generate(cfg)
     else:
-        from dllm.eval.runner import preflight_eval
+        from dllm.eval.runner import preflight_eval, quiet_console, task_manager, tasks_to_run
 
-        preflight_eval(cfg)
+        settings, _, _ = preflight_eval(cfg)
+        quiet_console(True)  # lm-eval's warnings that do not apply, as in the run itself
+        task_key = ("task", repr(settings))
+        if task_key not in checked:
+            managers = checked.setdefault("managers", {})
+            where = (tuple(settings.include_path), settings.include_defaults)
+            managers[where] = task_manager(settings, managers.get(where))
+            tasks_to_run(settings, managers[where])
+            checked[task_key] = True
+    folder = local_folder(local_or_repo_path(str(cfg.model.path))) if cfg.model.path else None
+    if folder is not None and ("tokenizer", str(folder)) not in checked:
+        load_tokenizer(folder, cfg.model.trust_remote_code)
+        checked["tokenizer", str(folder)] = True
 
 
 def run_generate(cfg: DictConfig) -> list[dict]:

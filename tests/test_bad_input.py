@@ -70,7 +70,13 @@ CASES = [
     (["decoding.block_length=abc"], r"decoding\.block_length='abc' must be an integer or null"),
     (["decoding.temperature=nan"], r"decoding\.temperature=nan must be a number \(not nan\)"),
     (["decoding.temperature=inf"], r"decoding\.temperature=inf must be a finite number >= 0"),
-    (["decoding.cfg_scale=nan"], r"decoding\.cfg_scale=nan must be a finite number >= 0"),
+    (["decoding.cfg_scale=nan"], r"decoding\.cfg_scale=nan must be a number in \[0, 10000\]"),
+    (["decoding.cfg_scale=1e300"], r"decoding\.cfg_scale=1e\+300 must be a number in \[0, 10000\]"),
+    (["model=tiny_sdar", "decoding=block_diffusion", "decoding.cfg_scale=1"],
+     r"decoding\.cfg_scale=1: decoding='block_diffusion' decodes block-diffusion models"),
+    (["decoding=certainty_prior", "decoding.sigma=1e-300"], r"decoding\.sigma=1e-300 must be a number in \[1e-06, 10000\]"),
+    (["cache=d2cache", "cache.sigma=1e9"], r"cache\.sigma=1000000000\.0 must be a number in \[1e-06, 10000\]"),
+    (["cache=dpad", "cache.k_sigma=inf"], r"cache\.k_sigma=inf must be a finite number > 0"),
     (["cache=d2cache", "cache.k=true"], r"cache=d2cache: cache\.k=True must be an integer"),
     (["cache=dkv_decode", "cache.refresh_interval=true"], r"cache\.refresh_interval=True must be an integer"),
     (["cache=dllm_cache", "cache.update_ratio=abc"], r"cache\.update_ratio='abc' must be a number"),
@@ -92,6 +98,11 @@ CASES = [
     (["task=generate", "prompts_file={binary_prompts}"], r"prompts_file='.*prompts\.jsonl' is not UTF-8 text"),
     (["task=gsm8k_local", "task.n_shot=100000"], r"task\.n_shot=100000: lm-eval task 'gsm8k_local' has 8 few-shot "
                                                  r"examples \(allowed: 0 \.\.\. 8\)"),
+    # a group (MMLU): its subtasks' shots, the results they share
+    (["task=mmlu_local", "task.n_shot=100"], r"task\.n_shot=100: lm-eval task 'mmlu_local_\w+' has 5 few-shot examples"),
+    (["task=mmlu_local", "task.metric='bogus,none'"], r"task\.metric='bogus,none' is not among lm-eval group "
+                                                      r"'mmlu_local''s results \['acc,none'\]"),
+    (["results_csv=null"], r"results_csv=None: give the CSV file"),
 ]
 
 
@@ -211,6 +222,16 @@ def test_a_results_csv_that_is_no_regular_file_is_refused_first(no_model, tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"{path}: ")):
         run(compose(f"results_csv={path}"))
     assert path.exists() and not path.is_file()
+
+
+@pytest.mark.parametrize("value", ["null", "''", "5"])
+def test_a_results_csv_that_is_no_file_name_is_refused_first(no_model, tmp_path, monkeypatch, value):
+    from dllm.pipeline import run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"results_csv=.*: give the CSV file to append the run's row to"):
+        run(compose(f"results_csv={value}"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_task_whose_data_cannot_be_loaded_is_refused_before_the_model(tmp_path, monkeypatch):

@@ -35,6 +35,43 @@ def test_hydra_launchers_and_sweeps_of_known_options_pass():
     assert unknown_key_message(["-m", "cache=glob(*)"]) is None  # Hydra's sweep functions are its own
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-m", "cache=choice(none,nosuch)"], "cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
+    (["-m", "decoding=range(1,3)"], "decoding=1: no such decoding option"),
+    (["-m", "+experiment=dkv_table1", "method=choice(none,dkv_dcode)"], "method=dkv_dcode is not a method of experiment"),
+    # a glob matching nothing: Hydra would launch no job and exit 0
+    (["-m", "cache=glob(zzz*)"], "cache=glob(zzz*): matches no cache option, so no job would run (close: none; allowed: ['d2cache'"),
+    (["-m", "seed=range(1,1)"], "seed=range(1,1): a sweep of no values, so no job would run"),
+    (["-m", "seed=glob(*)"], "seed=glob(*): a sweep of no values, so no job would run (glob() matches the options of a config group"),
+])
+def test_sweep_functions_have_each_value_checked(args, message):
+    assert message in unknown_key_message(args)
+
+
+def test_a_glob_sweep_expands_to_the_groups_options():
+    """glob(...) needs Hydra's config loader to list a group's options: each job gets one that matches."""
+    from dllm.overrides import refused_job_message, sweep_jobs
+
+    assert unknown_key_message(["-m", "cache=glob(non*)", "task.limit=1"]) is None
+    assert sweep_jobs(["-m", "cache=glob(non*)", "task.limit=1"]) == [["cache=none", "task.limit=1"]]
+    assert refused_job_message(["-m", "cache=glob(non*)", "task.limit=1"]) is None
+    assert [job[0] for job in sweep_jobs(["-m", "cache=glob(d*,exclude=[dkv*,dual])"])] == [
+        "cache=d2cache", "cache=dllm_cache", "cache=dpad"]
+    assert len(sweep_jobs(["-m", "decoding=glob(*)"])) == len(list((ROOT / "conf" / "decoding").glob("*.yaml")))
+    assert unknown_key_message(["-m", "+experiment=dkv_table1", "method=choice(none,dkv_decode)"]) is None
+    # a sweep the basic sweeper cannot run: Hydra's words, on one line
+    assert refused_job_message(["-m", "seed=interval(0,1)"]) == "BasicSweeper does not support sweep type : INTERVAL_SWEEP"
+
+
+def test_a_missing_preset_in_a_job_is_named_with_its_groups_options():
+    from hydra.errors import MissingConfigException
+
+    from dllm.overrides import _composition_message
+
+    err = MissingConfigException("Could not find 'cache/nosuch'\nAvailable options...", "cache/nosuch", ["none", "d2cache"])
+    assert _composition_message(err) == "cache=nosuch: no such cache option (close: none; allowed: ['d2cache', 'none'])"
+
+
 def test_plus_on_an_existing_key_says_to_drop_it():
     assert unknown_key_message(["cache=d2cache", "+cache.k=3"]) == "+cache.k=3: cache.k exists already; drop the '+' (cache.k=3)"
     assert "drop the '+' (seed=1)" in unknown_key_message(["+seed=1"])
@@ -119,13 +156,24 @@ def run_py(tmp_path, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["-m", "cache=none,nosuch"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
+    (["-m", "cache=choice(none,nosuch)"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
+    (["-m", "cache=glob(zzz*)"], "error: cache=glob(zzz*): matches no cache option, so no job would run"),
     (["+experiment=dkv_table1", "method=foo"], "error: method=foo is not a method of experiment=dkv_table1"),
     # a bad value among good ones: refused before the first job runs (no row is written)
     (["-m", "seed=7,-1", "task.limit=1", "threads=1"], "error: job 1 of 2 (seed=-1 task.limit=1 threads=1 results_csv="),
+    # ... what a run checks after its resume check: the lm-eval task, a local checkpoint's tokenizer
+    (["-m", "task.lm_eval_task=arith,nosuch_task", "task.limit=1", "threads=1"],
+     "error: job 1 of 2 (task.lm_eval_task=nosuch_task task.limit=1 threads=1 results_csv="),
+    (["-m", "model.path={assets}/tiny_llada,{no_tokenizer}", "task.limit=1", "threads=1"], "error: job 1 of 2 (model.path="),
     (["gen_length=32)"], "error: gen_length=32): not an override Hydra can read"),
     (["task.metric=acc,none"], "error: task.metric=acc,none: a comma-separated value is a sweep; add -m"),
 ])
 def test_run_py_prints_one_error_line_and_exits_2(tmp_path, args, message):
+    no_tokenizer = tmp_path / "no_tokenizer"  # the checkpoint's config.json and weights, not its tokenizer
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).symlink_to(ROOT / "assets" / "tiny_llada" / name)
+    args = [arg.format(assets=ROOT / "assets", no_tokenizer=no_tokenizer) for arg in args]
     done = run_py(tmp_path, *args)
     assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
     assert done.stderr.startswith(message)

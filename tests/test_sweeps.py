@@ -319,7 +319,7 @@ def test_resume_key_covers_every_setting_that_can_change_a_number(composer, tmp_
     assert _key(composer, f"model.path={folder}") != reconfigured
 
 
-def test_resume_key_has_the_thread_count_and_the_files_parameters_name(composer, tmp_path):
+def test_resume_key_has_the_thread_count_and_the_files_parameters_name(composer, tmp_path, monkeypatch):
     """threads=auto enters resolved (another machine's count is another speed); a file a decoding
     parameter names enters by its content."""
     from dllm.pipeline import resolve_threads
@@ -332,6 +332,11 @@ def test_resume_key_has_the_thread_count_and_the_files_parameters_name(composer,
     assert first == _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}")
     frequencies.write_text(json.dumps({"5": 1, "6": 3}))
     assert _key(composer, "decoding=pc_sampler", f"decoding.frequencies={frequencies}") != first
+    # named from the home folder (~), as the decoder reads it: its content enters too
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = _key(composer, "decoding=pc_sampler", "decoding.frequencies='~/frequencies.json'")
+    frequencies.write_text(json.dumps({"5": 2, "6": 2}))
+    assert _key(composer, "decoding=pc_sampler", "decoding.frequencies='~/frequencies.json'") != home
 
 
 def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_processes(composer, tmp_path, monkeypatch):
@@ -345,6 +350,8 @@ def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_process
     assert _key(composer, "decoding.temperature=0") == base  # the preset's 0.0
     assert _key(composer, "gen_length=32", "decoding.block_length=32") == _key(
         composer, "task.gen_length=32", "decoding.block_length=32")
+    assert _key(composer, "task=arith", "batch_size=5") == _key(composer, "task=arith", "task.batch_size=5") != _key(
+        composer, "task=arith")  # arith's own is 20
     own = tmp_path / "a" / "mytasks"
     shutil.copytree(ROOT / "dllm" / "eval" / "tasks" / "local", own)
     monkeypatch.chdir(tmp_path / "a")

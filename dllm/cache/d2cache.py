@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dllm.decoding.density import DENSITY_VARIANTS, certainty_density
+from dllm.decoding.density import DENSITY_VARIANTS, certainty_density, check_sigma
 
 from .base import ActiveRequest, CacheMethod, StepOutcome, StepView, check_interval, register_cache
 
@@ -130,8 +130,7 @@ class D2Cache(CacheMethod):
             raise ValueError(f"cache.k={k!r} must be an integer >= 1")
         if not 0 < p <= 1:
             raise ValueError(f"cache.p={p!r} must be in (0, 1]")
-        if sigma <= 0:
-            raise ValueError(f"cache.sigma={sigma!r} must be > 0")
+        sigma = check_sigma("cache.sigma", sigma)
         if density not in DENSITY_VARIANTS:
             raise ValueError(f"cache.density={density!r} (allowed: {list(DENSITY_VARIANTS)})")
         check_interval("refresh_interval", refresh_interval, allow_none=True)

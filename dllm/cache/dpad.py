@@ -73,8 +73,8 @@ def retention_float32(n: int, window: int, k_sigma: float, scale: float) -> Tens
 
 
 def check_number(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"cache.{name}={value!r} must be a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"cache.{name}={value!r} must be a finite number > 0")
 
 
 @register_cache

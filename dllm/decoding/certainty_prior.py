@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import register_decoder
-from .density import DENSITY_VARIANTS, certainty_density
+from .density import DENSITY_VARIANTS, certainty_density, check_sigma
 from .llada import BlockDecoder
 
 
@@ -22,8 +22,7 @@ class CertaintyPrior(BlockDecoder):
         if block_length is not None:
             raise ValueError("decoding=certainty_prior decodes the whole response as one block: leave block_length null")
         super().__init__(steps, None, temperature)
-        if sigma <= 0:
-            raise ValueError(f"decoding.sigma={sigma} must be > 0")
+        sigma = check_sigma("decoding.sigma", sigma)
         if density not in DENSITY_VARIANTS:
             raise ValueError(f"decoding.density={density!r} (allowed: {list(DENSITY_VARIANTS)})")
         self.sigma = sigma

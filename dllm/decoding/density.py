@@ -8,6 +8,18 @@ import torch
 from torch import Tensor
 
 DENSITY_VARIANTS = ("sum", "fraction")
+# sigma's range: below it the kernel is already the identity (exp(-1/(2 sigma^2)) is 0 in float32 for
+# sigma < 0.08), and a smaller one underflows sigma^2 (0/0 on the diagonal); above it the density is
+# already flat over any response, and `fraction` would lay out ceil(3 sigma) virtual positions.
+SIGMA_RANGE = (1e-6, 1e4)
+
+
+def check_sigma(key: str, sigma) -> float:
+    """``sigma`` as a float, or ValueError naming ``key`` (cache.sigma, decoding.sigma) and the range."""
+    low, high = SIGMA_RANGE
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not low <= sigma <= high:
+        raise ValueError(f"{key}={sigma!r} must be a number in [{low:g}, {high:g}] (the Gaussian's width in positions)")
+    return float(sigma)
 
 
 @lru_cache(maxsize=8)

@@ -100,11 +100,19 @@ def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     return index, mask.gather(1, index)
 
 
+MAX_CFG_SCALE = 1e4
+
+
 def check_guidance(cfg_scale: float, cache: CacheMethod, decoder: Decoder) -> None:
     """Classifier-free guidance needs a full forward of both branches every step: no cache method
     defines how to cache the unconditional branch, and no re-masking decoder how to verify with it."""
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not 0 <= cfg_scale < float("inf"):
-        raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a finite number >= 0 (0 = no guidance)")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not 0 <= cfg_scale <= MAX_CFG_SCALE:
+        raise ValueError(f"decoding.cfg_scale={cfg_scale!r} must be a number in [0, {MAX_CFG_SCALE:g}] (0 = no guidance; "
+                         "LLaDA's scales are 0 ... 3, a larger one overflows the guided logits)")
+    if cfg_scale > 0 and decoder.block_causal:
+        raise ValueError(f"decoding.cfg_scale={cfg_scale}: decoding={decoder.name!r} decodes block-diffusion models, "
+                         "for which no guided form is defined here (LLaDA's guidance masks the prompt of a "
+                         "bidirectional model); use cfg_scale: 0")
     if cfg_scale > 0 and not cache.full_every_step:
         raise ValueError(f"decoding.cfg_scale={cfg_scale} needs a full forward every step; cache={cache.name!r} "
                          "recomputes fewer rows (use cache=none)")

@@ -164,10 +164,13 @@ def check_logger(cfg: DictConfig) -> dict | None:
     return settings
 
 
-def task_manager(settings: TaskSettings):
+def task_manager(settings: TaskSettings, manager=None):
+    """lm-eval's TaskManager for the task's folders (``manager``: one made before for the same folders),
+    after checking that it knows ``task.lm_eval_task``."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=settings.include_path or None, include_defaults=settings.include_defaults)
+    if manager is None:
+        manager = TaskManager(include_path=settings.include_path or None, include_defaults=settings.include_defaults)
     known = manager.all_tasks
     if settings.lm_eval_task not in known:
         close = difflib.get_close_matches(settings.lm_eval_task, known, n=5)
@@ -220,6 +223,14 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
     if loaded["groups"]:
         if settings.num_return_sequences > 1:
             raise no_pass_at_k
+        # The group reports what its subtasks have in common (MMLU: acc,none), each subtask its shots.
+        subtasks = [task for task in loaded["tasks"].values() if hasattr(task, "_metric_fn_kwargs")]
+        shared = set.intersection(*(set(result_keys(task)) for task in subtasks)) if subtasks else set()
+        if subtasks and settings.metric not in shared:
+            raise ValueError(f"task.metric={settings.metric!r} is not among lm-eval group {settings.lm_eval_task!r}'s "
+                             f"results {sorted(shared)}")
+        for task in subtasks:
+            check_shots(task, settings.n_shot)
         return [settings.lm_eval_task]
     tasks = list(loaded["tasks"].values())
     for task in tasks:
@@ -368,6 +379,8 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
         tree[group] = {"name": name, **registry.canonical(name, params)}
     if isinstance(tree.get("task"), dict) and "gen_length" in tree["task"]:
         tree["task"]["gen_length"] = plan.gen_length
+    if isinstance(tree.get("task"), dict) and "batch_size" in tree["task"]:  # batch_size=N is task.batch_size=N
+        tree["task"]["batch_size"] = tree.get("batch_size")
     if checkpoint["checkpoint_revision"] is not None:  # a Hub checkpoint: the commit it resolved to says it all
         tree["model"]["revision"] = None
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
@@ -376,10 +389,10 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
     folder = Path(checkpoint["checkpoint"])
     if folder.is_dir():
         settings["checkpoint_files"] = files_state(folder)
-    named = {f"{group}.{key}": value for group in ("cache", "decoding") for key, value in tree[group].items()
-             if isinstance(value, str) and Path(value).is_file()}
+    named = {f"{group}.{key}": Path(value).expanduser() for group in ("cache", "decoding")
+             for key, value in tree[group].items() if isinstance(value, str) and Path(value).expanduser().is_file()}
     if named:
-        settings["input_files"] = {key: hashlib.sha256(Path(path).read_bytes()).hexdigest() for key, path in named.items()}
+        settings["input_files"] = {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in named.items()}
     # A task folder of one's own: its resolved path (a relative one depends on where the run
     # starts) and its files (they can change); a bundled one by its name, as the code's own files.
     bundled = TASKS_ROOT.resolve()

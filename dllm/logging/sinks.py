@@ -160,6 +160,9 @@ def check_results_csv(path: str | os.PathLike) -> None:
     """Raise ``ResultsCsvError`` (one line: file, problem, fix) unless rows can be appended to
     ``path``: absent or empty, or a readable CSV with this project's header, and writable.
     Creates the folder if missing. Call it before a run loads anything; ``append_csv`` checks again."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # null, a number, '' (the current folder)
+        raise ResultsCsvError(f"results_csv={path!r}: give the CSV file to append the run's row to "
+                              "(e.g. results_csv=results/runs.csv)")
     path = Path(path).resolve()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,9 +144,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
                    compiled)
 
 
-def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool) -> None:
-    """The decoder and the cache method accept a model with this logit shift (1: Dream) and
-    attention (block-causal: a block-diffusion model)."""
+def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool, vocab_size: int | None = None) -> None:
+    """The decoder and the cache method accept a model with this logit shift (1: Dream), attention
+    (block-causal: a block-diffusion model) and vocabulary (None: not known before the load)."""
+    if vocab_size is not None:
+        plan.decoder.check_vocab(vocab_size)
     plan.decoder.check_model(logit_shift)
     plan.cache.check_model(logit_shift)
     check_block_causal(block_causal, plan.decoder, plan.cache)
@@ -171,7 +173,7 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     args = model_args(folder, cfg.model.family)
     if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
-    check_model_fit(plan, args.logit_shift, args.block_causal)
+    check_model_fit(plan, args.logit_shift, args.block_causal, args.vocab_size)
     check_room(cfg, plan, args.max_seq_len, f"config.json in {folder}")
 
 

@@ -43,6 +43,8 @@ def broken_checkpoints(tmp_path_factory) -> dict[str, Path]:
     out["listjson"] = listed
     out["binary_prompts"] = base / "prompts.jsonl"
     out["binary_prompts"].write_bytes(b'\xff{"prompt": "x"}\n')
+    out["oov_frequencies"] = base / "frequencies.json"  # token 99999: beyond the tiny vocabulary
+    out["oov_frequencies"].write_text('{"5": 3, "99999": 1}')
     return out
 
 
@@ -103,6 +105,14 @@ CASES = [
     (["task=mmlu_local", "task.metric='bogus,none'"], r"task\.metric='bogus,none' is not among lm-eval group "
                                                       r"'mmlu_local''s results \['acc,none'\]"),
     (["results_csv=null"], r"results_csv=None: give the CSV file"),
+    (["+task.code_scoring=bogus"], r"task\.code_scoring='bogus': task=arith is no code task"),
+    (["task=humaneval_local", "task.code_scoring=null"], r"task\.code_scoring=None \(allowed: auto, raw, sanitize"),
+    (["logger=wandb", "logger.wandb.tags=5"], r"logger\.wandb\.tags=5 must be a list of texts"),
+    (["logger=wandb", "logger.wandb.tags=abc"], r"logger\.wandb\.tags='abc' must be a list of texts"),
+    (["logger=wandb", "logger.wandb.entity=5"], r"logger\.wandb\.entity=5 must be a text or null"),
+    (["logger=wandb", "logger.wandb.project=''"], r"logger\.wandb\.project='' must be a non-empty text"),
+    (["decoding=pc_sampler", "decoding.frequencies={oov_frequencies}"],
+     r"decoding\.frequencies=.*: token id 99999 is outside the model's vocabulary of \d+"),
 ]
 
 

@@ -68,6 +68,12 @@ def test_a_device_this_machine_lacks_is_refused(no_model, tmp_path, device):
     (dict(mask_token_id=576), r"config\.json: mask_token_id=576 is not a token id of the model, whose embedding "
                               r"has 576 rows \(allowed: 0 \.\.\. 575\)"),
     (dict(pad_token_id=-1), r"config\.json: pad_token_id=-1 must be an integer >= 0 or null"),
+    # OLMo switches a LLaDA checkpoint sets one way: another would run as plain LLaDA
+    (dict(rope=False), r"LLaDA config: rope=False is not supported \(allowed: True\)"),
+    (dict(alibi=True), r"LLaDA config: alibi=True is not supported \(allowed: False\)"),
+    (dict(scale_logits=True), r"LLaDA config: scale_logits=True is not supported"),
+    (dict(attention_layer_norm=True), r"LLaDA config: attention_layer_norm=True is not supported"),
+    (dict(clip_qkv=8.0), r"LLaDA config: clip_qkv=8\.0 is not supported \(allowed: null\)"),
 ])
 def test_a_config_json_value_of_the_wrong_type_or_range_is_named(no_model, tmp_path, fields, message):
     assert re.search(message, refused(tmp_path, f"model.path={tiny_copy(tmp_path, **fields)}"))

@@ -115,6 +115,10 @@ class Decoder(ABC):
             raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block}")
         return block
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a setting names token ids outside a vocabulary of ``vocab_size``;
+        called from the checkpoint's config.json before the weights load."""
+
     def check_model(self, logit_shift: int) -> None:
         """Raise ValueError if this decoder cannot run on a model with this logit shift (1: Dream);
         called from the checkpoint's config.json before the weights load, and by the loop."""

@@ -121,13 +121,16 @@ class PCSampler(BlockDecoder):
             self.origin = plan.window[0]
         return plan
 
+    def check_vocab(self, vocab_size: int) -> None:
+        too_large = [t for t in self.corpus_counts if t >= vocab_size] if self.frequencies is not None else []
+        if too_large:
+            raise ValueError(f"decoding.frequencies={self.frequencies!r}: token id {min(too_large)} is outside "
+                             f"the model's vocabulary of {vocab_size}")
+
     def frequency_table(self, vocab: int, device: torch.device) -> Tensor:
         """(V,) float64 corpus frequency of every token id (1 / N where the corpus lacks it)."""
         if self.table is None or self.table.shape[0] != vocab or self.table.device != device:
-            too_large = [t for t in self.corpus_counts if t >= vocab]
-            if too_large:
-                raise ValueError(f"decoding.frequencies={self.frequencies!r}: token id {min(too_large)} is outside "
-                                 f"the model's vocabulary of {vocab}")
+            self.check_vocab(vocab)
             table = torch.full((vocab,), 1.0 / self.total, dtype=torch.float64)
             if self.corpus_counts:
                 ids = torch.tensor(list(self.corpus_counts), dtype=torch.long)

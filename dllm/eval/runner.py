@@ -74,9 +74,12 @@ def code_scoring_task(cfg: DictConfig) -> tuple[str | None, str | None]:
     (the papers' convention) and ``raw`` for base models; (None, None) for other tasks."""
     t = cfg.task
     scoring = _get(t, "code_scoring")
-    if scoring is None:
-        return None, None
     tasks = OmegaConf.to_container(t.lm_eval_tasks) if _get(t, "lm_eval_tasks") is not None else {}
+    if scoring is None and not (tasks and not _get(t, "lm_eval_task")):
+        return None, None
+    if not tasks:
+        raise ValueError(f"task.code_scoring={scoring!r}: task={t.name} is no code task (code scoring applies to "
+                         "humaneval, mbpp and their local twins)")
     if scoring == "auto":
         scoring = "sanitize" if bool(cfg.model.instruct) else "raw"
     if scoring not in tasks:
@@ -159,8 +162,14 @@ def check_logger(cfg: DictConfig) -> dict | None:
     mode = settings.get("mode")
     if mode is not None and mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} (allowed: null (= $WANDB_MODE or offline), {', '.join(WANDB_MODES)})")
-    if not settings.get("project"):
-        raise ValueError("logger.wandb.project is empty")
+    if not settings.get("project") or not isinstance(settings["project"], str):
+        raise ValueError(f"logger.wandb.project={settings.get('project')!r} must be a non-empty text")
+    for key in ("entity", "group"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ValueError(f"logger.wandb.{key}={settings[key]!r} must be a text or null")
+    tags = settings.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags)):
+        raise ValueError(f"logger.wandb.tags={tags!r} must be a list of texts (e.g. logger.wandb.tags='[ablation,v2]')")
     return settings
 
 

@@ -44,6 +44,14 @@ def args_from_config(cfg: dict) -> ModelArgs:
     for field, allowed in unsupported.items():
         if cfg.get(field, allowed[0]) not in allowed:
             raise ValueError(f"LLaDA config: {field}={cfg[field]!r} is not supported (allowed: {list(allowed)})")
+    # OLMo-style switches LLaDA's checkpoints set one way (RoPE on; no ALiBi, logit scaling, attention
+    # layer norm or q/k/v clipping); the other way they would silently run as something else here.
+    switches = {"rope": True, "alibi": False, "scale_logits": False, "attention_layer_norm": False}
+    for field, value in switches.items():
+        if field in cfg and cfg[field] != value:
+            raise ValueError(f"LLaDA config: {field}={cfg[field]!r} is not supported (allowed: {value!r})")
+    if cfg.get("clip_qkv") is not None:
+        raise ValueError(f"LLaDA config: clip_qkv={cfg['clip_qkv']!r} is not supported (allowed: null)")
     if cfg.get("weight_tying", False):
         raise ValueError("LLaDA config: weight_tying=true is not supported (LLaDA has an untied LM head)")
     if cfg.get("include_bias", False):

@@ -94,7 +94,6 @@ from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E4
 from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.tiny import BASE_ARGS  # noqa: E402
 from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
-from dllm.pipeline import resolve_device  # noqa: E402
 
 PRESETS = {
     # tiny: a few seconds on CPU, for tests
@@ -321,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # built (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name must be one of this
     # machine's devices.
     try:
+        from dllm.pipeline import resolve_device  # here: gpu_check imports this module without omegaconf
+
         args.device = resolve_device(args.device or "auto")
     except ValueError as error:  # "device='meta' (allowed here: ['auto', 'cpu'])"
         ap.error(f"--{error}")

@@ -194,7 +194,7 @@ def test_a_crash_is_not_reported_as_a_failed_check(tmp_path):
     (tmp_path / "gc" / "gpu_check.json").mkdir(parents=True)
     proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile", "--methods", "dual", "--families", "dream",
                        "--batch-sizes", "1", "--time-budget", "0")
-    assert proc.returncode == 3 and "IsADirectoryError" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 3 and "is not a regular file" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check: crashed (exit 3); no outputs written" in proc.stderr and "outputs:" not in proc.stdout
     assert sorted(os.listdir(tmp_path / "gc")) == ["gpu_check.json"]  # no temp file left either
     # an exit 1 that wrote nothing (e.g. an import error before main) beside an earlier run's outputs

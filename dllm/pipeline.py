@@ -332,11 +332,38 @@ def log_compiled(out, what: str) -> None:
 
 
 def preflight_generate(cfg: DictConfig) -> tuple[RunPlan, list[str]]:
-    """Every check of ``task=generate`` before anything loads: the plan, the prompts, the checkpoint."""
+    """Every check of ``task=generate`` before anything loads: the plan, the prompts, the checkpoint,
+    and for a local checkpoint the prompts' room (:func:`check_prompt_room`)."""
     plan = plan_run(cfg)
     prompts = read_prompts(cfg)
     check_checkpoint(cfg, plan)
+    check_prompt_room(cfg, plan, prompts)
     return plan, prompts
+
+
+def check_prompt_room(cfg: DictConfig, plan: RunPlan, prompts: list[str]) -> None:
+    """A local checkpoint's tokenizer (read before its weights) encodes the prompts as the run will,
+    and each batch of them, laid out with ``gen_length``, must fit the checkpoint's ``max_seq_len``
+    (else the run would stop at its first generation). The random-weight tiny checkpoints and Hub
+    ones are built or fetched at the run, which checks the same there."""
+    from dllm.decoding.layout import lay_out
+    from dllm.models.loading import local_folder, model_args
+    from dllm.models.tokenization import encode_prompts, load_tokenizer
+
+    folder = local_folder(local_or_repo_path(str(cfg.model.path))) if cfg.model.path else None
+    if folder is None:
+        return
+    args = model_args(folder, cfg.model.family)
+    ids = encode_prompts(load_tokenizer(folder, cfg.model.trust_remote_code), prompts, chat=cfg.model.instruct)
+    block = plan.decoder.block_length if args.block_causal else None
+    for start in range(0, len(ids), cfg.batch_size):
+        batch = ids[start : start + cfg.batch_size]
+        width = lay_out(batch, plan.gen_length, args.mask_token_id, args.pad_token_id, "cpu", block).x.shape[1]
+        if width > args.max_seq_len:
+            longest = start + max(range(len(batch)), key=lambda i: len(batch[i]))
+            raise ValueError(f"prompt {longest} ({len(ids[longest])} tokens) + gen_length={plan.gen_length} lays out "
+                             f"{width} positions, beyond model={cfg.model.name}'s max_seq_len={args.max_seq_len} "
+                             f"(config.json in {folder}): shorten the prompt or gen_length")
 
 
 def preflight(cfg: DictConfig, checked: dict | None = None) -> None:

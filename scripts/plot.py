@@ -391,14 +391,15 @@ def dllm_cache_layers():
         dllm_cache.FeatureReuse.begin, dllm_cache.FeatureReuse.pick = begin, pick
 
 
-def trace_runs(model: str, methods: list[str], gen_length: int, block_length: int) -> dict:
+def trace_runs(model: str, methods: list[str], gen_length: int, block_length: int, prompt: str) -> dict:
     """{method: (config, run plan)} of the recompute map's generations, every one composed and
     checked before the first runs: its settings, and its checkpoint's config.json (found, of the
-    configured family, room for gen_length, a model the decoding and cache method can run; no weights
-    are read); ValueError (one line, a CheckpointError too) for a bad setting."""
+    configured family, room for gen_length, a model the decoding and cache method can run; for a
+    local checkpoint room for ``prompt`` too; no weights are read); ValueError (one line, a
+    CheckpointError too) for a bad setting."""
     from hydra import compose, initialize_config_dir
 
-    from dllm.pipeline import check_checkpoint, plan_run
+    from dllm.pipeline import check_checkpoint, check_prompt_room, plan_run
 
     models, caches = (sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in ("model", "cache"))
     if model not in models:
@@ -416,6 +417,7 @@ def trace_runs(model: str, methods: list[str], gen_length: int, block_length: in
             try:
                 plan = plan_run(cfg)
                 check_checkpoint(cfg, plan)  # the model itself: found, fits the methods and gen_length
+                check_prompt_room(cfg, plan, [prompt])
                 runs[method] = cfg, plan
             except ValueError as err:  # CheckpointError is one
                 raise ValueError(f"--trace, cache {method}: {err}") from None
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--prompt {args.prompt!r}: an empty prompt (give the text to continue, "
                                  "e.g. --prompt 'What is 7 * 6?')")
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            trace = trace_runs(args.model, methods, args.gen_length, args.block_length)
+            trace = trace_runs(args.model, methods, args.gen_length, args.block_length, args.prompt)
         out = make_out_folder(args.out)
     except ValueError as err:
         parser.error(str(err))

@@ -105,6 +105,9 @@ CASES = [
     (["task=mmlu_local", "task.metric='bogus,none'"], r"task\.metric='bogus,none' is not among lm-eval group "
                                                       r"'mmlu_local''s results \['acc,none'\]"),
     (["results_csv=null"], r"results_csv=None: give the CSV file"),
+    # task=generate: the prompts tokenized with the local checkpoint's tokenizer, laid out with gen_length
+    (["task=generate", "prompt='What is 7 * 6?'", "gen_length=4080", "decoding.block_length=16"],
+     r"prompt 0 \(\d+ tokens\) \+ gen_length=4080 lays out \d+ positions, beyond model=tiny_llada's max_seq_len=4096"),
     (["+task.code_scoring=bogus"], r"task\.code_scoring='bogus': task=arith is no code task"),
     (["task=humaneval_local", "task.code_scoring=null"], r"task\.code_scoring=None \(allowed: auto, raw, sanitize"),
     (["logger=wandb", "logger.wandb.tags=5"], r"logger\.wandb\.tags=5 must be a list of texts"),

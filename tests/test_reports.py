@@ -432,6 +432,8 @@ def test_plot_trace_checks_the_checkpoint_before_loading_it_or_making_the_out_fo
     cases = [
         (["--gen-length", "100000"], "--trace, cache none: gen_length=100000 leaves no room for a prompt: "
                                      "model=tiny_llada has max_seq_len=4096"),
+        # room for gen_length, not for the prompt with it (tokenized with the checkpoint's tokenizer)
+        (["--gen-length", "4080", "--block-length", "16"], "--trace, cache none: prompt 0 ("),
         (["--model", "tiny_sdar"], "--trace, cache none: decoding='low_confidence' cannot decode a block-diffusion "
                                    "(block-causal attention) model (allowed: ['block_diffusion', 'fast_dllm_v2'])"),
         (["--model", "llada", "--methods", "dual"], "--trace, cache dual: model.path='GSAI-ML/LLaDA-8B-Instruct': "

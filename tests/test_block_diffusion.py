@@ -238,3 +238,29 @@ def test_sampling_is_seeded_and_filtered(nets):
     one_step = generate(net, prompts, build_decoder("block_diffusion", block_length=4, steps=4, temperature=1.0,
                                                     top_k=1), build_cache("prefix"), GEN)
     assert one_step.nfe == 4  # (1 or 3 prompt tokens + 13) over blocks of 4: 4 blocks
+
+
+def test_tie_break_block_takes_what_torch_topk_takes_on_the_block():
+    """tie_break=block: per row, torch.topk over the block's float32 confidences, as SDAR's and
+    LLaDA2.0's code takes the k most confident (its order among exact ties: top-1 sampling makes every
+    confidence 1); the default takes one topk over the row. Token for token with SDAR's generate.py
+    and OpenCompass harness on the tiny models this way (README)."""
+    from dllm.decoding.base import StepPlan
+
+    lo, hi = 6, 14
+    score = torch.full((3, 20), float("-inf"), dtype=torch.float64)
+    score[0, lo:hi] = 1.0  # every one tied
+    score[1, lo:hi] = torch.tensor([0.5, 0.9, 0.9, 0.9, 0.2, 0.9, 0.9, 0.1], dtype=torch.float64)
+    score[2, lo:hi] = torch.tensor([0.3, 0.3, float("-inf"), 0.3, 0.3, 0.7, float("-inf"), 0.3], dtype=torch.float64)
+    plan = StepPlan((lo, hi), torch.tensor([3, 2, 4]), 0, 0)
+    picks = {}
+    for tie_break in ("row", "block"):
+        decoder = build_decoder("block_diffusion", block_length=8, steps=2, remasking="static", tie_break=tie_break)
+        picks[tie_break] = decoder.select(score, plan)
+    for row, count in enumerate(plan.n_transfer.tolist()):
+        expected = sorted((lo + torch.topk(score[row, lo:hi].float(), count).indices).tolist())
+        assert picks["block"][row].nonzero()[:, 0].tolist() == expected
+        assert picks["row"][row].sum() == count
+    assert not torch.equal(picks["row"], picks["block"])
+    with pytest.raises(ValueError, match=r"decoding.tie_break='first' \(allowed: \['row', 'block'\]\)"):
+        build_decoder("block_diffusion", tie_break="first")

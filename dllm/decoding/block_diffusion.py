@@ -32,6 +32,10 @@ from torch import Tensor
 from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder, top_n_mask
 
 REMASKING = ("static", "dynamic")
+# How the k most confident are taken: one topk over the row (default), or as the authors' code takes them,
+# torch.topk over each row's block of float32 confidences (its order among exact ties: with top_k=1
+# sampling every confidence is 1, and a float32 softmax rounds near-certain ones to equal values).
+TIE_BREAKS = ("row", "block")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -110,7 +114,8 @@ class BlockDiffusion(BlockCausalDecoder):
     name = "block_diffusion"
 
     def __init__(self, block_length: int = 4, steps: int = 4, remasking: str = "dynamic", threshold: float = 0.9,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 tie_break: str = "row") -> None:
         super().__init__(steps, block_length, temperature)
         if block_length is None:
             raise ValueError("decoding.block_length must be set: the model's attention block (SDAR/TraDo 4, LLaDA2.0 32)")
@@ -121,7 +126,10 @@ class BlockDiffusion(BlockCausalDecoder):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold!r} must be in [0, 1]")
         check_sampling(temperature, top_k, top_p)
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"decoding.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
         self.remasking, self.threshold, self.top_k, self.top_p = remasking, float(threshold), top_k, top_p
+        self.tie_break = tie_break
         self.schedule = block_schedule(block_length, steps)
 
     def plan(self, step: int, masked: Tensor) -> StepPlan | None:
@@ -136,9 +144,18 @@ class BlockDiffusion(BlockCausalDecoder):
                                self.ctx.mask_token_id)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
-        ranked = top_n_mask(score, plan.n_transfer)
+        ranked = top_n_mask(score, plan.n_transfer) if self.tie_break == "row" else self.block_topk(score, plan)
         if self.remasking == "static":
             return ranked
         confident = torch.isfinite(score) & (score > self.threshold)
         enough = confident.sum(1) >= plan.n_transfer
         return torch.where(enough[:, None], confident, ranked)
+
+    def block_topk(self, score: Tensor, plan: StepPlan) -> Tensor:
+        """(B, T) the ``n_transfer`` highest of each row's block, taken as the authors' loop takes them:
+        ``torch.topk`` on the row's float32 block vector (a row at a time; a block is a few dozen)."""
+        lo, hi = plan.window
+        chosen = torch.zeros_like(score, dtype=torch.bool)
+        for row, count in enumerate(plan.n_transfer.tolist()):
+            chosen[row, lo + torch.topk(score[row, lo:hi].float(), count).indices] = True
+        return chosen & torch.isfinite(score)

@@ -14,8 +14,8 @@ in sub-blocks of ``sub_block_length`` (8), strictly left to right:
 Temperature 0: argmax and its softmax probability; temperature > 0: a draw from the top-p filtered
 softmax (the authors run sampling at batch 1 only; here every row draws). A row stops at its first
 EOS once everything before it is decoded (with ``stop_at_eos``), not at the end of its block.
-Deviation: the authors take the argmax of bf16 probabilities (ties to the lowest id); here
-probabilities are computed in the model's dtype and float32 on CPU.
+Deviation: the authors take the argmax and the threshold's confidence of bf16 probabilities (ties to
+the lowest id); here the argmax of the logits in the model's dtype, the confidence in float32.
 """
 from __future__ import annotations
 

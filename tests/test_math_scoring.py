@@ -191,18 +191,37 @@ def test_latex2sympy_equivalences():
     assert not ms.answers_match("(1,2)", "(1,3)")
     assert not ms.answers_match("[2,5)", "[2,5]")
     assert not ms.answers_match("X+1", "x+1")  # case-sensitive, like sympy's parse_latex
-    # Where lm-eval's parse_latex errs and we do not (documented in math_scoring's docstring):
-    assert not ms.answers_match("1,2", "1")  # parse_latex reads only the "1"
-    assert ms.answers_match("2\\frac{1}{2}", "\\frac{5}{2}")  # parse_latex: 2 * 1/2
     # A one-token denominator, as parse_latex reads it (MATH-500's gold "\\frac{270}7\\text{ degrees}")
     assert ms.answers_match("\\frac{270}{7}", ms.normalize_answer("\\frac{270}7\\text{ degrees}"))
-    assert ms.answers_match("\\frac{3}{\\pi}", "\\frac{3}\\pi") and ms.answers_match("\\frac{a}{b}c", "\\frac{a}bc")
     assert not ms.answers_match("\\frac{270}{8}", "\\frac{270}7")
     # a numerator with braces of its own (lm-eval's is_equiv: True for each)
     for braced, bare in [("\\frac{2\\sqrt{3}}{3}", "\\frac{2\\sqrt{3}}3"), ("\\frac{\\sqrt{6}}{3}", "\\frac{\\sqrt{6}}3"),
                          ("\\frac{\\sqrt{2}}{4}", "\\frac{\\sqrt{2}}4")]:
         assert ms.answers_match(braced, ms.normalize_answer(bare)), bare
     assert not ms.answers_match("\\frac{2\\sqrt{3}}{4}", "\\frac{2\\sqrt{3}}3")
+
+
+# lm-eval 0.4.13's is_equiv (sympy 1.14's parse_latex on antlr 4.11) on normalised answers where
+# latex2sympy2_extended alone reads the string otherwise: as_parse_latex_reads gives its verdicts.
+LM_EVAL_VERDICTS = [
+    ("5}", "5", True),  # Minerva's split at "=" of \\boxed{x = 5}; parse_latex stops at the stray "}"
+    ("-\\frac{1}{2}}", "-\\frac{1}{2}", True), ("\\sqrt{2}}", "\\sqrt{2}", True), ("5)", "5", True),
+    ("1,2", "1", True), ("1,3", "1,2", True), ("2,1", "1,2", False),  # the first item only
+    ("1,234.5", "1234.5", True),  # a thousands separator is no end
+    ("\\{5\\}", "5", True),  # \\{ \\} group (latex2sympy2_extended: a set)
+    ("2\\frac{1}{2}", "\\frac{5}{2}", False), ("6\\frac{2}{3}", "\\frac{20}{3}", False),
+    ("2\\frac{1}{2}", "1", True),  # a product, not a mixed number
+    (".5", "0.5", False), ("0.5", ".5", False), ("5.", "5", False), ("x.", "x", True), ("1.2.3", "1.2", True),
+    ("\\frac{1}x", "\\frac{1}{x}", False), ("\\frac{3}\\pi", "\\frac{3}{\\pi}", False),  # a bare denominator is one digit
+    ("\\frac{270}7", "\\frac{270}{7}", True),
+    ("(1\\})", "1\\}", False),  # a bracket closed by another kind
+    ("4210", "4210_{5}", True), ("(204_5)", "204_5", False),  # a number's subscript ends it
+]
+
+
+@pytest.mark.parametrize("answer, gold, lm_eval", LM_EVAL_VERDICTS)
+def test_symbolic_verdicts_are_lm_evals(answer, gold, lm_eval):
+    assert ms.answers_match(answer, gold) is lm_eval
 
 
 # --- lm-eval hooks ---------------------------------------------------------------------------

@@ -12,10 +12,11 @@ the canonical solutions written that way). The d²Cache and Fast-dLLM evaluation
 3. sanitize (:func:`sanitize`): keep the longest stretch of lines that parses, then only the
    imports and the top-level definitions reachable from the entry point (functions that return
    something, classes, simple assignments), dropping test code, prints and ``__main__`` blocks.
-   Reachable as the reference computes it (evalplus's ``get_deps``): a definition uses the names
-   it reads and the attribute names it reads, but not what an attribute is read from, so a
-   module-level object used only through an attribute (``WORD.findall(s)`` with ``WORD =
-   re.compile(...)``) is dropped and the program fails with a NameError, as in the papers' scoring;
+   Reachable as the reference computes it (its ``get_deps``, the ``ast`` port of evalplus's
+   sanitizer in d²Cache's, Fast-dLLM's and Dream's code; evalplus's own tree-sitter version differs):
+   a definition uses the names it reads and the attribute names it reads, but not what an attribute
+   is read from, so a module-level object used only through an attribute (``WORD.findall(s)`` with
+   ``WORD = re.compile(...)``) is dropped and the program fails with a NameError, as in the papers' scoring;
 4. HumanEval: run the prompt followed by the sanitized code (as d²Cache's evaluation does: lm-eval's
    HumanEval filter prepends the prompt once more). The prompt's helper functions then stay
    defined for the tests even where the answer never calls them (HumanEval/50's tests call
@@ -79,8 +80,9 @@ def _returns(node: ast.AST) -> bool:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    """The names ``node`` reads, as evalplus's ``get_deps`` collects them: an attribute access
-    contributes its attribute name only, and the expression it is read from is not searched."""
+    """The names ``node`` reads, as the papers' ``get_deps`` (an ``ast`` port of evalplus's) collects
+    them: an attribute access contributes its attribute name only, and the expression it is read
+    from is not searched."""
     used, todo = set(), [node]
     while todo:
         for child in ast.iter_child_nodes(todo.pop()):

@@ -200,6 +200,41 @@ def test_stop_at_eos_keeps_the_answer(nets):
         assert all(t == eos for t in b[first:])
 
 
+def block_refreshes(net, prompts, block_refresh):
+    """Tokens of ``cache=dual`` under ``block_refresh``, and for each forward after a block's first
+    one the rows that recomputed their whole block (one bool per batch row) and those with something
+    to predict."""
+    cache = build_cache("dual", block_refresh=block_refresh)
+    seen, select = [], cache.select_in_block
+
+    def spy(view):
+        request = select(view)
+        lo, hi = view.plan.window
+        outside_window = request.refresh.clone()
+        outside_window[:, lo:hi] = False
+        seen.append((outside_window.any(1), request.predict.any(1)))
+        return request
+
+    cache.select_in_block = spy
+    decoder = build_decoder("fast_dllm_v2", block_length=8, sub_block_length=2, threshold=0.9)
+    return generate(net, prompts, decoder, cache, GEN).tokens, seen
+
+
+def test_dual_block_refresh_batch_is_the_authors_batch_wide_decision(nets):
+    """Fast-dLLM v2's block cache recomputes every row's block when any row's sub-block starts
+    masked (``block_refresh=batch``); ``row`` decides per row, so a row decodes as it does alone."""
+    net, prompts = nets["dream"], random_prompts([8, 8, 8], seed=11)
+    _, batch_steps = block_refreshes(net, prompts, "batch")
+    row_tokens, row_steps = block_refreshes(net, prompts, "row")
+    for whole, predicting in batch_steps:  # all predicting rows recompute their block, or none does
+        assert bool(whole[predicting].all()) or not bool(whole.any()), (whole, predicting)
+    assert any(whole[predicting].any() and not whole[predicting].all() for whole, predicting in row_steps)
+    for row, prompt in enumerate(prompts):
+        alone, _ = block_refreshes(net, [prompt], "row")
+        assert row_tokens[row].tolist() == alone[0].tolist()
+        assert block_refreshes(net, [prompt], "batch")[0][0].tolist() == alone[0].tolist()  # batch 1: the same
+
+
 def test_refusals(nets):
     block_net, bidirectional = nets["llada"], tiny_net(tiny_args("llada"))
     prompts = random_prompts([4])
@@ -211,6 +246,11 @@ def test_refusals(nets):
         generate(block_net, prompts, build_decoder("block_diffusion"), build_cache("d2cache"), 8)
     with pytest.raises(ValueError, match="refresh_interval"):
         generate(block_net, prompts, build_decoder("block_diffusion"), build_cache("prefix", refresh_interval=2), 8)
+    with pytest.raises(ValueError, match=r"block_refresh='batch' is for block-diffusion.*allowed: row"):
+        generate(bidirectional, prompts, build_decoder("low_confidence", steps=8, block_length=4),
+                 build_cache("dual", block_refresh="batch"), 8)
+    with pytest.raises(ValueError, match=r"cache.block_refresh='block' \(allowed: \['row', 'batch'\]\)"):
+        build_cache("dual", block_refresh="block")
     with pytest.raises(ValueError, match="fast_dllm_v2 .*j - 1"):
         generate(block_net, prompts, build_decoder("fast_dllm_v2"), build_cache("prefix"), 8)
     with pytest.raises(ValueError, match=r"steps=8 \(per block\) exceeds block_length=4"):

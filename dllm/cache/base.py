@@ -83,9 +83,10 @@ class CacheMethod(ABC):
         """Raise ValueError if this method cannot run on a model with this logit shift (1: Dream);
         called from the checkpoint's config.json before the weights load, and at :meth:`start`."""
 
-    def check_block_model(self) -> None:
-        """Raise ValueError if this method's settings have no meaning on a block-diffusion model (one
-        it runs on, ``block_causal``); called before the weights load, and at :meth:`start`."""
+    def check_attention(self, block_causal: bool) -> None:
+        """Raise ValueError if this method's settings have no meaning on a model with block-causal
+        attention (a block-diffusion model, one it runs on: ``block_causal``) or on one without;
+        called before the weights load, and when a generation starts."""
 
     def start(self, ctx: DecodeContext) -> None:
         self.ctx = ctx

@@ -32,6 +32,9 @@ attention block(s) holding the rows that predict the step's masked positions:
   first computed or when the window's (sub-block's) first position is still masked, otherwise
   only the window's rows, attending to the K/V the rest of the block had when last computed.
   With a window of the whole block (SDAR/TraDo, LLaDA2.0) it is the same as ``prefix``.
+  ``block_refresh``: ``row`` (default) decides that per row, so a row of a batch decodes as it
+  does alone; ``batch`` as Fast-dLLM v2's code does, for the whole batch: every row recomputes its
+  block when any row's window starts masked (its rows then depend on the others in the batch).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from dllm.decoding.layout import blocks_of, shift_to_computing
 from .base import ActiveRequest, CacheMethod, StepView, check_interval, register_cache
 
 DREAM_ROWS = ("ours", "reference")
+BLOCK_REFRESH = ("row", "batch")
 
 
 class BlockCache(CacheMethod):
@@ -57,8 +61,8 @@ class BlockCache(CacheMethod):
         self.refresh_interval = refresh_interval
         self.dream_rows = dream_rows
 
-    def check_block_model(self) -> None:
-        if self.refresh_interval or self.dream_rows != "ours":
+    def check_attention(self, block_causal: bool) -> None:
+        if block_causal and (self.refresh_interval or self.dream_rows != "ours"):
             raise ValueError(f"cache={self.name}: cache.refresh_interval={self.refresh_interval!r} / cache.dream_rows="
                              f"{self.dream_rows!r} have no meaning on a block-diffusion model, whose finished blocks "
                              "are exact (allowed: null / ours)")
@@ -66,7 +70,6 @@ class BlockCache(CacheMethod):
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)
         if ctx.attention_block:
-            self.check_block_model()
             self.computed_in_full = torch.zeros(ctx.batch, ctx.length, dtype=torch.bool, device=ctx.device)
 
     def select(self, view: StepView) -> ActiveRequest:
@@ -99,6 +102,8 @@ class BlockCache(CacheMethod):
         if self.recompute_suffix:
             return ActiveRequest(predict=predict, refresh=blocks)
         in_full = (blocks & ~self.computed_in_full).any(1) | view.masked[:, lo]
+        if self.block_refresh == "batch":  # rows with nothing to predict have no blocks: they stay idle
+            in_full = in_full.any().expand_as(in_full)
         self.computed_in_full |= blocks & in_full[:, None]
         window = torch.zeros_like(view.masked)
         window[:, lo:hi] = predict.any(1, keepdim=True)  # rows with nothing to predict compute nothing
@@ -115,3 +120,17 @@ class PrefixCache(BlockCache):
 class DualCache(BlockCache):
     name = "dual"
     recompute_suffix = False
+
+    def __init__(self, refresh_interval: int | None = None, dream_rows: str = "ours",
+                 block_refresh: str = "row") -> None:
+        super().__init__(refresh_interval, dream_rows)
+        if not isinstance(block_refresh, str) or block_refresh not in BLOCK_REFRESH:
+            raise ValueError(f"cache.block_refresh={block_refresh!r} (allowed: {list(BLOCK_REFRESH)})")
+        self.block_refresh = block_refresh
+
+    def check_attention(self, block_causal: bool) -> None:
+        super().check_attention(block_causal)
+        if not block_causal and self.block_refresh != "row":
+            raise ValueError(f"cache=dual: cache.block_refresh={self.block_refresh!r} is for block-diffusion models "
+                             "(Fast-dLLM v2's block cache); a bidirectional model's blocks start with a full forward "
+                             "of the whole batch (allowed: row)")

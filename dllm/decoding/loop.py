@@ -157,8 +157,7 @@ def check_block_causal(block_causal: bool, decoder: Decoder, cache: CacheMethod)
         fit = [n for n in CACHES.names() if CACHES.classes[n].block_causal]
         raise ValueError(f"cache={cache.name!r} does not run on block-diffusion models (block-causal attention); "
                          f"allowed: {fit}")
-    if block_causal:
-        cache.check_block_model()
+    cache.check_attention(block_causal)
 
 
 def kv_store(net: Transformer, role: str, batch: int, length: int, device: torch.device) -> KVStore:

@@ -258,9 +258,12 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     from dllm.models.packed import pack_linear_weights
     from dllm.models.tokenization import load_tokenizer
 
+    from dllm.models.loading import model_args
+
     torch.set_num_threads(plan.threads)
     folder = checkpoint_folder(cfg)
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)  # first: a folder without one fails in seconds
+    check_tokenizer(cfg, tokenizer, model_args(folder, cfg.model.family), folder)
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
     if plan.compile:
@@ -268,6 +271,21 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
 
         compile_layers(net)  # graphs compile on first use: in the warm-up batch, left out of the timings
     return net, tokenizer
+
+
+def check_tokenizer(cfg: DictConfig, tokenizer, args, folder: Path) -> None:
+    """Before the weights load: the checkpoint's tokenizer fits its model. Its ids must be rows of
+    the embedding (config.json's ``vocab_size``), and ``model.instruct`` needs its chat template
+    (else an evaluation stops when lm-eval builds its contexts, and a prompt would run untemplated)."""
+    largest = max(tokenizer.get_vocab().values())  # its added tokens included
+    if largest >= args.vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has token ids up to {largest}, beyond the model's "
+                         f"vocab_size={args.vocab_size} (config.json): tokenizer and weights are from different "
+                         "checkpoints")
+    if cfg.model.instruct and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model.instruct=true, but the tokenizer in {folder} has no chat template "
+                         "(tokenizer_config.json's chat_template): add one, or run the prompts as plain text with "
+                         "model.instruct=false")
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -354,7 +372,9 @@ def check_prompt_room(cfg: DictConfig, plan: RunPlan, prompts: list[str]) -> Non
     if folder is None:
         return
     args = model_args(folder, cfg.model.family)
-    ids = encode_prompts(load_tokenizer(folder, cfg.model.trust_remote_code), prompts, chat=cfg.model.instruct)
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+    check_tokenizer(cfg, tokenizer, args, folder)
+    ids = encode_prompts(tokenizer, prompts, chat=cfg.model.instruct)
     block = plan.decoder.block_length if args.block_causal else None
     for start in range(0, len(ids), cfg.batch_size):
         batch = ids[start : start + cfg.batch_size]
@@ -372,7 +392,7 @@ def preflight(cfg: DictConfig, checked: dict | None = None) -> None:
     :func:`preflight_generate`, and those a run makes later, after its resume check: a local
     checkpoint's tokenizer, the lm-eval task (its name, data, shots and metric). ``checked`` (shared
     by the jobs of a sweep) remembers the tokenizers and tasks already checked."""
-    from dllm.models.loading import local_folder
+    from dllm.models.loading import local_folder, model_args
     from dllm.models.tokenization import load_tokenizer
 
     checked = {} if checked is None else checked
@@ -392,9 +412,10 @@ def preflight(cfg: DictConfig, checked: dict | None = None) -> None:
             checked[task_key] = True
         # (task=generate's check_prompt_room has read the tokenizer already)
         folder = local_folder(local_or_repo_path(str(cfg.model.path))) if cfg.model.path else None
-        if folder is not None and ("tokenizer", str(folder)) not in checked:
-            load_tokenizer(folder, cfg.model.trust_remote_code)
-            checked["tokenizer", str(folder)] = True
+        if folder is not None and ("tokenizer", str(folder), bool(cfg.model.instruct)) not in checked:
+            tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+            check_tokenizer(cfg, tokenizer, model_args(folder, cfg.model.family), folder)
+            checked["tokenizer", str(folder), bool(cfg.model.instruct)] = True
 
 
 def run_generate(cfg: DictConfig) -> list[dict]:

@@ -293,6 +293,50 @@ def test_multi_token_continuation_monte_carlo(family):
     assert first == pytest.approx(expectation, abs=0.25)
 
 
+def test_a_context_or_prompt_too_long_for_the_model_stops_the_run():
+    """lm-eval's HF model would cut it on the left (other few-shot examples, a cut question); here
+    nothing is computed and the message names the lengths."""
+    from lm_eval.api.instance import Instance
+
+    lm = tiny_lm("llada")
+    long_text = "word " * (lm.net.args.max_seq_len + 8)
+    with pytest.raises(ValueError, match=r"1 of 2 contexts do not fit model.max_seq_len=\d+: the longest has \d+ tokens"):
+        lm.loglikelihood([request("Q: 1+1=\nA:", " 2"), request(long_text, " 2", doc_id=1)])
+    gen_length = lm.plan.gen_length
+    prompt = Instance("generate_until", {}, (long_text, {"until": ["\n"]}), 0, ("arith", 0, 1))
+    with pytest.raises(ValueError, match=rf"1 of 1 prompts do not fit.*where {lm.net.args.max_seq_len - gen_length} "
+                                         r"are left beside the answer \(gen_length\); lower gen_length"):
+        lm.generate_until([prompt])
+
+
+def test_a_tokenizer_that_does_not_fit_its_model_is_refused_before_the_weights_load(tmp_path):
+    import dataclasses
+    import shutil
+
+    from dllm import REPO_ROOT
+    from dllm.models.loading import model_args
+    from dllm.models.tokenization import load_tokenizer
+    from dllm.pipeline import check_tokenizer
+
+    cfg = compose("model=tiny_llada", "task=generate")
+    assert cfg.model.instruct
+    folder = tmp_path / "ckpt"
+    shutil.copytree(REPO_ROOT / "assets" / "tiny_llada", folder)
+    args = model_args(folder, "llada")
+    check_tokenizer(cfg, load_tokenizer(folder), args, folder)  # the shipped checkpoint fits
+    with pytest.raises(ValueError, match=r"has token ids up to \d+, beyond the model's vocab_size=20 \(config.json\)"):
+        check_tokenizer(cfg, load_tokenizer(folder), dataclasses.replace(args, vocab_size=20), folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("chat_template")
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"model.instruct=true, but the tokenizer in .* has no chat template.*"
+                                         r"model.instruct=false"):
+        check_tokenizer(cfg, load_tokenizer(folder), args, folder)
+    cfg.model.instruct = False
+    check_tokenizer(cfg, load_tokenizer(folder), args, folder)
+
+
 def test_loglikelihood_rolling_names_the_task():
     from lm_eval.api.instance import Instance
 

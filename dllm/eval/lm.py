@@ -198,11 +198,19 @@ class DllmLM(LM):
         # A templated context carries its special tokens (BOS included) as text already.
         return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
 
-    def _fit(self, ids: list[int], room: int, what: str) -> list[int]:
-        if len(ids) > room:
-            log.warning("%s of %d tokens truncated on the left to %d (max_seq_len)", what, len(ids), room)
-            return ids[-room:]
-        return ids
+    def check_room(self, sizes: list[tuple[int, int]], what: str) -> None:
+        """Every ``what`` (prompt or context) fits: ``sizes`` are (its tokens, the room max_seq_len
+        leaves it beside the answer). lm-eval's HF model would cut a longer one on the left, which
+        silently changes the task (its few-shot examples, the question itself); here the run stops
+        before it computes anything."""
+        over = [(n, room) for n, room in sizes if n > room]
+        if over:
+            longest, room = max(over)
+            raise ValueError(
+                f"{len(over)} of {len(sizes)} {what}s do not fit model.max_seq_len={self.net.args.max_seq_len}: the "
+                f"longest has {longest} tokens, where {room} are left beside the "
+                f"{'answer (gen_length)' if what == 'prompt' else 'continuation'}; lower gen_length or task.n_shot, "
+                "or use a model with a longer context")
 
     # ------------------------------------------------------------------ generation
     def generate_batch(self, prompts: list[list[int]], batch_index: int) -> GenerationOutput:
@@ -236,8 +244,8 @@ class DllmLM(LM):
             if gen_kwargs.get("do_sample") and not self._warned_sampling:
                 log.warning("the task asks for sampling; decoding follows the decoding config instead")
                 self._warned_sampling = True
-            ids = self._fit(self.encode(context), room, "prompt")
-            items.append(_Gen(i, context, ids, until, req.task_name, req.doc_id))
+            items.append(_Gen(i, context, self.encode(context), until, req.task_name, req.doc_id))
+        self.check_room([(len(item.ids), room) for item in items], "prompt")
         order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
         results: list[str | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generate_until", disable=disable_tqdm or not self.progress)
@@ -358,15 +366,12 @@ class DllmLM(LM):
         rows: list[_Row] = []
         n_draws = [0] * len(requests)
         contexts: dict[tuple[int, ...], torch.Tensor] = {}  # shared by a question's choices
-        for i, req in enumerate(requests):
-            context, continuation = req.args
-            ctx, cont = self.encode_pair(context, continuation)
+        pairs = [self.encode_pair(*req.args) for req in requests]
+        self.check_room([(len(ctx), args.max_seq_len - len(cont)) for ctx, cont in pairs if cont], "context")
+        for i, (ctx, cont) in enumerate(pairs):
             L = len(cont)
             if L == 0:
                 continue
-            if L >= args.max_seq_len:
-                raise ValueError(f"continuation of {L} tokens does not fit max_seq_len={args.max_seq_len}")
-            ctx = self._fit(ctx, args.max_seq_len - L, "context")
             ctx_t = contexts.setdefault(tuple(ctx), torch.tensor(ctx, dtype=torch.long))
             # The fully masked continuation: the exact (only) draw when L == 1, and the greedy check.
             rows.append(_Row(i, L, ctx_t, [args.mask_token_id] * L, list(range(L)), cont, L == 1, True))

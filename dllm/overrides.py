@@ -174,6 +174,20 @@ def _task_overrides(args: list[str]) -> list[str]:
     return [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
 
 
+_SWEEPER_PARAMS = "hydra.sweeper.params."
+
+
+def _sweeper_params(args: list[str]) -> dict[str, str]:
+    """The sweep values set on the command line as Hydra settings (``hydra.sweeper.params.seed=0,1``,
+    ``+hydra.sweeper.params.seed=...``), by the key they sweep."""
+    params = {}
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key.startswith(_SWEEPER_PARAMS) and value:
+            params[key.removeprefix(_SWEEPER_PARAMS)] = value.strip("'\"") if value[:1] == value[-1:] in "'\"" else value
+    return params
+
+
 def sweep_jobs(args: list[str]) -> list[list[str]]:
     """The override lists of a multirun's jobs, as Hydra's basic sweeper forms them: the experiment's
     ``hydra.sweeper.params`` first, then the command line, every combination of their values."""
@@ -187,7 +201,8 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
         # with the config loader, as the sweeper's: glob(...) expands to the options of its group
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-        params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+        params = dict(compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {})
+        params.update(_sweeper_params(args))  # the command line's own, over the experiment's
         lines = [f"{key}={value}" for key, value in params.items()] + overrides
         batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), max_batch_size=None)
     return [job for batch in batches for job in batch]

@@ -190,6 +190,17 @@ def test_a_sweeps_jobs_are_the_basic_sweepers():
                                                for g in (16, 32)}
 
 
+def test_sweep_values_set_as_hydra_settings_are_jobs_too():
+    """hydra.sweeper.params.<key>=... on the command line sweeps as the experiment's own params do
+    (and over them), so the pre-check sees each of its values."""
+    from dllm.overrides import refused_job_message, sweep_jobs
+
+    jobs = sweep_jobs(["-m", "+experiment=tiny_sweep", "hydra.sweeper.params.cache=none", "+hydra.sweeper.params.seed='0,-1'"])
+    assert len(jobs) == 4 and {job[0] for job in jobs} == {"cache=none"}
+    assert {job[2] for job in jobs} == {"seed=0", "seed=-1"}
+    assert "seed=-1 must be an integer >= 0" in refused_job_message(["-m", "hydra.sweeper.params.seed=0,-1"])
+
+
 def test_run_py_inspecting_the_config_is_not_checked(tmp_path):
     """`--cfg job` prints the experiment even where a run of it would be refused."""
     done = run_py(tmp_path, "--cfg", "job", "+experiment=published")

@@ -49,8 +49,9 @@ def resolve_threads(value) -> int:
             if text.isdigit() and int(text) >= 1:
                 return int(text)
         return torch.get_num_threads()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"threads={value!r} must be auto or an integer >= 1")
+    cores = os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cores:
+        raise ValueError(f"threads={value!r} must be auto or an integer from 1 to {cores} (this machine's cores)")
     return value
 
 

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -312,9 +313,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--repeats={args.repeats} must be >= 1")
     if args.time_budget is not None and not args.time_budget >= 0:
         ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
-    for key in ("steps", "threads"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            ap.error(f"--{key}={getattr(args, key)} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps={args.steps} must be >= 1")
+    if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
+        ap.error(f"--threads={args.threads} must be from 1 to {os.cpu_count() or 1} (this machine's cores)")
     args.steps = args.steps or args.gen_length
     # run.py's test (resolve_device): torch.device also takes names that fail only once the model is
     # built (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name must be one of this

@@ -85,7 +85,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dllm.atomic import write_atomic  # noqa: E402
+from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
@@ -338,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.compile:
             check_torch_version()
         check_runs(args)
+        if args.json is not None:  # last: a refused command makes no folder; before the work, which it would lose
+            make_out_folder(args.json.parent, "--json")
     except ValueError as error:
         ap.error(str(error))
     return args

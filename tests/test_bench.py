@@ -217,6 +217,7 @@ def test_batch_size_options():
     (["--threads", "100000"], "--threads=100000 must be from 1 to"),
     (["--device", "foo"], "--device='foo'"), (["--compile", "--compile-mode", "foo"], "invalid choice: 'foo'"),
     (["--json", "."], "--json=.: not a file path in a folder"),
+    (["--json", "/proc/nope/x.json"], "--json /proc/nope: cannot make the folder"),
     (["--methods", "", "--samplers", ""], "nothing to compare with none"),
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
     # longer than the real model's context: hours of attention over positions it never sees

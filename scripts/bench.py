@@ -313,6 +313,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--repeats={args.repeats} must be >= 1")
     if args.time_budget is not None and not args.time_budget >= 0:
         ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
+    if not 0 <= args.seed < 2**32:  # run.py's range
+        ap.error(f"--seed={args.seed} must be from 0 to {2**32 - 1}")
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps={args.steps} must be >= 1")
     if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):

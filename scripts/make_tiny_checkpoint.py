@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.shard_bytes < 1:
         parser.error(f"--shard-bytes={args.shard_bytes} must be >= 1")
+    if not 0 <= args.seed < 2**32:  # run.py's range (torch's generators take less than 2**64)
+        parser.error(f"--seed={args.seed} must be from 0 to {2**32 - 1}")
     try:
         make_out_folder(args.out)
     except ValueError as error:

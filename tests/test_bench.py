@@ -215,6 +215,8 @@ def test_batch_size_options():
     (["--steps", "100"], "steps per block (100) exceed block_length=32"),
     (["--steps", "-1"], "--steps=-1 must be >= 1"), (["--threads", "0"], "--threads=0 must be from 1 to"),
     (["--threads", "100000"], "--threads=100000 must be from 1 to"),
+    (["--seed", "-1"], "--seed=-1 must be from 0 to 4294967295"),
+    (["--seed", "18446744073709551616"], "--seed=18446744073709551616 must be from 0 to 4294967295"),
     (["--device", "foo"], "--device='foo'"), (["--compile", "--compile-mode", "foo"], "invalid choice: 'foo'"),
     (["--json", "."], "--json=.: not a file path in a folder"),
     (["--json", "/proc/nope/x.json"], "--json /proc/nope: cannot make the folder"),

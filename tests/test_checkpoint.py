@@ -265,3 +265,20 @@ def test_missing_folder(tmp_path, no_weight_reads):
 def test_missing_hub_id_offline(offline, no_weight_reads):
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model"):
         load_model("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--seed", "18446744073709551616"], "--seed=18446744073709551616 must be from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed=-1 must be from 0 to 4294967295"),
+    (["--shard-bytes", "0"], "--shard-bytes=0 must be >= 1"),
+])
+def test_make_tiny_checkpoint_script_refuses_before_writing(tmp_path, capsys, bad, message):
+    import runpy
+
+    from dllm import REPO_ROOT
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py"))
+    with pytest.raises(SystemExit) as exit_:
+        script["main"](["--family", "llada", "--out", str(tmp_path / "out"), *bad])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,14 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dllm.logging.record import record_key  # noqa: E402
+from dllm.logging.record import RunRecord, record_key  # noqa: E402
 from dllm.logging.sinks import ResultsCsvError, append_csv, existing_keys, repair_results_csv  # noqa: E402
+
+# What says which experiment a row is (every record has them); the dict fields are flattened into
+# cache.* / decoding.* / metrics.* columns.
+IDENTITY = ("run_id", "run_key", "status", "model", "cache", "decoding", "task")
+DICT_FIELDS = {"cache_params", "decoding_params", "other_metrics"}
 
 
 def read_record(run_dir: Path) -> dict:
@@ -36,6 +42,13 @@ def read_record(run_dir: Path) -> dict:
         raise ValueError(f"--append {run_dir}: cannot read {metrics} ({err})") from None
     if not isinstance(row, dict) or not row.get("run_key") or not all(isinstance(k, str) for k in row):
         raise ValueError(f"--append {run_dir}: {metrics} is not a run record (no run_key)")
+    missing = [name for name in IDENTITY if not row.get(name)]
+    if missing:
+        raise ValueError(f"--append {run_dir}: {metrics} is not a whole run record (no {', '.join(missing)})")
+    columns = {f.name for f in fields(RunRecord)} - DICT_FIELDS
+    unknown = [k for k in row if k not in columns and not k.startswith(("cache.", "decoding.", "metrics."))]
+    if unknown:
+        raise ValueError(f"--append {run_dir}: {metrics} has columns no run record has: {unknown}")
     return row
 
 
@@ -46,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.csv
     if not path.is_file():
-        print(f"{path}: {'is a folder, not a CSV file' if path.is_dir() else 'no such file'}", file=sys.stderr)
+        what = ("is a folder, not a results CSV" if path.is_dir() else "no such file" if not path.exists()
+                else "is not a regular file (a device or pipe), not a results CSV")
+        print(f"{path}: {what}", file=sys.stderr)
         return 2
     try:
         row = None if args.append is None else read_record(args.append)

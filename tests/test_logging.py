@@ -406,6 +406,16 @@ def test_repair_appends_a_record_left_in_its_run_folder(tmp_path):
     assert "already has an ok row" in again.stdout and len(read_rows(path)) == 2
     missing = subprocess.run([*append[:-1], str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+    partial, extra = tmp_path / "partial", tmp_path / "extra"
+    partial.mkdir()
+    (partial / "metrics.json").write_text(json.dumps({"run_key": "zz3", "status": "ok"}))
+    extra.mkdir()
+    (extra / "metrics.json").write_text(json.dumps({**make_record(run_key="c" * 16).to_row(), "mine": 1}))
+    for folder, message in ((partial, "is not a whole run record (no run_id, model, cache, decoding, task)"),
+                            (extra, "has columns no run record has: ['mine']")):
+        refused = subprocess.run([*append[:-1], str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert len(read_rows(path)) == 2
 
 
 def test_foreign_csv_is_refused(tmp_path):

@@ -404,6 +404,7 @@ def test_context_aware_threshold_decays_with_the_masked_fraction():
     (dict(alpha=1.5), "decoding.alpha=1.5 must be a number in [0, 1]"),
     (dict(ratio_window=-1), "decoding.ratio_window=-1 must be an integer >= 0"),
     (dict(alpha=0.3, factor=1.0), "applies to the threshold rule"),
+    (dict(steps=0), "decoding.steps=0 must be an integer >= 1 or null"),
 ])
 def test_context_aware_threshold_refuses_bad_settings(params, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):

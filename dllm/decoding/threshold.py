@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import DecodeContext, StepPlan, register_decoder, top_n_mask
+from .ar import check_unused_steps
 from .llada import BlockDecoder
 
 
@@ -35,6 +36,7 @@ class Threshold(BlockDecoder):
     def __init__(self, block_length: int | None = 32, threshold: float = 0.9, factor: float | None = None,
                  temperature: float = 0.0, steps: int | None = None, alpha: float = 0.0,
                  ratio_window: int | None = None) -> None:
+        check_unused_steps(steps, self.name)
         super().__init__(1, block_length, temperature)
         if not 0 < threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold} must be in (0, 1]")

@@ -259,7 +259,7 @@ def test_never_ends_with_mask(family, decoding, base):
     (dict(dropout="uniform", keep=-1), "cache.keep=-1"),
     (dict(keep=3), "cache.keep=3 applies to cache.dropout=uniform only"),
     (dict(distance="far"), "cache.distance='far'"),
-    (dict(base="full"), "cache.base='full'"),
+    (dict(base="full"), "cache.base='full'"), (dict(base=["a"]), "cache.base=\\['a'\\]"),
     (dict(refresh_interval=2), "cache.refresh_interval=2"),
     (dict(base="prefix", refresh_interval=0), "cache.refresh_interval=0"),
     (dict(dream_rows="shifted"), "cache.dream_rows='shifted'"),

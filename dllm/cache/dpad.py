@@ -110,7 +110,7 @@ class DPad(CacheMethod):
         if draw == "float32" and distance != "reference":
             raise ValueError("cache.draw=float32 reproduces the authors' sampler, whose distance is theirs: "
                              "use it with cache.distance=reference")
-        if base not in BASES:
+        if not isinstance(base, str) or base not in BASES:
             raise ValueError(f"cache.base={base!r} (allowed: {list(BASES)})")
         if base == "none":
             if refresh_interval is not None:

@@ -203,6 +203,27 @@ def test_pc_sampler_debiasing_changes_the_order(tmp_path):
     assert [o[0] for o in both] == [[3], [2], [4]]
 
 
+@pytest.mark.parametrize("tie_break", ["row", "block"])
+def test_pc_sampler_ties_at_alpha_are_broken_as_topk_over_the_row_or_the_block(tmp_path, tie_break):
+    """With frequencies and lambd 0 every rare token's calibrated score clips at alpha: all 12
+    positions tie. ``row`` takes one torch.topk over the row's float64 scores, ``block`` the authors'
+    torch.topk over the block's float32 scores; each step commits what that call returns."""
+    P, G = 2, 12
+    path = write_json(tmp_path / "corpus.json", CORPUS)
+    decoder = build_decoder("pc_sampler", steps=G, lambd=0.0, alpha=1.0, frequencies=path, tie_break=tie_break)
+    committed, _ = drive(decoder, context(1, P, G), all_masked(1, P, G), lambda step, row, j: probs_logits(1, 0.8))
+    masked = all_masked(1, P, G)[0]
+    for step_commits in committed:
+        if tie_break == "row":
+            expected = torch.full((P + G,), float("-inf"), dtype=torch.float64).masked_fill(masked, 1.0).topk(1).indices
+        else:
+            expected = P + torch.full((G,), float("-inf")).masked_fill(masked[P:], 1.0).topk(1).indices
+        assert step_commits == [expected.tolist()]
+        masked[expected] = False
+    with pytest.raises(ValueError, match=r"decoding.tie_break='first' \(allowed: \['row', 'block'\]\)"):
+        build_decoder("pc_sampler", steps=G, tie_break="first")
+
+
 @pytest.mark.parametrize("corpus", [
     {"num_token": 1000, "token_frequency_dict": {"0": 500, "1": 1}},  # the authors' counting script's output
     {"0": 500, "1": 1, "2": 1, "5": 498},  # a plain id -> count object: N = the sum = 1000

@@ -204,6 +204,18 @@ def on_positions(values: Tensor, positions: Tensor, length: int, fill: float | b
     return out.scatter(1, positions, values)[:, :length]
 
 
+def block_top_n_mask(score: Tensor, n: Tensor, window: tuple[int, int]) -> Tensor:
+    """:func:`top_n_mask` of the scores inside ``window``, taken as the authors' loops take them
+    (SDAR's, LLaDA2.0's, PC-Sampler's): ``torch.topk`` on each row's float32 block vector, a row at a
+    time (a block is a few dozen positions). Among equal scores torch.topk's order depends on the
+    vector it is given, so this is the reference's choice where :func:`top_n_mask`'s may differ."""
+    lo, hi = window
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    for row, count in enumerate(n.tolist()):
+        chosen[row, lo + torch.topk(score[row, lo:hi].float(), count).indices] = True
+    return chosen & torch.isfinite(score)
+
+
 def top_n_mask(score: Tensor, n: Tensor) -> Tensor:
     """(B, T) bool selecting the ``n[b]`` highest finite scores of each row."""
     k = int(n.max()) if n.numel() else 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder, top_n_mask
+from .base import DecodeContext, Decoder, StepPlan, block_top_n_mask, exclude_token, register_decoder, top_n_mask
 
 REMASKING = ("static", "dynamic")
 # How the k most confident are taken: one topk over the row (default), or as the authors' code takes them,
@@ -144,18 +144,10 @@ class BlockDiffusion(BlockCausalDecoder):
                                self.ctx.mask_token_id)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
-        ranked = top_n_mask(score, plan.n_transfer) if self.tie_break == "row" else self.block_topk(score, plan)
+        ranked = (top_n_mask(score, plan.n_transfer) if self.tie_break == "row"
+                  else block_top_n_mask(score, plan.n_transfer, plan.window))
         if self.remasking == "static":
             return ranked
         confident = torch.isfinite(score) & (score > self.threshold)
         enough = confident.sum(1) >= plan.n_transfer
         return torch.where(enough[:, None], confident, ranked)
-
-    def block_topk(self, score: Tensor, plan: StepPlan) -> Tensor:
-        """(B, T) the ``n_transfer`` highest of each row's block, taken as the authors' loop takes them:
-        ``torch.topk`` on the row's float32 block vector (a row at a time; a block is a few dozen)."""
-        lo, hi = plan.window
-        chosen = torch.zeros_like(score, dtype=torch.bool)
-        for row, count in enumerate(plan.n_transfer.tolist()):
-            chosen[row, lo + torch.topk(score[row, lo:hi].float(), count).indices] = True
-        return chosen & torch.isfinite(score)

@@ -50,7 +50,9 @@ class LowConfidence(BlockDecoder):
     generate() did until its commit f51cb17 (June 2025) and as the Fast-dLLM and dKV-Cache code
     does; ``logits``: in the logits' own dtype (float32 on CPU here, bfloat16 on a GPU), as LLaDA's
     generate() has since. Near 1 a lower precision rounds distinct confidences to equal ones (with
-    ``cfg_scale``'s amplified logits, several are exactly 1.0), and the earlier position wins the tie.
+    ``cfg_scale``'s amplified logits, several are exactly 1.0), and ``torch.topk`` over the row then
+    decides the tie, as in those codes (its order among equal values is unspecified, not the earlier
+    position first).
     """
 
     name = "low_confidence"

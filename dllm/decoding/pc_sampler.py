@@ -26,7 +26,15 @@ their ``utils/calculate_p_baseline.py`` writes it), or a plain ``{"<id>": count,
 
 Defaults are the authors' scripts (``scripts/eval_pc_sampler.sh``): lambd 0.25 (0 for Sudoku, 1
 for Countdown there), alpha 10, steps = gen_length, one block. In float64 the weight underflows to
-0 once lambd * (i - lo) > ~745 (i - lo > 2980 at lambd 0.25).
+0 once lambd * (i - lo) > ~745 (i - lo > 2980 at lambd 0.25); the authors' float32 weight does from
+i - lo = 104 at lambd 1 (416 at 0.25), and rounds before that, which can reorder positions whose
+weighted scores it makes equal (not reproduced).
+
+``tie_break``: ``row`` (default) takes the k best with one ``torch.topk`` over the row's float64
+scores; ``block`` as the authors' code does, ``torch.topk`` over the block's float32 scores. They
+differ only among exactly equal scores, whose order torch.topk leaves unspecified: with
+``frequencies`` the score is clipped at ``alpha``, so at ``lambd`` 0 (the authors' Sudoku runs) many
+positions tie at ``alpha`` and the two pick differently.
 """
 from __future__ import annotations
 
@@ -37,11 +45,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, StepPlan, register_decoder
+from .base import DecodeContext, StepPlan, block_top_n_mask, register_decoder, top_n_mask
 from .llada import BlockDecoder
 
 #: the epsilon inside the log of the authors' calibrated score
 LOG_EPS = 1e-9
+#: how the k best are taken: one topk over the row's float64 scores, or the authors' torch.topk over the
+#: block's float32 scores (the same k but among exact ties, which the calibrated score's clip at alpha makes common)
+TIE_BREAKS = ("row", "block")
 
 
 def _number(value) -> bool:
@@ -94,8 +105,11 @@ class PCSampler(BlockDecoder):
     name = "pc_sampler"
 
     def __init__(self, steps: int, block_length: int | None = None, lambd: float = 0.25, alpha: float = 10.0,
-                 frequencies: str | None = None, temperature: float = 0.0) -> None:
+                 frequencies: str | None = None, temperature: float = 0.0, tie_break: str = "row") -> None:
         super().__init__(steps, block_length, temperature)
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"decoding.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
+        self.tie_break = tie_break
         if not _number(lambd) or not math.isfinite(lambd) or lambd < 0:
             raise ValueError(f"decoding.lambd={lambd!r} must be a finite number >= 0 (0 = no positional weighting; "
                              "the authors use 0 to 1, 0.25 by default)")
@@ -148,3 +162,8 @@ class PCSampler(BlockDecoder):
     def priority(self, confidence: Tensor, masked: Tensor) -> Tensor:
         distance = (torch.arange(confidence.shape[1], device=confidence.device, dtype=torch.float64) - self.origin)
         return torch.exp(-self.lambd * distance.clamp(min=0))[None, :] * confidence
+
+    def select(self, score: Tensor, plan: StepPlan) -> Tensor:
+        if self.tie_break == "row":
+            return top_n_mask(score, plan.n_transfer)
+        return block_top_n_mask(score, plan.n_transfer, plan.window)

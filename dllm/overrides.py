@@ -90,7 +90,8 @@ def unreadable_override_message(args: list[str]) -> str | None:
 def unknown_key_message(args: list[str]) -> str | None:
     """One line naming the first bad override in ``args`` (command-line arguments), or None.
 
-    Bad: a group option that is not a preset; ``method=`` that is not one of the experiment's methods;
+    Bad: a group option that is not a preset; a preset's ``name`` (``task.name=gsm8k``: choose the preset
+    with ``task=gsm8k``); ``method=`` that is not one of the experiment's methods;
     an experiment reading ``model.published`` from a preset without it; a key under a node the
     experiment interpolates (``cache.k=3`` with ``cache: ${methods.${method}.cache}``: the line names
     the chosen method's key instead); ``+key=`` for a key that exists; a key the composed config lacks
@@ -146,6 +147,11 @@ def unknown_key_message(args: list[str]) -> str | None:
         if key in GROUPS:
             continue
         group, _, rest = key.partition(".")
+        if rest == "name" and group in GROUPS:
+            # the preset's identity: task.name=gsm8k would run arith's settings and record them as gsm8k
+            options = loader.get_group_options(group)
+            return _refusal(f"{key}={value}: {group}.name is the {group} preset's own; choose a preset with "
+                            f"{group}=<name>", value, options)
         if rest and group in cfg and OmegaConf.is_interpolation(cfg, group):
             # cache: ${methods.${method}.cache}: Hydra refuses cache.k=3 there, and +cache.k=3 or ++cache.k=3
             # replace the whole node by {k: 3}; the key is set where the interpolation points

@@ -292,6 +292,10 @@ def check_tokenizer(cfg: DictConfig, tokenizer, args, folder: Path) -> None:
 def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt is not None and cfg.prompts_file is not None:
         raise ValueError("give either prompt=... or prompts_file=..., not both")
+    for key in ("prompt", "prompts_file"):
+        if OmegaConf.is_config(cfg[key]):  # a list or a mapping: prompt=[a,b] is not a text
+            raise ValueError(f"{key}={OmegaConf.to_container(cfg[key])!r} must be a text (prompt='What is 7 * 6?', "
+                             "prompts_file=prompts.jsonl; several prompts: a prompts_file)")
     if cfg.prompt is not None:
         prompts, source = [str(cfg.prompt)], "prompt"
     elif cfg.prompts_file is None:
@@ -301,7 +305,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
                              "(allowed: a non-empty list of texts, task.prompts='[What is 7 * 6?]')")
         prompts = list(cfg.task.prompts)
     else:
-        path = Path(cfg.prompts_file)
+        path = Path(str(cfg.prompts_file))
         if not path.is_file():
             raise ValueError(f"prompts_file={str(path)!r} does not exist")
         prompts = read_prompts_file(path)

@@ -98,6 +98,8 @@ CASES = [
     (["task=generate", "task.prompts=abc"], r"task\.prompts='abc' \(allowed: a non-empty list of texts"),
     (["task=generate", "task.prompts=[]"], r"task\.prompts=\[\] \(allowed: a non-empty list of texts"),
     (["task=generate", "prompts_file={binary_prompts}"], r"prompts_file='.*prompts\.jsonl' is not UTF-8 text"),
+    (["task=generate", "prompts_file=[a,b]"], r"prompts_file=\['a', 'b'\] must be a text"),
+    (["task=generate", "prompts_file=5"], r"prompts_file='5' does not exist"),
     (["task=gsm8k_local", "task.n_shot=100000"], r"task\.n_shot=100000: lm-eval task 'gsm8k_local' has 8 few-shot "
                                                  r"examples \(allowed: 0 \.\.\. 8\)"),
     # a group (MMLU): its subtasks' shots, the results they share

@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (["+experiment=dkv_tabel1"], "experiment=dkv_tabel1: no such experiment option (close: ['dkv_table1'"),
     (["-m", "cache=none,nosuch"], "cache=nosuch: no such cache option"),  # every value of a sweep
     (["hydra/launcher=slrum"], "hydra/launcher=slrum: no such hydra/launcher option (close: ['slurm'"),
+    # a preset's name is its identity: task.name=gsm8k would run arith recorded as gsm8k
+    (["task.name=gsm8k"], "task.name=gsm8k: task.name is the task preset's own; choose a preset with task=<name> "
+                          "(close: ['gsm8k', 'gsm8k_local']"),
+    (["model.name=mine"], "model.name=mine: model.name is the model preset's own"),
+    (["+cache.name=dual"], "cache.name=dual: cache.name is the cache preset's own"),
 ])
 def test_unknown_group_options_are_named_with_the_options(args, message):
     assert message in unknown_key_message(args)

@@ -170,6 +170,9 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
         return
     path = local_or_repo_path(str(cfg.model.path))
     local = local_folder(path)
+    if local is not None and cfg.model.revision is not None:  # it would only change the run key
+        raise ValueError(f"model.revision={cfg.model.revision!r} names a Hub commit, branch or tag; model.path="
+                         f"{str(cfg.model.path)!r} is a local folder, whose files are what runs (allowed: null)")
     folder = local if local is not None else _hub_config_folder(path, cfg.model.revision)
     args = model_args(folder, cfg.model.family)
     if local is not None:

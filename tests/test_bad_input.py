@@ -84,6 +84,8 @@ CASES = [
     (["cache=dllm_cache", "cache.update_ratio=abc"], r"cache\.update_ratio='abc' must be a number"),
     (["cache=dkv_decode", "cache.shift_rule=un"], r"cache\.shift_rule='un' is the dKV-Cache reference's Dream rule"),
     (["model.path=/nonexistent/folder"], r"model\.path='/nonexistent/folder' is not a folder"),
+    (["model.revision=main"], r"model\.revision='main' names a Hub commit, branch or tag; model\.path='assets/tiny_llada' "
+                              r"is a local folder, whose files are what runs \(allowed: null\)"),
     (["model.path={truncated}"], r"truncated/model\.safetensors is not a readable safetensors file"),
     (["model.path={garbage}"], r"garbage/model\.safetensors is not a readable safetensors file"),
     (["model.path={listjson}"], r"listjson/config\.json is not a JSON object of model settings \(it holds a list\)"),

@@ -273,15 +273,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--methods: unknown {bad} for --preset {args.preset} (allowed: {list(allowed)}, plus 'none' which "
                  "always runs)")
     args.methods = methods
+    asked = args.samplers != ap.get_default("samplers")  # the default: all that fit the model
     args.samplers = names_of(args.samplers)
     if bad := [s for s in args.samplers if s not in SAMPLERS]:
         ap.error(f"--samplers: unknown {bad} (allowed: {list(SAMPLERS)})")
     if is_block_preset(args.preset):  # the samplers decode bidirectional models only
+        if asked and args.samplers:
+            ap.error(f"--samplers {','.join(args.samplers)}: the samplers decode bidirectional models; --preset "
+                     f"{args.preset} is block-diffusion (allowed: --samplers '')")
         args.samplers = []
     if not args.methods and not args.samplers:
         ap.error("nothing to compare with none: --methods and --samplers are both empty")
     if args.family == "dream" and "wino" in args.samplers:
+        if asked:
+            ap.error("--samplers wino: WINO decodes LLaDA-family models only (--family dream)")
         args.samplers.remove("wino")  # WINO is LLaDA-only (decoding=wino refuses Dream)
+    if args.compile_mode is not None and not args.compile:
+        ap.error(f"--compile-mode {args.compile_mode} applies to --compile runs; add --compile")
     preset = PRESETS[args.preset]
     if (preset.get("n_experts") or "model" in preset) and args.family != "llada":
         ap.error(f"--preset {args.preset} fixes its model family; --family {args.family} does not apply")

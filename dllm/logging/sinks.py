@@ -159,16 +159,18 @@ def _checked_text(path: Path) -> str:
 def check_results_csv(path: str | os.PathLike) -> None:
     """Raise ``ResultsCsvError`` (one line: file, problem, fix) unless rows can be appended to
     ``path``: absent or empty, or a readable CSV with this project's header, and writable.
-    Creates the folder if missing. Call it before a run loads anything; ``append_csv`` checks again."""
+    A missing folder must be one that can be made (``append_csv`` makes it: a run refused later leaves
+    nothing behind). Call it before a run loads anything; ``append_csv`` checks again."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # null, a number, '' (the current folder)
         raise ResultsCsvError(f"results_csv={path!r}: give the CSV file to append the run's row to "
                               "(e.g. results_csv=results/runs.csv)")
     path = Path(path).resolve()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResultsCsvError(f"{path}: cannot create its folder ({e.strerror}). Fix: set results_csv to another file") from e
-    _checked_text(path)
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir() or (existing != path.parent and not os.access(existing, os.W_OK | os.X_OK)):
+        why = f"{existing} is a file" if not existing.is_dir() else f"{existing} is not writable"
+        raise ResultsCsvError(f"{path}: cannot create its folder ({why}). Fix: set results_csv to another file")
+    if existing == path.parent:
+        _checked_text(path)
 
 
 def repair_results_csv(path: str | os.PathLike) -> tuple[int, int]:

@@ -398,6 +398,40 @@ def test_context_aware_threshold_decays_with_the_masked_fraction():
     no_window.start(dec.ctx)
     no_window.plan(1, masked)
     assert no_window.row_threshold.item() == pytest.approx(0.9 * (1 - 0.5 * (1 - 9 / 12)))
+    # ratio_masked=block (the authors' Dream code with dual_cache): only the block's masked count over the 7
+    block_only = build_decoder("threshold", block_length=4, threshold=0.9, alpha=0.5, ratio_window=2, ratio_masked="block")
+    block_only.start(dec.ctx)
+    block_only.plan(1, masked)
+    assert block_only.row_threshold.item() == pytest.approx(0.9 * (1 - 0.5 * (1 - 1 / 7)))
+
+
+def test_threshold_first_token_commit_takes_the_blocks_first_position_alone():
+    """Fast-dLLM's and Streaming-dLLM's Dream code: a block's first step commits its first position
+    whatever its confidence; the threshold rule (at least the best one) from the next step on."""
+    from dllm.decoding.base import DecodeContext
+
+    dec = build_decoder("threshold", block_length=4, threshold=0.9, first_token="commit")
+    P, G = 2, 8
+    dec.start(DecodeContext(1, P, G, 99, torch.ones(1, P + G, dtype=torch.bool), None, torch.device("cpu")))
+    masked = torch.zeros(1, P + G, dtype=torch.bool)
+    masked[0, P:] = True
+    score = torch.full((1, P + G), float("-inf"), dtype=torch.float64)
+    score[0, P:] = torch.tensor([0.1, 0.95, 0.99, 0.2, 0.97, 0.98, 0.3, 0.3], dtype=torch.float64)
+    plan = dec.plan(0, masked)
+    assert plan.scheduled[0].nonzero().flatten().tolist() == [P]
+    assert dec.select(score, plan)[0].nonzero().flatten().tolist() == [P]  # 0.1, not the confident ones
+    masked[0, P] = False
+    plan = dec.plan(1, masked)
+    in_block = score.masked_fill(~masked, float("-inf"))
+    in_block[0, P + 4 :] = float("-inf")  # the loop predicts the window's masked positions only
+    assert plan.scheduled is None and dec.select(in_block, plan)[0].nonzero().flatten().tolist() == [3, 4]
+    masked[0, P : P + 4] = False
+    plan = dec.plan(2, masked)  # the next block's start
+    assert plan.window == (P + 4, P + 8) and dec.select(score, plan)[0].nonzero().flatten().tolist() == [P + 4]
+    with pytest.raises(ValueError, match=r"decoding.first_token='first' \(allowed: \['schedule', 'commit'\]\)"):
+        build_decoder("threshold", first_token="first")
+    with pytest.raises(ValueError, match=r"decoding.ratio_masked='all' \(allowed: \['query', 'block'\]\)"):
+        build_decoder("threshold", ratio_masked="all")
 
 
 @pytest.mark.parametrize("params, needle", [

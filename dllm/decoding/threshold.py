@@ -14,7 +14,13 @@ from the block on: the block, the first ``ratio_window`` positions after it and,
 cuts the response, its last position (what ``cache=streaming`` with the same ``window`` keeps;
 ``ratio_window: null`` = the whole rest of the response). A block starts with r = 1 (threshold
 itself); as it fills, the threshold drops. The authors pool r over the batch (they run batch 1);
-here it is per row.
+here it is per row. ``ratio_masked: block`` counts only the block's masked positions in r (over the
+same positions' count), as the authors' Dream code does with ``dual_cache=True``.
+
+``first_token: commit``: the block's first step commits only its first position, whatever its
+confidence (the prediction of the block-start forward), and the threshold rule runs from the next
+step on: the Dream code of Fast-dLLM and Streaming-dLLM (``decoding=dream``'s rule of that name).
+Default ``schedule``: the threshold rule from the block's first step on (their LLaDA code).
 """
 from __future__ import annotations
 
@@ -23,7 +29,14 @@ from torch import Tensor
 
 from .base import DecodeContext, StepPlan, register_decoder, top_n_mask
 from .ar import check_unused_steps
+from .dream import FIRST_TOKEN_RULES
 from .llada import BlockDecoder
+
+
+#: which masked positions r counts: those of every position the step computes from the block on (the
+#: paper; the authors' LLaDA code and Dream prefix-cache code), or only the block's over that same
+#: count (the authors' Dream code with dual_cache=True, which reuses the block's mask there)
+RATIO_MASKED = ("query", "block")
 
 
 @register_decoder
@@ -32,11 +45,17 @@ class Threshold(BlockDecoder):
     #: Streaming-dLLM's threshold decay (0: off; subclasses that reuse the blocks keep it off)
     alpha: float = 0.0
     ratio_window: int | None = None
+    ratio_masked: str = "query"
+    first_token: str = "schedule"
 
     def __init__(self, block_length: int | None = 32, threshold: float = 0.9, factor: float | None = None,
                  temperature: float = 0.0, steps: int | None = None, alpha: float = 0.0,
-                 ratio_window: int | None = None) -> None:
+                 ratio_window: int | None = None, ratio_masked: str = "query", first_token: str = "schedule") -> None:
         check_unused_steps(steps, self.name)
+        if ratio_masked not in RATIO_MASKED:
+            raise ValueError(f"decoding.ratio_masked={ratio_masked!r} (allowed: {list(RATIO_MASKED)})")
+        if first_token not in FIRST_TOKEN_RULES:
+            raise ValueError(f"decoding.first_token={first_token!r} (allowed: {list(FIRST_TOKEN_RULES)})")
         super().__init__(1, block_length, temperature)
         if not 0 < threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold} must be in (0, 1]")
@@ -53,6 +72,7 @@ class Threshold(BlockDecoder):
                              "factor rule (set one of them)")
         self.threshold, self.factor = threshold, factor
         self.alpha, self.ratio_window = float(alpha), ratio_window
+        self.ratio_masked, self.first_token = ratio_masked, first_token
 
     def check(self, gen_length: int) -> None:
         self.check_blocks(gen_length)  # the step count is data-dependent: nothing else to check
@@ -70,6 +90,10 @@ class Threshold(BlockDecoder):
         if block != self.current_block:
             self.current_block, self.block_start_step = block, step
         lo = P + block * self.block
+        if self.first_token == "commit" and step == self.block_start_step:
+            first = torch.zeros_like(masked)
+            first[:, lo] = masked[:, lo]  # known before the forward: every cache method predicts it
+            return StepPlan((lo, lo + self.block), masked[:, lo].long(), block, 0, scheduled=first)
         at_least_one = masked[:, lo : lo + self.block].any(1).long()
         if self.alpha:
             self.row_threshold = self.threshold * (1 - self.alpha * (1 - self.masked_ratio(masked, lo, lo + self.block)))
@@ -77,15 +101,23 @@ class Threshold(BlockDecoder):
 
     def masked_ratio(self, masked: Tensor, lo: int, hi: int) -> Tensor:
         """(B, 1) masked fraction of the block, the ``ratio_window`` positions after it and, when
-        those stop short of the end, the last position."""
+        those stop short of the end, the last position (``ratio_masked=block``: the block's masked
+        positions over that same count)."""
         T = masked.shape[1]
         if self.ratio_window is None or hi + self.ratio_window >= T:
             region = masked[:, lo:]
         else:
             region = torch.cat([masked[:, lo : hi + self.ratio_window], masked[:, -1:]], 1)
+        if self.ratio_masked == "block":
+            return masked[:, lo:hi].double().sum(1, keepdim=True) / region.shape[1]
         return region.double().mean(1, keepdim=True)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
+        if plan.scheduled is not None:  # first_token=commit: the block's first position, whatever its score
+            return plan.scheduled & torch.isfinite(score)
+        return self.select_confident(score, plan)
+
+    def select_confident(self, score: Tensor, plan: StepPlan) -> Tensor:
         if self.factor is None:
             threshold = self.row_threshold if self.alpha else self.threshold
             return top_n_mask(score, plan.n_transfer) | (torch.isfinite(score) & (score >= threshold))

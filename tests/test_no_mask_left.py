@@ -127,6 +127,8 @@ class StageOneOutsideTheWindow:
 
     def check(self, decoder) -> None: ...
 
+    def check_attention(self, block_causal: bool) -> None: ...
+
     def start(self, ctx) -> None:
         self.ctx = ctx
 

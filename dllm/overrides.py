@@ -190,7 +190,8 @@ def _sweeper_params(args: list[str]) -> dict[str, str]:
     for arg in args:
         key, _, value = arg.lstrip("+").partition("=")
         if key.startswith(_SWEEPER_PARAMS) and value:
-            params[key.removeprefix(_SWEEPER_PARAMS)] = value.strip("'\"") if value[:1] == value[-1:] in "'\"" else value
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""  # '0,-1': Hydra's quotes
+            params[key.removeprefix(_SWEEPER_PARAMS)] = value[1:-1] if quoted else value
     return params
 
 

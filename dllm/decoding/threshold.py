@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, StepPlan, register_decoder, top_n_mask
 from .ar import check_unused_steps
+from .base import DecodeContext, StepPlan, register_decoder, top_n_mask
 from .dream import FIRST_TOKEN_RULES
 from .llada import BlockDecoder
 

@@ -198,7 +198,7 @@ class DllmLM(LM):
         # A templated context carries its special tokens (BOS included) as text already.
         return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
 
-    def check_room(self, sizes: list[tuple[int, int]], what: str) -> None:
+    def check_fits(self, sizes: list[tuple[int, int]], what: str) -> None:
         """Every ``what`` (prompt or context) fits: ``sizes`` are (its tokens, the room max_seq_len
         leaves it beside the answer). lm-eval's HF model would cut a longer one on the left, which
         silently changes the task (its few-shot examples, the question itself); here the run stops
@@ -245,7 +245,7 @@ class DllmLM(LM):
                 log.warning("the task asks for sampling; decoding follows the decoding config instead")
                 self._warned_sampling = True
             items.append(_Gen(i, context, self.encode(context), until, req.task_name, req.doc_id))
-        self.check_room([(len(item.ids), room) for item in items], "prompt")
+        self.check_fits([(len(item.ids), room) for item in items], "prompt")
         order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
         results: list[str | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generate_until", disable=disable_tqdm or not self.progress)
@@ -367,7 +367,7 @@ class DllmLM(LM):
         n_draws = [0] * len(requests)
         contexts: dict[tuple[int, ...], torch.Tensor] = {}  # shared by a question's choices
         pairs = [self.encode_pair(*req.args) for req in requests]
-        self.check_room([(len(ctx), args.max_seq_len - len(cont)) for ctx, cont in pairs if cont], "context")
+        self.check_fits([(len(ctx), args.max_seq_len - len(cont)) for ctx, cont in pairs if cont], "context")
         for i, (ctx, cont) in enumerate(pairs):
             L = len(cont)
             if L == 0:

@@ -204,6 +204,23 @@ def on_positions(values: Tensor, positions: Tensor, length: int, fill: float | b
     return out.scatter(1, positions, values)[:, :length]
 
 
+# decoding.tie_break: how the k best are taken: one topk over the row (default), or as the authors' code of
+# SDAR, LLaDA2.0 and PC-Sampler takes them, torch.topk over each row's block of float32 scores. They differ
+# only among exactly equal scores, whose order torch.topk leaves unspecified (top-1 sampling makes every
+# confidence 1; a float32 softmax rounds near-certain ones alike; PC-Sampler's score clips at alpha).
+TIE_BREAKS = ("row", "block")
+
+
+def check_tie_break(tie_break) -> None:
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"decoding.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
+
+
+def top_n_by(tie_break: str, score: Tensor, n: Tensor, window: tuple[int, int]) -> Tensor:
+    """:func:`top_n_mask` (``row``) or :func:`block_top_n_mask` over ``window`` (``block``)."""
+    return top_n_mask(score, n) if tie_break == "row" else block_top_n_mask(score, n, window)
+
+
 def block_top_n_mask(score: Tensor, n: Tensor, window: tuple[int, int]) -> Tensor:
     """:func:`top_n_mask` of the scores inside ``window``, taken as the authors' loops take them
     (SDAR's, LLaDA2.0's, PC-Sampler's): ``torch.topk`` on each row's float32 block vector, a row at a

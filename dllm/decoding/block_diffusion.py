@@ -29,13 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, block_top_n_mask, exclude_token, register_decoder, top_n_mask
+from .base import DecodeContext, Decoder, StepPlan, check_tie_break, exclude_token, register_decoder, top_n_by
 
 REMASKING = ("static", "dynamic")
-# How the k most confident are taken: one topk over the row (default), or as the authors' code takes them,
-# torch.topk over each row's block of float32 confidences (its order among exact ties: with top_k=1
-# sampling every confidence is 1, and a float32 softmax rounds near-certain ones to equal values).
-TIE_BREAKS = ("row", "block")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -126,8 +122,7 @@ class BlockDiffusion(BlockCausalDecoder):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold!r} must be in [0, 1]")
         check_sampling(temperature, top_k, top_p)
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"decoding.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
+        check_tie_break(tie_break)
         self.remasking, self.threshold, self.top_k, self.top_p = remasking, float(threshold), top_k, top_p
         self.tie_break = tie_break
         self.schedule = block_schedule(block_length, steps)
@@ -144,8 +139,7 @@ class BlockDiffusion(BlockCausalDecoder):
                                self.ctx.mask_token_id)
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
-        ranked = (top_n_mask(score, plan.n_transfer) if self.tie_break == "row"
-                  else block_top_n_mask(score, plan.n_transfer, plan.window))
+        ranked = top_n_by(self.tie_break, score, plan.n_transfer, plan.window)
         if self.remasking == "static":
             return ranked
         confident = torch.isfinite(score) & (score > self.threshold)

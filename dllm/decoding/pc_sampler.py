@@ -45,14 +45,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, StepPlan, block_top_n_mask, register_decoder, top_n_mask
+from .base import DecodeContext, StepPlan, check_tie_break, register_decoder, top_n_by
 from .llada import BlockDecoder
 
 #: the epsilon inside the log of the authors' calibrated score
 LOG_EPS = 1e-9
-#: how the k best are taken: one topk over the row's float64 scores, or the authors' torch.topk over the
-#: block's float32 scores (the same k but among exact ties, which the calibrated score's clip at alpha makes common)
-TIE_BREAKS = ("row", "block")
 
 
 def _number(value) -> bool:
@@ -107,8 +104,7 @@ class PCSampler(BlockDecoder):
     def __init__(self, steps: int, block_length: int | None = None, lambd: float = 0.25, alpha: float = 10.0,
                  frequencies: str | None = None, temperature: float = 0.0, tie_break: str = "row") -> None:
         super().__init__(steps, block_length, temperature)
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"decoding.tie_break={tie_break!r} (allowed: {list(TIE_BREAKS)})")
+        check_tie_break(tie_break)
         self.tie_break = tie_break
         if not _number(lambd) or not math.isfinite(lambd) or lambd < 0:
             raise ValueError(f"decoding.lambd={lambd!r} must be a finite number >= 0 (0 = no positional weighting; "
@@ -164,6 +160,4 @@ class PCSampler(BlockDecoder):
         return torch.exp(-self.lambd * distance.clamp(min=0))[None, :] * confidence
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
-        if self.tie_break == "row":
-            return top_n_mask(score, plan.n_transfer)
-        return block_top_n_mask(score, plan.n_transfer, plan.window)
+        return top_n_by(self.tie_break, score, plan.n_transfer, plan.window)

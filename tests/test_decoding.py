@@ -3,6 +3,7 @@ input validation, and that every response position ends decoded."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -86,6 +87,58 @@ def test_dream_schedule_hand_computed():
     assert [p.n_transfer.tolist() for p in plans] == [[4, 1], [5, 2], [5, 2], [6, 3]]
     assert all(p.window == (P, P + G) for p in plans)
     assert not left.any()
+
+
+def test_dream_confidence_threshold_hand_computed():
+    """Fast-dLLM's Dream rule without a cache: quota gen/steps, the rejected carried to the next
+    step's cap, one added step for each last step that rejects any (then the rejected alone).
+
+    G=8, steps=2 -> quota 4. Step 0: cap 4 of the 8, scores .95 .2 .93 .1 | the rest lower: the first
+    always, .93 passes, .2 and .1 are rejected -> 2 carried. Step 1 (the last): cap 4 + 2 = 6, two pass
+    -> 4 rejected, one step added with no quota. Step 2: cap 4, all pass. Row 1 commits its cap whole
+    at each step: done in the 2 steps, idle (cap 0) while row 0 runs its added one.
+    """
+    P, G = 1, 8
+    decoder = build_decoder("dream", steps=2, alg="confidence_threshold", threshold=0.9)
+    decoder.check(G)
+    decoder.start(context(2, P, G))
+    masked = torch.zeros(2, P + G, dtype=torch.bool)
+    masked[:, P:] = True
+
+    def step(index, scores, expect_cap):
+        plan = decoder.plan(index, masked)
+        assert plan.window == (P, P + G) and decoder.cap.tolist() == expect_cap
+        score = torch.full((2, P + G), float("-inf"), dtype=torch.float64)
+        score[:, P:] = torch.tensor(scores, dtype=torch.float64)
+        chosen = decoder.select(score.masked_fill(~masked, float("-inf")), plan)
+        masked.logical_and_(~chosen)
+        return chosen[:, P:].long().tolist()
+
+    assert step(0, [[0.95, 0.2, 0.93, 0.1, 0.05, 0.04, 0.03, 0.02], [0.99] * 4 + [0.5] * 4], [4, 4]) == \
+        [[1, 0, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]
+    assert step(1, [[0, 0.5, 0, 0.3, 0.95, 0.2, 0.91, 0.4], [0] * 4 + [0.99] * 4], [6, 4]) == \
+        [[0, 0, 0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
+    assert step(2, [[0, 0.99, 0, 0.99, 0, 0.99, 0, 0.99], [0] * 8], [4, 0]) == \
+        [[0, 1, 0, 1, 0, 1, 0, 1], [0] * 8]
+    assert decoder.plan(3, masked) is None and not masked.any()
+
+
+@pytest.mark.parametrize("params, needle", [
+    (dict(block_length=4), "decoding.alg=confidence_threshold with block_length=4"),
+    (dict(first_token="commit"), "first_token='commit' applies to blocks"),
+    (dict(alg_temp=0.5), "alg_temp=0.5: alg=confidence_threshold takes its positions by confidence"),
+    (dict(threshold=0.0), "decoding.threshold=0.0 must be a number in (0, 1]"),
+    (dict(threshold=True), "decoding.threshold=True must be a number"),
+    (dict(alg="entropy", threshold=0.5), "decoding.threshold=0.5 is used by alg=confidence_threshold only"),
+])
+def test_dream_confidence_threshold_refuses_what_it_has_no_rule_for(params, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        build_decoder("dream", **{"steps": 4, "alg": "confidence_threshold", **params})
+
+
+def test_dream_confidence_threshold_quota_must_divide():
+    with pytest.raises(ValueError, match=re.escape("gen_length=12 is not divisible by steps=5")):
+        build_decoder("dream", steps=5, alg="confidence_threshold").check(12)
 
 
 # --------------------------------------------------------------------------- confidences
@@ -200,6 +253,7 @@ BATCHABLE = [
     ("dream", dict(steps=6, alg="maskgit_plus")),
     ("dream", dict(steps=6, alg="entropy")),
     ("dream", dict(steps=6, alg="topk_margin")),
+    ("dream", dict(steps=3, alg="confidence_threshold", threshold=0.3)),
 ]
 GEN = 12
 
@@ -261,7 +315,7 @@ DECODER_CASES = {
     "random": [(dict(steps=6, block_length=4), True), (dict(steps=3), True)],
     "pc_sampler": [(dict(steps=6, block_length=4), True), (dict(steps=3, lambd=1.0), True)],
     "dream": [(dict(steps=6, alg=alg), True) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
-    + [(dict(steps=6, alg="entropy", block_length=4), True)],
+    + [(dict(steps=6, alg="entropy", block_length=4), True), (dict(steps=3, alg="confidence_threshold"), False)],
     "certainty_prior": [(dict(steps=6, density=d), True) for d in ("sum", "fraction")],
     "threshold": [(dict(block_length=4), False), (dict(block_length=12, factor=1.0), False)],
     "eb_sampler": [(dict(block_length=4), False), (dict(gamma=0.5), False)],
@@ -302,8 +356,8 @@ def test_every_position_is_decoded(family, case, net_of, make_prompts):
         assert out.nfe == params["steps"]
     elif decoder.block_causal:  # at least one token per step, over whole blocks (steps are per block)
         assert 1 <= out.nfe <= 2 * GEN + 2 * params["block_length"]
-    else:
-        assert 1 <= out.nfe <= params.get("steps", GEN)
+    else:  # at least one token per step; Fast-dLLM's Dream threshold rule may add steps past ``steps``
+        assert 1 <= out.nfe <= (GEN if params.get("alg") == "confidence_threshold" else params.get("steps", GEN))
 
 
 @pytest.mark.parametrize("name, params", [("low_confidence", dict(steps=4)), ("dream", dict(steps=4, alg="entropy"))])

@@ -1,4 +1,5 @@
-"""Dream's decoding algorithms (``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``).
+"""Dream's decoding algorithms (``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``), and
+Fast-dLLM's ``confidence_threshold``.
 
 Schedule: timesteps = linspace(1, eps, steps_per_block + 1); at block step i with t = ts[i],
 s = ts[i + 1], a row with n masked tokens in the current block unmasks int(n * (1 - s / t)) of
@@ -17,6 +18,18 @@ step commits the whole block).
 ``alg_temp``: null / 0 commits the ``n`` most confident positions; > 0 draws them, without
 replacement, from softmax(confidence / alg_temp) over the eligible positions (Dream's code).
 The logit shift of Dream is handled by the denoising loop, not here.
+
+``confidence_threshold`` is the rule of Fast-dLLM's Dream code without a cache
+(``dream/model/generation_utils.py`` of NVlabs/Fast-dLLM, its "parallel" runs:
+``alg=confidence_threshold threshold=0.9 diffusion_steps=gen/32``), which has no blocks: step i takes
+the ``cap`` = gen_length / steps + (the count rejected at step i - 1) most confident masked positions
+of the whole response, commits the first whatever its confidence and each other one whose
+confidence (the chosen token's probability) is >= ``threshold``; the rest are rejected and raise the
+next step's cap. A last step that rejects any adds one step with no new quota (it takes only the
+rejected count), and so on, so a row runs ``steps`` forwards and one more per such step. Its
+block-wise code (the ``use_cache`` path, prefix and dual caches) is another rule:
+``decoding=threshold first_token=commit``. The authors' code runs batch 1; here each row keeps its
+own cap and step count, and the batch runs until its longest row is done.
 """
 from __future__ import annotations
 
@@ -27,7 +40,10 @@ from torch import Tensor
 
 from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder, top_n_mask
 
-ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+#: the algorithms whose positions alg_temp may draw (origin's are random, confidence_threshold's its own rule)
+RANKED_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
+ALGORITHMS = ("origin", *RANKED_ALGORITHMS, "confidence_threshold")
+DEFAULT_THRESHOLD = 0.9  # Fast-dLLM's
 FIRST_TOKEN_RULES = ("schedule", "commit")
 
 
@@ -67,13 +83,36 @@ def sample_positions(score: Tensor, n: Tensor, alg_temp: float, generator: torch
     return chosen
 
 
+def check_threshold_rule(alg: str, threshold, block_length: int | None, first_token: str,
+                         alg_temp: float | None) -> None:
+    """``threshold`` belongs to ``confidence_threshold``, which has no blocks and no drawn positions."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"decoding.threshold={threshold!r} must be a number in (0, 1]")
+    if alg != "confidence_threshold":
+        if threshold != DEFAULT_THRESHOLD:
+            raise ValueError(f"decoding.threshold={threshold} is used by alg=confidence_threshold only "
+                             f"(alg={alg!r} commits its schedule's count)")
+        return
+    if block_length is not None:
+        raise ValueError(f"decoding.alg=confidence_threshold with block_length={block_length}: it is Fast-dLLM's Dream "
+                         "rule without a cache, which has no blocks (block_length: null); its block-wise rule "
+                         "(the prefix and dual caches) is decoding=threshold first_token=commit")
+    if first_token != "schedule":
+        raise ValueError(f"decoding.first_token={first_token!r} applies to blocks; alg=confidence_threshold has "
+                         "none (first_token: schedule)")
+    if alg_temp:
+        raise ValueError(f"decoding.alg_temp={alg_temp}: alg=confidence_threshold takes its positions by "
+                         "confidence (alg_temp: null)")
+
+
 @register_decoder
 class DreamDecoder(Decoder):
     name = "dream"
 
     def __init__(self, steps: int, alg: str = "entropy", temperature: float = 0.0, top_p: float | None = None,
                  top_k: int | None = None, eps: float = 1e-3, block_length: int | None = None,
-                 first_token: str = "schedule", alg_temp: float | None = None) -> None:
+                 first_token: str = "schedule", alg_temp: float | None = None,
+                 threshold: float = DEFAULT_THRESHOLD) -> None:
         super().__init__(steps, block_length, temperature)
         if alg not in ALGORITHMS:
             raise ValueError(f"decoding.alg={alg!r} (allowed: {list(ALGORITHMS)})")
@@ -91,22 +130,56 @@ class DreamDecoder(Decoder):
                                  "confidence)")
             if alg_temp > 0 and alg == "origin":
                 raise ValueError(f"decoding.alg_temp={alg_temp} needs a confidence algorithm "
-                                 f"(allowed with alg: {list(ALGORITHMS[1:])}); alg='origin' draws its positions at random")
+                                 f"(allowed with alg: {list(RANKED_ALGORITHMS)}); alg='origin' draws its positions at random")
+        check_threshold_rule(alg, threshold, block_length, first_token, alg_temp)
         self.alg, self.top_p, self.top_k, self.eps = alg, top_p, top_k, eps
+        self.threshold = float(threshold)
         self.first_token = first_token
         self.alg_temp = float(alg_temp) if alg_temp else None  # None: top-k by confidence
         # entropy scores are <= 0 and origin's order is random: neither is a probability.
-        self.confidence_is_probability = alg in ("maskgit_plus", "topk_margin")
+        self.confidence_is_probability = alg in ("maskgit_plus", "topk_margin", "confidence_threshold")
+
+    def check(self, gen_length: int) -> None:
+        super().check(gen_length)
+        if self.alg == "confidence_threshold" and gen_length % self.steps:
+            raise ValueError(f"decoding.alg=confidence_threshold: gen_length={gen_length} is not divisible by "
+                             f"steps={self.steps} (the per-step quota is gen_length / steps, as Fast-dLLM asserts)")
 
     def start(self, ctx: DecodeContext) -> None:
         super().start(ctx)
         self.timesteps = torch.linspace(1, self.eps, self.steps_per_block + 1, dtype=torch.float64).tolist()
+        if self.alg == "confidence_threshold":
+            B = ctx.batch
+            self.quota = torch.full((B,), ctx.gen_length // self.steps, dtype=torch.long, device=ctx.device)
+            self.last_step = torch.full((B,), self.steps - 1, dtype=torch.long, device=ctx.device)
+            self.cap = torch.zeros(B, dtype=torch.long, device=ctx.device)
+            self.masked_before = None
+
+    def plan_threshold(self, step: int, masked: Tensor) -> StepPlan | None:
+        """confidence_threshold's step: the cap per row (kept for :meth:`select`), at least one commit."""
+        P, G = self.ctx.prompt_length, self.ctx.gen_length
+        left = masked[:, P:].sum(1)
+        rejected = torch.zeros_like(left)
+        if self.masked_before is not None:
+            # What the previous step did not commit of its cap (EOS filled by stop_at_eos is not a rejection).
+            rejected = (self.cap - (self.masked_before - left)).clamp(min=0)
+            extend = (self.last_step == step - 1) & (rejected > 0)
+            self.quota = self.quota.masked_fill(extend, 0)
+            self.last_step = self.last_step + extend.long()
+        running = self.last_step >= step
+        if not running.any():
+            return None
+        self.cap = torch.where(running, self.quota + rejected, 0)
+        self.masked_before = left
+        return StepPlan((P, P + G), torch.minimum(self.cap, left).clamp(max=1), 0, step)
 
     def commits_first(self, block_step: int) -> bool:
         """True at a block start where Fast-dLLM's rule commits only the block's first position."""
         return self.first_token == "commit" and block_step == 0 and self.steps_per_block > 1
 
     def plan(self, step: int, masked: Tensor) -> StepPlan | None:
+        if self.alg == "confidence_threshold":
+            return self.plan_threshold(step, masked)
         if step == self.steps:
             return None
         ctx = self.ctx
@@ -170,6 +243,8 @@ class DreamDecoder(Decoder):
             chosen = torch.zeros_like(score, dtype=torch.bool)
             chosen[:, first] = torch.isfinite(score[:, first])
             return chosen
+        if self.alg == "confidence_threshold":  # the first of the cap whatever its confidence, then the confident
+            return top_n_mask(score, plan.n_transfer) | (top_n_mask(score, self.cap) & (score >= self.threshold))
         if self.alg_temp is not None:
             return sample_positions(score, plan.n_transfer, self.alg_temp, self.ctx.generator)
         return top_n_mask(score, plan.n_transfer)

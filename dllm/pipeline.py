@@ -372,7 +372,7 @@ def check_prompt_room(cfg: DictConfig, plan: RunPlan, prompts: list[str]) -> Non
     and each batch of them, laid out with ``gen_length``, must fit the checkpoint's ``max_seq_len``
     (else the run would stop at its first generation). The random-weight tiny checkpoints and Hub
     ones are built or fetched at the run, which checks the same there."""
-    from dllm.decoding.layout import lay_out
+    from dllm.decoding.layout import grid_width
     from dllm.models.loading import local_folder, model_args
     from dllm.models.tokenization import encode_prompts, load_tokenizer
 
@@ -386,7 +386,7 @@ def check_prompt_room(cfg: DictConfig, plan: RunPlan, prompts: list[str]) -> Non
     block = plan.decoder.block_length if args.block_causal else None
     for start in range(0, len(ids), cfg.batch_size):
         batch = ids[start : start + cfg.batch_size]
-        width = lay_out(batch, plan.gen_length, args.mask_token_id, args.pad_token_id, "cpu", block).x.shape[1]
+        width = grid_width([len(prompt) for prompt in batch], plan.gen_length, block)
         if width > args.max_seq_len:
             longest = start + max(range(len(batch)), key=lambda i: len(batch[i]))
             raise ValueError(f"prompt {longest} ({len(ids[longest])} tokens) + gen_length={plan.gen_length} lays out "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,41 @@ def test_a_context_or_prompt_too_long_for_the_model_stops_the_run():
     with pytest.raises(ValueError, match=rf"1 of 1 prompts do not fit.*where {lm.net.args.max_seq_len - gen_length} "
                                          r"are left beside the answer \(gen_length\); lower gen_length"):
         lm.generate_until([prompt])
+
+
+def test_block_diffusion_prompts_must_fit_in_whole_blocks_alone_and_together():
+    """A block-diffusion model lays a prompt's partial last block beside the response, both in whole
+    blocks; prompts that fit alone can need more columns together (the widest whole-block prefix
+    beside the most blocks any row needs). Blocks of 4, gen 8: prompts of 7 and 8 tokens need 16
+    columns each, 4 + 3 * 4 and 8 + 2 * 4, but 8 + 3 * 4 = 20 in one batch."""
+    import dataclasses
+
+    from lm_eval.api.instance import Instance
+
+    from dllm.decoding.layout import grid_width, prompt_room
+    from dllm.eval.lm import DllmLM
+    from dllm.pipeline import load_model_and_tokenizer, plan_run
+
+    assert [grid_width([7], 8, 4), grid_width([8], 8, 4), grid_width([7, 8], 8, 4), grid_width([7, 8], 8)] == [16, 16, 20, 16]
+    assert [prompt_room(16, 8, 4), prompt_room(19, 8, 4), prompt_room(19, 8)] == [8, 8, 11]
+    cfg = compose("model=tiny_sdar_random", "task=arith", "decoding=block_diffusion", "decoding.block_length=4",
+                  "decoding.steps=4", "gen_length=8")
+    plan = plan_run(cfg)
+    net, tokenizer = load_model_and_tokenizer(cfg, plan)
+    net.args = dataclasses.replace(net.args, max_seq_len=16)
+    texts = ["word word ", "What is 1+1?"]
+    prompts = [Instance("generate_until", {}, (text, {"until": ["\n"]}), i, ("arith", i, 1)) for i, text in enumerate(texts)]
+    together = DllmLM(net, tokenizer, plan, batch_size=2, seed=0, progress=False)
+    assert [len(together.encode(text)) for text in texts] == [7, 8]
+    with pytest.raises(ValueError, match=re.escape("1 of 1 batches do not fit model.max_seq_len=16: prompts of 7 to 8 "
+                                                   "tokens lay out 20 positions together")):
+        together.generate_until(prompts)
+    assert together._batches == 0  # nothing generated
+    assert len(DllmLM(net, tokenizer, plan, batch_size=1, seed=0, progress=False).generate_until(prompts)) == 2
+    net.args = dataclasses.replace(net.args, max_seq_len=15)  # 12 whole-block columns: 4 left beside gen 8
+    with pytest.raises(ValueError, match=r"2 of 2 prompts do not fit model.max_seq_len=15: the longest has 8 tokens, "
+                                         r"where 4 are left"):
+        together.generate_until(prompts)
 
 
 def test_a_tokenizer_that_does_not_fit_its_model_is_refused_before_the_weights_load(tmp_path):

@@ -41,6 +41,21 @@ class Layout:
         return x.gather(1, cols)
 
 
+def grid_width(lengths: list[int], gen_length: int, block: int | None = None) -> int:
+    """Columns of :func:`lay_out`'s grid for prompts of these lengths: what must fit the model's
+    ``max_seq_len``. With ``block``, prompts that fit alone may not fit together (the widest whole-
+    block prefix beside the most blocks any row's partial block and response need)."""
+    if block is None:
+        return max(lengths) + gen_length
+    return max(n // block for n in lengths) * block + max(-(-(n % block + gen_length) // block) for n in lengths) * block
+
+
+def prompt_room(max_seq_len: int, gen_length: int, block: int | None = None) -> int:
+    """The longest prompt whose grid alone fits ``max_seq_len`` (with ``block``: prompt and response
+    take whole blocks together, ceil((n + G) / block) of them)."""
+    return (max_seq_len if block is None else max_seq_len // block * block) - gen_length
+
+
 def lay_out(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device,
             block: int | None = None) -> Layout:
     """The grid for ``prompts`` and ``gen_length`` response tokens; ``block``: the attention block
@@ -48,15 +63,14 @@ def lay_out(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     lengths = [len(p) for p in prompts]
+    width = grid_width(lengths, gen_length, block)
     if block is None:
-        start = [max(lengths)] * len(prompts)
-        region_start, width = max(lengths), max(lengths) + gen_length
+        region_start = max(lengths)
+        start = [region_start] * len(prompts)
     else:
         # Whole prompt blocks go before S, each prompt's partial last block after it.
         region_start = max(n // block for n in lengths) * block
         start = [region_start + n % block for n in lengths]
-        blocks = max(-(-(n % block + gen_length) // block) for n in lengths)
-        width = region_start + blocks * block
     x = torch.full((len(prompts), width), mask_id, dtype=torch.long)
     real = torch.ones_like(x, dtype=torch.bool)
     for row, (prompt, first) in enumerate(zip(prompts, start)):

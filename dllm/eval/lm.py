@@ -29,6 +29,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from dllm.decoding.layout import grid_width, prompt_room
 from dllm.decoding.loop import GenerationOutput, generate
 from dllm.metrics.accounting import ThroughputMeter
 from dllm.models.tokenization import decode_responses, stop_token_ids
@@ -212,6 +213,20 @@ class DllmLM(LM):
                 f"{'answer (gen_length)' if what == 'prompt' else 'continuation'}; lower gen_length or task.n_shot, "
                 "or use a model with a longer context")
 
+    def check_batches_fit(self, batches: list[list[int]], block: int) -> None:
+        """On a block-diffusion model, prompts that fit alone may not fit together: each batch (its
+        prompts' token counts, as :meth:`generate_until` forms them) laid out beside ``gen_length``
+        fits ``max_seq_len``, or the run stops before it generates anything."""
+        wide = [(grid_width(batch, self.plan.gen_length, block), batch) for batch in batches]
+        wide = [(width, batch) for width, batch in wide if width > self.net.args.max_seq_len]
+        if wide:
+            width, batch = max(wide)
+            raise ValueError(
+                f"{len(wide)} of {len(batches)} batches do not fit model.max_seq_len={self.net.args.max_seq_len}: "
+                f"prompts of {min(batch)} to {max(batch)} tokens lay out {width} positions together (whole prompt "
+                f"blocks of {block}, then each prompt's partial block and gen_length={self.plan.gen_length} in whole "
+                "blocks); lower batch_size or gen_length")
+
     # ------------------------------------------------------------------ generation
     def generate_batch(self, prompts: list[list[int]], batch_index: int) -> GenerationOutput:
         """One batch through the denoising loop (the seam tests replace with scripted output).
@@ -234,7 +249,7 @@ class DllmLM(LM):
             answers = self.generate_until(requests, disable_tqdm)
             return [answers[i] for i in source]
         gen_length = self.plan.gen_length
-        room = self.net.args.max_seq_len - gen_length
+        block = self.plan.decoder.block_length if self.net.args.block_causal else None
         items = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -245,8 +260,12 @@ class DllmLM(LM):
                 log.warning("the task asks for sampling; decoding follows the decoding config instead")
                 self._warned_sampling = True
             items.append(_Gen(i, context, self.encode(context), until, req.task_name, req.doc_id))
+        room = prompt_room(self.net.args.max_seq_len, gen_length, block)
         self.check_fits([(len(item.ids), room) for item in items], "prompt")
         order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+        if block is not None:
+            self.check_batches_fit([[len(items[i].ids) for i in order[start : start + self.batch_size]]
+                                    for start in range(0, len(order), self.batch_size)], block)
         results: list[str | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generate_until", disable=disable_tqdm or not self.progress)
         for start in range(0, len(order), self.batch_size):

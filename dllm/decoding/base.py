@@ -169,6 +169,16 @@ decoder_names = REGISTRY.names
 build_decoder = REGISTRY.build
 
 
+def first_position_plan(masked: Tensor, window: tuple[int, int], block: int, block_step: int) -> StepPlan:
+    """A block-start step that commits the block's first position alone, whatever its confidence
+    (Fast-dLLM's Dream rule, ``first_token: commit``). Fixed before the forward, so every cache
+    method predicts it; :meth:`Decoder.select` then takes ``plan.scheduled`` where it has a score."""
+    lo = window[0]
+    first = torch.zeros_like(masked)
+    first[:, lo] = masked[:, lo]
+    return StepPlan(window, masked[:, lo].long(), block, block_step, scheduled=first)
+
+
 def llada_transfer_counts(n_masked: Tensor, steps: int) -> Tensor:
     """LLaDA's per-step token counts: n // steps each, the remainder one extra to the first steps.
 

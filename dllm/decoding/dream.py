@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import DecodeContext, Decoder, StepPlan, exclude_token, register_decoder, top_n_mask
+from .base import DecodeContext, Decoder, StepPlan, exclude_token, first_position_plan, register_decoder, top_n_mask
 
 #: the algorithms whose positions alg_temp may draw (origin's are random, confidence_threshold's its own rule)
 RANKED_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
@@ -187,9 +187,7 @@ class DreamDecoder(Decoder):
         lo = ctx.prompt_length + block * self.block
         hi = lo + self.block
         if self.commits_first(block_step):
-            first = torch.zeros_like(masked)
-            first[:, lo] = masked[:, lo]  # known before the forward: every cache method predicts it
-            return StepPlan((lo, hi), masked[:, lo].long(), block, block_step, scheduled=first)
+            return first_position_plan(masked, (lo, hi), block, block_step)
         last = block_step == self.steps_per_block - 1
         keep_fraction = 0.0 if last else self.timesteps[block_step + 1] / self.timesteps[block_step]
         if self.alg == "origin":
@@ -237,12 +235,8 @@ class DreamDecoder(Decoder):
         return confidence
 
     def select(self, score: Tensor, plan: StepPlan) -> Tensor:
-        if self.commits_first(plan.block_step):
-            # Fast-dLLM: the block-start forward commits the block's first position, whatever its score.
-            first = plan.window[0]
-            chosen = torch.zeros_like(score, dtype=torch.bool)
-            chosen[:, first] = torch.isfinite(score[:, first])
-            return chosen
+        if plan.scheduled is not None:  # Fast-dLLM: the block's first position, whatever its score
+            return plan.scheduled & torch.isfinite(score)
         if self.alg == "confidence_threshold":  # the first of the cap whatever its confidence, then the confident
             return top_n_mask(score, plan.n_transfer) | (top_n_mask(score, self.cap) & (score >= self.threshold))
         if self.alg_temp is not None:

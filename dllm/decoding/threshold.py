@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .ar import check_unused_steps
-from .base import DecodeContext, StepPlan, register_decoder, top_n_mask
+from .base import DecodeContext, StepPlan, first_position_plan, register_decoder, top_n_mask
 from .dream import FIRST_TOKEN_RULES
 from .llada import BlockDecoder
 
@@ -91,9 +91,7 @@ class Threshold(BlockDecoder):
             self.current_block, self.block_start_step = block, step
         lo = P + block * self.block
         if self.first_token == "commit" and step == self.block_start_step:
-            first = torch.zeros_like(masked)
-            first[:, lo] = masked[:, lo]  # known before the forward: every cache method predicts it
-            return StepPlan((lo, lo + self.block), masked[:, lo].long(), block, 0, scheduled=first)
+            return first_position_plan(masked, (lo, lo + self.block), block, 0)
         at_least_one = masked[:, lo : lo + self.block].any(1).long()
         if self.alpha:
             self.row_threshold = self.threshold * (1 - self.alpha * (1 - self.masked_ratio(masked, lo, lo + self.block)))

@@ -24,13 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dllm.logging.record import RunRecord, record_key  # noqa: E402
+from dllm.logging.record import FLATTENED, RunRecord, record_key  # noqa: E402
 from dllm.logging.sinks import ResultsCsvError, append_csv, existing_keys, repair_results_csv  # noqa: E402
 
 # What says which experiment a row is (every record has them); the dict fields are flattened into
-# cache.* / decoding.* / metrics.* columns.
+# cache.* / decoding.* / metrics.* columns (record.FLATTENED).
 IDENTITY = ("run_id", "run_key", "status", "model", "cache", "decoding", "task")
-DICT_FIELDS = {"cache_params", "decoding_params", "other_metrics"}
 
 
 def read_record(run_dir: Path) -> dict:
@@ -45,8 +44,8 @@ def read_record(run_dir: Path) -> dict:
     missing = [name for name in IDENTITY if not row.get(name)]
     if missing:
         raise ValueError(f"--append {run_dir}: {metrics} is not a whole run record (no {', '.join(missing)})")
-    columns = {f.name for f in fields(RunRecord)} - DICT_FIELDS
-    unknown = [k for k in row if k not in columns and not k.startswith(("cache.", "decoding.", "metrics."))]
+    columns = {f.name for f in fields(RunRecord)} - set(FLATTENED)
+    unknown = [k for k in row if k not in columns and not k.startswith(tuple(f"{p}." for p in FLATTENED.values()))]
     if unknown:
         raise ValueError(f"--append {run_dir}: {metrics} has columns no run record has: {unknown}")
     return row

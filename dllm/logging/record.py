@@ -113,18 +113,22 @@ class RunRecord:
     run_key: str | None = None  # settings_key of everything that can change a number (resume)
 
     def to_row(self) -> dict:
-        """Flat dict in field order; params become ``cache.<key>`` / ``decoding.<key>`` columns
-        (sorted, nested dicts dotted) and other metrics ``metrics.<name>`` columns in place of the dict fields."""
+        """Flat dict in field order; the dict fields become columns named with their
+        :data:`FLATTENED` prefix (params sorted, nested dicts dotted; other metrics sorted)."""
         row: dict = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("cache_params", "decoding_params"):
-                row.update(_flatten(value, f.name.removesuffix("_params")))
-            elif f.name == "other_metrics":
-                row.update({f"metrics.{name}": _scalar(v) for name, v in sorted(value.items())})
+            if f.name == "other_metrics":
+                row.update({f"{FLATTENED[f.name]}.{name}": _scalar(v) for name, v in sorted(value.items())})
+            elif f.name in FLATTENED:
+                row.update(_flatten(value, FLATTENED[f.name]))
             else:
                 row[f.name] = _scalar(value)
         return row
+
+
+#: RunRecord's dict fields and the prefix of the CSV columns each becomes (``cache.refresh_interval``)
+FLATTENED = {"cache_params": "cache", "decoding_params": "decoding", "other_metrics": "metrics"}
 
 
 def _flatten(params: dict, prefix: str) -> dict:

@@ -216,6 +216,13 @@ LM_EVAL_VERDICTS = [
     ("\\frac{270}7", "\\frac{270}{7}", True),
     ("(1\\})", "1\\}", False),  # a bracket closed by another kind
     ("4210", "4210_{5}", True), ("(204_5)", "204_5", False),  # a number's subscript ends it
+    ("\\frac32", "1.5", True), ("\\frac{270}7.", "\\frac{270}{7}", True),  # one-DIGIT operands
+    ("\\log_28", "3", True), ("\\log_{28}x", "\\log_28x", True),  # a subscript leaves the last digit only when needed
+    ("1\\pm\\sqrt{19})", "1\\pm\\sqrt{19}", True), ("\\pm3", "3", False),  # \\pm: a symbol there
+    ("x\\in[-2,7]", "x\\in[0,1]", True), ("2(1,2)", "2", True), ("x(1,2)", "x", False), ("-[1,2]", "-1", False),
+    ("0.15.", "0.1", True), ("1.25.", "1.25", False),  # two decimals then ".": one digit early
+    ("x+", "x", True), ("2\\cdot", "2", True),  # a trailing operator is dropped
+    ("\\$5", "5", False), ("5}\\$", "5", True),  # \\$ has no token (after the end it is not read)
 ]
 
 

@@ -21,7 +21,7 @@ How an answer is scored:
    4.9.3, which installs beside hydra-core), on the part of the string parse_latex reads, rewritten
    where the two grammars differ (:func:`as_parse_latex_reads`: parse_latex stops at a stray
    ``}``, a comma or a number's subscript, multiplies a whole number into a following fraction,
-   cannot read ``.5``).
+   reads ``\\pm`` as a symbol, cannot read ``.5``).
 
 ``math_verify`` (Hugging Face's math-verify, a dependency) is reported beside ``exact_match``,
 on the raw generation and solution, as lm-eval does.
@@ -32,12 +32,14 @@ tests/test_math_scoring.py checks them against lm-eval's installed functions):
 * only in the symbolic step, i.e. for answers whose normalised strings differ. On 9,387 pairs of
   normalised answers (MATH-500's gold answers, each against itself with a stray bracket, comma,
   dot, ``\\{ \\}`` or leading digit added, against other gold answers, and hand-written forms) the
-  verdicts of lm-eval 0.4.13's ``is_equiv`` (antlr 4.11, sympy 1.14) and ours differed on 76 (1,779
-  before :func:`as_parse_latex_reads`). What is left: parse_latex reads ``\\log_28`` as
-  log₂ 8 and ``x\\in[-2,7]`` as the product x·in, stops after an operator (``x+`` is x) and after
-  a fraction's bare denominator (``\\frac{270}7.``), and rounds a number followed by a dot
-  (``0.15.`` is 0.1, 0.15 here); latex2sympy2_extended reads neither the first two, nor ``\\pm``
-  or a matrix followed by a stray character;
+  verdicts of lm-eval 0.4.13's ``is_equiv`` (antlr 4.11, sympy 1.14) and ours differed on 14 (1,779
+  before :func:`as_parse_latex_reads`), all matrices: parse_latex reads a normalised
+  ``\\begin{pmatrix}1\\-2\\end{pmatrix}`` (its row breaks cut to ``\\`` by the removal of ``"\\ "``) as
+  a product of symbols (begin·p·m·a·t·r·i·x·…), equal to itself with a stray character added,
+  latex2sympy2_extended as a Matrix, whose difference never compares equal to 0. Also left:
+  ``12.`` is 1 there (ours: unreadable), ``1.25.7`` is 1.2·5.7 (ours: 1.2), ``x(1,2)`` a function
+  call (ours: unreadable), and a character without a token just after the end (``5,\\$``) still
+  raises there;
 * a gold solution without ``\\boxed{}`` (or with only ``\\fbox{}``) crashes lm-eval's
   ``process_docs``; here it gets the gold "" (never matched) or the ``\\fbox`` content;
 * off the main thread lm-eval's SIGALRM timeout fails and every non-identical pair scores 0;
@@ -259,24 +261,44 @@ def _latex_parser():
     return functools.partial(latex2sympy, **options)
 
 
-# A fraction whose denominator is one unbraced digit (\\frac{270}7, \\frac{2\\sqrt{3}}3: a numerator
-# with braces of its own, one level deep): parse_latex's grammar reads it (a bare denominator is one
-# DIGIT token there; \\frac{3}\\pi and \\frac{1}x it cannot read), latex2sympy2_extended cannot;
-# braced for the parser (MATH's gold answers use the form).
+# \\frac's operands and \\log's base are one DIGIT token or a braced group in parse_latex's grammar
+# (\\frac32 is 3/2, \\frac{270}7 is 270/7; \\frac{3}\\pi and \\frac{1}x it cannot read); latex2sympy2_extended
+# reads only braced ones, so a bare digit is braced (MATH's gold answers use the form). A numerator
+# keeps braces of its own one level deep (\\frac{2\\sqrt{3}}3).
+_BARE_NUMERATOR = re.compile(r"(\\[dt]?frac)([0-9])")
 _BARE_DENOMINATOR = re.compile(r"(\\[dt]?frac\{(?:[^{}]|\{[^{}]*\})*\})([0-9])")
+# \\log_28: the subscript reads digits greedily but leaves the last one as the argument when
+# nothing else follows (log₂ 8; \\log_28x is log₂₈ x).
+_LOG_BASE = re.compile(r"\\log_([0-9]+)")
+_NO_ARGUMENT = (")", "]", "}", ",", "\\}")
+# Commands parse_latex reads as plain symbols (it makes any unknown \\name a Symbol; a\\pm b is
+# a·b·pm) and latex2sympy2_extended as operators (\\pm: a set of two values, \\in: a relation);
+# \\mathit{pm} is the same symbol in both.
+_SYMBOL_COMMAND = re.compile(r"\\(pm|mp|in)(?![a-zA-Z])")
 # parse_latex multiplies juxtaposed terms, a whole number before a fraction too: 1\\frac{4}{5} is 4/5
 # there, 9/5 (a mixed number) in latex2sympy2_extended; the product made explicit.
 _MIXED_NUMBER = re.compile(r"([0-9])(\\[dt]?frac)")
 # What as_parse_latex_reads looks at, as parse_latex's lexer cuts it: numbers, brackets (\\{ \\} are
-# tokens of their own), commas and dots (any other "." is a stray one). Closer -> opener below.
-_TOKEN = re.compile(r"[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\\[{}]|[{}()\[\],.]")
-_SPACING = re.compile(r"\\[,:;!]")  # \, \: \; \! : skipped by parse_latex's lexer
+# tokens of their own), commas and dots (any other "." is a stray one), and characters the lexer has
+# no token for. Closer -> opener below.
+_TOKEN = re.compile(r"[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\\[{}]|\\[$%&#]|[$%&#;@\"~?]|[{}()\[\],.]")
+# \, \: \; \! \left \right: skipped by parse_latex's lexer (so 2\left(1,2\right) is 2(1,2)).
+_SKIPPED = re.compile(r"\\(?:[,:;!]|left|right)(?![a-zA-Z])")
 _THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")  # 1,234.5 is one number there
 _OPENER_OF = {"}": "{", ")": "(", "]": "[", "\\}": "\\{"}
+# parse_latex drops operators left without an operand at the end of what it reads (x+ is x, 2\\cdot is 2).
+_TRAILING_OPERATORS = re.compile(r"(?:[-+*/^]|\\cdot|\\times|\\div)+$")
 
 
 class Unreadable(ValueError):
     """parse_latex raises on this string (so lm-eval scores the pair 0)."""
+
+
+def _brace_log_base(match: re.Match) -> str:
+    digits, rest = match.group(1), match.string[match.end():]
+    if len(digits) > 1 and (not rest or rest.startswith(_NO_ARGUMENT)):
+        return f"\\log_{{{digits[:-1]}}}{digits[-1]}"
+    return f"\\log_{{{digits}}}"
 
 
 def as_parse_latex_reads(latex: str) -> str:
@@ -289,23 +311,29 @@ def as_parse_latex_reads(latex: str) -> str:
       ``5}``: 5 there);
     * a comma but for a number's thousands separator (``1,2`` is 1, so lm-eval counts it equal to
       ``1``; ``1,234.5`` is one number);
-    * a "." after anything but a digit (``x.`` is x) or after a number's decimals (``1.2.3``);
+    * a "." after anything but a digit (``x.`` is x) or after a number's decimals (``1.2.3``; with
+      two decimals or more the number ends one digit early: ``1.25.`` is 1.2);
     * a subscript of a number (``4210_5`` is 4210; latex2sympy2_extended: base 5).
-    Inside a bracket it is no end but an error (the bracket must close first), as are a closing
-    bracket of another kind than the open one (``(1\\}``), a "." that starts an operand (``.5``) and a
-    number's "." without digits after it (``5.``): a number is DIGIT+ ('.' DIGIT+)? there. Also,
-    ``\\{ \\}`` group as parentheses do (latex2sympy2_extended: a set), and a whole number before a
-    fraction multiplies it (``_MIXED_NUMBER``).
+    Inside a bracket such an end ends the expression before the outermost open bracket when an
+    operand precedes it (``2(1,2)`` and ``x\\in[-2,7]`` are 2 and x·in; ``x(1,2)`` is a function call),
+    else it is an error, as are a closing bracket of another kind than the open one (``(1\\}``), a "."
+    that starts an operand (``.5``), a number's "." without digits after it (``5.``: a number is
+    DIGIT+ ('.' DIGIT+)? there) and a character the lexer has no token for (``\\$5``). Operators left
+    at the end are dropped (``x+`` is x). Also, ``\\{ \\}`` group as parentheses do
+    (latex2sympy2_extended: a set), a whole number before a fraction multiplies it
+    (``_MIXED_NUMBER``), and bare-digit operands of ``\\frac`` and ``\\log_`` are braced.
     """
-    latex = _SPACING.sub("", latex)
+    latex = _SKIPPED.sub("", latex)
+    latex = _BARE_DENOMINATOR.sub(r"\1{\2}", _BARE_NUMERATOR.sub(r"\1{\2}", latex))
+    latex = _SYMBOL_COMMAND.sub(r"\\mathit{\1}", _LOG_BASE.sub(_brace_log_base, latex))
     cut, stack = len(latex), []
     for found in _TOKEN.finditer(latex):
         token, at = found.group(), found.start()
         if token in _OPENER_OF.values():
-            stack.append(token)
+            stack.append((token, at))
             continue
         if token in _OPENER_OF and stack:
-            if stack.pop() != _OPENER_OF[token]:
+            if stack.pop()[0] != _OPENER_OF[token]:
                 raise Unreadable(f"{latex!r}: {token} closes {latex[:at]!r}")
             continue
         if token[0].isdigit():
@@ -314,14 +342,22 @@ def as_parse_latex_reads(latex: str) -> str:
             if not latex.startswith(("_", "."), found.end()):
                 continue
             at = found.end()  # its subscript or a second '.'
+            if latex.startswith(".", at) and len(token.rsplit(".", 1)[1]) > 1:
+                at -= 1
         elif token == "." and at == 0:
             raise Unreadable(f"{latex!r}: starts with '.'")
-        if stack:
-            raise Unreadable(f"{latex!r}: {latex[at]!r} inside {''.join(stack)}")
+        elif not (token in _OPENER_OF or token in ",."):
+            raise Unreadable(f"{latex!r}: parse_latex's lexer has no token for {token!r}")
+        if stack:  # parse_latex gives up the outermost bracket, if the operand before it can end
+            opener, at = stack[0]
+            before = _TRAILING_OPERATORS.sub("", latex[:at])
+            if opener == "{" or not before or (opener == "(" and before == latex[:at] and before[-1].isalpha()):
+                raise Unreadable(f"{latex!r}: {latex[found.start()]!r} inside {''.join(o for o, _ in stack)}")
         cut = at
         break
-    latex = _THOUSANDS.sub("", latex[:cut]).replace("\\{", "(").replace("\\}", ")")
-    return _BARE_DENOMINATOR.sub(r"\1{\2}", _MIXED_NUMBER.sub(r"\1\\cdot\2", latex))
+    latex = _TRAILING_OPERATORS.sub("", latex[:cut])
+    latex = _THOUSANDS.sub("", latex).replace("\\{", "(").replace("\\}", ")")
+    return _MIXED_NUMBER.sub(r"\1\\cdot\2", latex)
 
 
 def symbolically_equal(a: str, b: str, timeout_s: int = SYMBOLIC_TIMEOUT_S) -> bool:

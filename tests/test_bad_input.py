@@ -95,6 +95,21 @@ CASES = [
      r"gen_length=32 \(laid out in blocks of decoding\.block_length=1000000000: 1000000000 positions\) leaves no room"),
     (["model=tiny_dream", "decoding=dream", "decoding.alg=entropy", "decoding.alg_temp=inf"],
      r"decoding\.alg_temp=inf must be a finite number >= 0"),
+    # settings the chosen rule never reads, and a factor that commits every block at once
+    (["model=tiny_dream", "decoding=dream", "decoding.alg=confidence_threshold", "decoding.eps=0.5"],
+     r"decoding\.eps=0\.5: alg=confidence_threshold has no timesteps"),
+    (["model=tiny_dream", "decoding=dream", "decoding.alg=entropy", "decoding.top_k=100000"],
+     r"decoding\.top_k=100000 exceeds the vocabulary \(\d+ tokens\)"),
+    (["decoding=threshold", "decoding.ratio_window=8"], r"decoding\.ratio_window=8 / ratio_masked='query' shape the "
+                                                         r"context-aware threshold, which is off"),
+    (["decoding=threshold", "decoding.ratio_masked=block"], r"ratio_masked='block' shape the context-aware threshold"),
+    (["decoding=threshold", "decoding.threshold=0.5", "decoding.factor=1"], r"decoding\.threshold=0\.5 applies to the "
+                                                                              r"threshold rule; factor=1"),
+    (["decoding=threshold", "decoding.factor=inf"], r"decoding\.factor=inf must be a finite number > 0"),
+    (["decoding=pc_sampler", "decoding.alpha=5"], r"decoding\.alpha=5(\.0)? clips the calibrated score, which needs "
+                                                  r"decoding\.frequencies"),
+    (["model=tiny_sdar", "decoding=block_diffusion", "decoding.remasking=static", "decoding.threshold=0.5",
+      "gen_length=16"], r"decoding\.threshold=0\.5 is read by remasking=dynamic only"),
     (["force=maybe"], r"force='maybe' must be true or false"),
     (["task.fewshot_as_multiturn=3"], r"task\.fewshot_as_multiturn=3 must be true or false"),
     (["task=generate", "task.prompts=abc"], r"task\.prompts='abc' \(allowed: a non-empty list of texts"),

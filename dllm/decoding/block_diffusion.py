@@ -32,6 +32,7 @@ from torch import Tensor
 from .base import DecodeContext, Decoder, StepPlan, check_tie_break, exclude_token, register_decoder, top_n_by
 
 REMASKING = ("static", "dynamic")
+DEFAULT_THRESHOLD = 0.9  # SDAR/TraDo's dynamic threshold
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -109,7 +110,7 @@ class BlockCausalDecoder(Decoder):
 class BlockDiffusion(BlockCausalDecoder):
     name = "block_diffusion"
 
-    def __init__(self, block_length: int = 4, steps: int = 4, remasking: str = "dynamic", threshold: float = 0.9,
+    def __init__(self, block_length: int = 4, steps: int = 4, remasking: str = "dynamic", threshold: float = DEFAULT_THRESHOLD,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  tie_break: str = "row") -> None:
         super().__init__(steps, block_length, temperature)
@@ -121,6 +122,9 @@ class BlockDiffusion(BlockCausalDecoder):
             raise ValueError(f"decoding.remasking={remasking!r} (allowed: {list(REMASKING)})")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold!r} must be in [0, 1]")
+        if remasking == "static" and threshold != DEFAULT_THRESHOLD:
+            raise ValueError(f"decoding.threshold={threshold} is read by remasking=dynamic only (static commits its "
+                             "schedule's count)")
         check_sampling(temperature, top_k, top_p)
         check_tie_break(tie_break)
         self.remasking, self.threshold, self.top_k, self.top_p = remasking, float(threshold), top_k, top_p

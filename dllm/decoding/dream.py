@@ -44,6 +44,7 @@ from .base import DecodeContext, Decoder, StepPlan, exclude_token, first_positio
 RANKED_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")
 ALGORITHMS = ("origin", *RANKED_ALGORITHMS, "confidence_threshold")
 DEFAULT_THRESHOLD = 0.9  # Fast-dLLM's
+DEFAULT_EPS = 1e-3  # Dream's: its timesteps end at eps
 FIRST_TOKEN_RULES = ("schedule", "commit")
 
 
@@ -84,8 +85,9 @@ def sample_positions(score: Tensor, n: Tensor, alg_temp: float, generator: torch
 
 
 def check_threshold_rule(alg: str, threshold, block_length: int | None, first_token: str,
-                         alg_temp: float | None) -> None:
-    """``threshold`` belongs to ``confidence_threshold``, which has no blocks and no drawn positions."""
+                         alg_temp: float | None, eps: float) -> None:
+    """``threshold`` belongs to ``confidence_threshold``, which has no blocks, no drawn positions and
+    no timesteps (``eps``)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"decoding.threshold={threshold!r} must be a number in (0, 1]")
     if alg != "confidence_threshold":
@@ -103,6 +105,9 @@ def check_threshold_rule(alg: str, threshold, block_length: int | None, first_to
     if alg_temp:
         raise ValueError(f"decoding.alg_temp={alg_temp}: alg=confidence_threshold takes its positions by "
                          "confidence (alg_temp: null)")
+    if eps != DEFAULT_EPS:
+        raise ValueError(f"decoding.eps={eps}: alg=confidence_threshold has no timesteps to end at eps (eps: "
+                         f"{DEFAULT_EPS})")
 
 
 @register_decoder
@@ -110,7 +115,7 @@ class DreamDecoder(Decoder):
     name = "dream"
 
     def __init__(self, steps: int, alg: str = "entropy", temperature: float = 0.0, top_p: float | None = None,
-                 top_k: int | None = None, eps: float = 1e-3, block_length: int | None = None,
+                 top_k: int | None = None, eps: float = DEFAULT_EPS, block_length: int | None = None,
                  first_token: str = "schedule", alg_temp: float | None = None,
                  threshold: float = DEFAULT_THRESHOLD) -> None:
         super().__init__(steps, block_length, temperature)
@@ -131,13 +136,18 @@ class DreamDecoder(Decoder):
             if alg_temp > 0 and alg == "origin":
                 raise ValueError(f"decoding.alg_temp={alg_temp} needs a confidence algorithm "
                                  f"(allowed with alg: {list(RANKED_ALGORITHMS)}); alg='origin' draws its positions at random")
-        check_threshold_rule(alg, threshold, block_length, first_token, alg_temp)
+        check_threshold_rule(alg, threshold, block_length, first_token, alg_temp, eps)
         self.alg, self.top_p, self.top_k, self.eps = alg, top_p, top_k, eps
         self.threshold = float(threshold)
         self.first_token = first_token
         self.alg_temp = float(alg_temp) if alg_temp else None  # None: top-k by confidence
         # entropy scores are <= 0 and origin's order is random: neither is a probability.
         self.confidence_is_probability = alg in ("maskgit_plus", "topk_margin", "confidence_threshold")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise ValueError(f"decoding.top_k={self.top_k} exceeds the vocabulary ({vocab_size} tokens), where it "
+                             f"filters nothing (allowed: 1 ... {vocab_size}, or null)")
 
     def check(self, gen_length: int) -> None:
         super().check(gen_length)

@@ -50,6 +50,7 @@ from .llada import BlockDecoder
 
 #: the epsilon inside the log of the authors' calibrated score
 LOG_EPS = 1e-9
+DEFAULT_ALPHA = 10.0  # the authors' clip
 
 
 def _number(value) -> bool:
@@ -101,7 +102,7 @@ def load_frequencies(path: str) -> tuple[dict[int, float], float]:
 class PCSampler(BlockDecoder):
     name = "pc_sampler"
 
-    def __init__(self, steps: int, block_length: int | None = None, lambd: float = 0.25, alpha: float = 10.0,
+    def __init__(self, steps: int, block_length: int | None = None, lambd: float = 0.25, alpha: float = DEFAULT_ALPHA,
                  frequencies: str | None = None, temperature: float = 0.0, tie_break: str = "row") -> None:
         super().__init__(steps, block_length, temperature)
         check_tie_break(tie_break)
@@ -114,6 +115,9 @@ class PCSampler(BlockDecoder):
                              "the authors use 10)")
         if frequencies is not None and not isinstance(frequencies, str):
             raise ValueError(f"decoding.frequencies={frequencies!r} must be a path to a JSON file or null")
+        if frequencies is None and alpha != DEFAULT_ALPHA:
+            raise ValueError(f"decoding.alpha={alpha} clips the calibrated score, which needs decoding.frequencies "
+                             "(a token-frequency JSON); without it the score is the probability alone")
         self.lambd, self.alpha, self.frequencies = float(lambd), float(alpha), frequencies
         self.corpus_counts: dict[int, float] | None = None
         if frequencies is not None:

@@ -24,6 +24,8 @@ Default ``schedule``: the threshold rule from the block's first step on (their L
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,7 @@ from .llada import BlockDecoder
 #: paper; the authors' LLaDA code and Dream prefix-cache code), or only the block's over that same
 #: count (the authors' Dream code with dual_cache=True, which reuses the block's mask there)
 RATIO_MASKED = ("query", "block")
+DEFAULT_THRESHOLD = 0.9  # Fast-dLLM's
 
 
 @register_decoder
@@ -48,7 +51,7 @@ class Threshold(BlockDecoder):
     ratio_masked: str = "query"
     first_token: str = "schedule"
 
-    def __init__(self, block_length: int | None = 32, threshold: float = 0.9, factor: float | None = None,
+    def __init__(self, block_length: int | None = 32, threshold: float = DEFAULT_THRESHOLD, factor: float | None = None,
                  temperature: float = 0.0, steps: int | None = None, alpha: float = 0.0,
                  ratio_window: int | None = None, ratio_masked: str = "query", first_token: str = "schedule") -> None:
         check_unused_steps(steps, self.name)
@@ -59,8 +62,8 @@ class Threshold(BlockDecoder):
         super().__init__(1, block_length, temperature)
         if not 0 < threshold <= 1:
             raise ValueError(f"decoding.threshold={threshold} must be in (0, 1]")
-        if factor is not None and factor <= 0:
-            raise ValueError(f"decoding.factor={factor} must be > 0 (or null for the threshold rule)")
+        if factor is not None and not 0 < factor < math.inf:
+            raise ValueError(f"decoding.factor={factor} must be a finite number > 0 (or null for the threshold rule)")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"decoding.alpha={alpha!r} must be a number in [0, 1] (0 = a fixed threshold)")
         if ratio_window is not None and (isinstance(ratio_window, bool) or not isinstance(ratio_window, int)
@@ -70,6 +73,12 @@ class Threshold(BlockDecoder):
         if alpha and factor is not None:
             raise ValueError(f"decoding.alpha={alpha} applies to the threshold rule; factor={factor} selects the "
                              "factor rule (set one of them)")
+        if factor is not None and threshold != DEFAULT_THRESHOLD:
+            raise ValueError(f"decoding.threshold={threshold} applies to the threshold rule; factor={factor} selects "
+                             "the factor rule, which does not read it (set one of them)")
+        if not alpha and (ratio_window is not None or ratio_masked != "query"):
+            raise ValueError(f"decoding.ratio_window={ratio_window!r} / ratio_masked={ratio_masked!r} shape the "
+                             "context-aware threshold, which is off (alpha: 0): set alpha > 0, or leave them null / query")
         self.threshold, self.factor = threshold, factor
         self.alpha, self.ratio_window = float(alpha), ratio_window
         self.ratio_masked, self.first_token = ratio_masked, first_token

@@ -509,12 +509,22 @@ def make_prompts(args: argparse.Namespace, margs: ModelArgs) -> list[list[int]]:
     return torch.randint(low, high, (args.batch_size, args.prompt_length), generator=g).tolist()
 
 
+def is_block_causal(decoding: str) -> bool:
+    return decoding in DECODERS.names() and DECODERS.classes[decoding].block_causal
+
+
+def fit_blocks(decoding: str, params: dict, gen_length: int) -> dict:
+    """``params`` with a bidirectional decoder's blocks no longer than ``gen_length`` (a short
+    generation is one block; a block-diffusion decoder's block is the model's, as given)."""
+    if is_block_causal(decoding) or params.get("block_length") is None:
+        return params
+    return {**params, "block_length": min(params["block_length"], gen_length)}
+
+
 def decoder_of(name: str, params: dict, steps: int, gen_length: int):
-    if name in DECODERS.names() and DECODERS.classes[name].block_causal:  # steps per block, as given
+    params = fit_blocks(name, params, gen_length)
+    if is_block_causal(name):  # steps per block, as given
         return build_decoder(name, **params)
-    params = dict(params)
-    if params.get("block_length") is not None:
-        params["block_length"] = min(params["block_length"], gen_length)
     return build_decoder(name, steps=steps, **params)
 
 
@@ -656,12 +666,16 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
 
     # baseline decoding -> runs compared with none under it, so that rows sharing a none sit together
     groups: dict[str, list[tuple[str, str, dict]]] = {}
+    # (the settings that run, and are recorded: blocks no longer than the generation)
     for method in args.methods:
         _, decoding, dparams = methods_of(args.preset)[method]
+        dparams = fit_blocks(decoding, dparams, args.gen_length)
         groups.setdefault(describe(decoding, dparams), [("none", decoding, dparams)]).append((method, decoding, dparams))
     if args.samplers:
-        group = groups.setdefault(describe(*SAMPLER_BASELINE), [("none", *SAMPLER_BASELINE)])
-        group.extend(("none", name, SAMPLERS[name]) for name in args.samplers)
+        baseline, baseline_params = SAMPLER_BASELINE
+        baseline_params = fit_blocks(baseline, baseline_params, args.gen_length)
+        group = groups.setdefault(describe(baseline, baseline_params), [("none", baseline, baseline_params)])
+        group.extend(("none", name, fit_blocks(name, SAMPLERS[name], args.gen_length)) for name in args.samplers)
     failed = []
     for none_decoding, entries in groups.items():
         # mode -> (index into entries, warm-up output, timed outputs) of the runs whose warm-up succeeded

@@ -395,6 +395,13 @@ def test_steps_not_divisible_by_blocks(net_of):
         run_once(net_of("llada"), decoder, 8)
 
 
+def test_more_steps_than_positions_names_the_block_that_is_set():
+    with pytest.raises(ValueError, match=re.escape("steps per block (128) exceed gen_length=64 (one block: block_length null)")):
+        build_decoder("dream", steps=128).check(64)
+    with pytest.raises(ValueError, match=re.escape("steps per block (16) exceed block_length=8")):
+        build_decoder("low_confidence", steps=128, block_length=8).check(64)
+
+
 @pytest.mark.parametrize("name", ["low_confidence", "random", "certainty_prior", "dream"])
 @pytest.mark.parametrize("steps", [0, -2])
 def test_steps_below_one(name, steps):

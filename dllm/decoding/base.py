@@ -104,7 +104,8 @@ class Decoder(ABC):
         if self.steps % n_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({n_blocks})")
         if self.steps // n_blocks > block:
-            raise ValueError(f"steps per block ({self.steps // n_blocks}) exceed block_length={block}")
+            where = f"block_length={block}" if self.block_length else f"gen_length={block} (one block: block_length null)"
+            raise ValueError(f"steps per block ({self.steps // n_blocks}) exceed {where}")
 
     def check_blocks(self, gen_length: int) -> int:
         """The block length, after checking that blocks tile ``gen_length``."""

@@ -240,7 +240,6 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
                              f"results {sorted(shared)}")
         for task in subtasks:
             check_shots(task, settings.n_shot)
-            check_mc_num(task, settings.mc_num)
         return [settings.lm_eval_task]
     tasks = list(loaded["tasks"].values())
     for task in tasks:
@@ -254,16 +253,7 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
                 task._metric_fn_kwargs[name]["k"] = list(settings.pass_k)
         check_metric(task, settings.metric)
         check_shots(task, settings.n_shot)
-        check_mc_num(task, settings.mc_num)
     return tasks
-
-
-def check_mc_num(task, mc_num: int) -> None:
-    """``task.mc_num`` (Monte Carlo draws per likelihood) above 1 only on a likelihood task: a
-    generation task never reads it, and the row would record a setting that did not run."""
-    if mc_num > 1 and task.get_config("output_type") == "generate_until":
-        raise ValueError(f"task.mc_num={mc_num}: lm-eval task {task.config.task!r} generates its answers "
-                         "(output_type generate_until); mc_num sets the draws of likelihood tasks such as MMLU")
 
 
 def check_shots(task, n_shot: int | None) -> None:

@@ -119,8 +119,6 @@ CASES = [
     (["task=generate", "prompts_file=5"], r"prompts_file='5' does not exist"),
     (["task=gsm8k_local", "task.n_shot=100000"], r"task\.n_shot=100000: lm-eval task 'gsm8k_local' has 8 few-shot "
                                                  r"examples \(allowed: 0 \.\.\. 8\)"),
-    (["task=humaneval_local", "task.allow_code_execution=true", "task.n_shot=2"],
-     r"task\.n_shot=2: lm-eval task 'humaneval_local_sanitized' is fixed at 0 shots .*allowed: 0 or null"),
     # a group (MMLU): its subtasks' shots, the results they share
     (["task=mmlu_local", "task.n_shot=100"], r"task\.n_shot=100: lm-eval task 'mmlu_local_\w+' has 5 few-shot examples"),
     (["task=mmlu_local", "task.metric='bogus,none'"], r"task\.metric='bogus,none' is not among lm-eval group "

@@ -258,14 +258,10 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
 
 def check_shots(task, n_shot: int | None) -> None:
     """``task.n_shot`` no larger than the task's few-shot examples (lm-eval would fail while it
-    builds the prompts, after the model loaded, with "Sample larger than population"), and none on a
-    task fixed at 0 shots (its config's ``num_fewshot: 0``, e.g. HumanEval), which lm-eval would
-    ignore: the row would record a setting that did not run."""
-    if not n_shot:
+    builds the prompts, after the model loaded, with "Sample larger than population"). A task fixed
+    at 0 shots ignores the setting (lm-eval warns, and so does the run)."""
+    if not n_shot or task.get_config("num_fewshot") == 0:
         return
-    if task.get_config("num_fewshot") == 0:
-        raise ValueError(f"task.n_shot={n_shot}: lm-eval task {task.config.task!r} is fixed at 0 shots (num_fewshot: 0 "
-                         "in its config; lm-eval ignores a count given); allowed: 0 or null")
     docs = task.fewshot_docs()
     if docs is not None and n_shot > len(docs):
         raise ValueError(f"task.n_shot={n_shot}: lm-eval task {task.config.task!r} has {len(docs)} few-shot examples "
@@ -595,8 +591,10 @@ def _evaluate(
     accuracy, stderr = primary_metric(results, settings.lm_eval_task, settings.metric)
     samples = join_samples(results, lm, settings.metric)
 
-    # The few-shot count lm-eval used (task.n_shot null: the task's own).
+    # The few-shot count lm-eval used (a task fixed at 0 shots, like HumanEval, ignores overrides).
     n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, identity["n_shot"])
+    if settings.n_shot is not None and n_shot != settings.n_shot:
+        log.warning("task.n_shot=%s requested, but %s ran %s-shot (fixed by the task)", settings.n_shot, settings.lm_eval_task, n_shot)
     speed = lm.meter.summary()
     speed["n_samples"] = len(samples)
     # A Hub checkpoint's config hash is known once it is fetched (a local one's before the load).

@@ -145,14 +145,22 @@ def plan_run(cfg: DictConfig) -> RunPlan:
                    compiled)
 
 
-def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool, vocab_size: int | None = None) -> None:
+def check_model_fit(plan: RunPlan, logit_shift: int, block_causal: bool, vocab_size: int | None = None,
+                    trained_block_length: int = 0) -> None:
     """The decoder and the cache method accept a model with this logit shift (1: Dream), attention
-    (block-causal: a block-diffusion model) and vocabulary (None: not known before the load)."""
+    (block-causal: a block-diffusion model) and vocabulary (None: not known before the load). A
+    block-diffusion decoder whose block differs from the one the checkpoint was trained with
+    (``trained_block_length``, 0: not known) is warned of, not refused: the authors' code lets one
+    choose it, but the published numbers use the trained block."""
     if vocab_size is not None:
         plan.decoder.check_vocab(vocab_size)
     plan.decoder.check_model(logit_shift)
     plan.cache.check_model(logit_shift)
     check_block_causal(block_causal, plan.decoder, plan.cache)
+    if block_causal and trained_block_length and plan.decoder.block_length != trained_block_length:
+        log.warning("decoding.block_length=%d, but the model was trained with blocks of %d: its attention runs over "
+                    "blocks it never saw in training (decoding.block_length=%d is its own)", plan.decoder.block_length,
+                    trained_block_length, trained_block_length)
 
 
 def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
@@ -165,7 +173,8 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
 
     if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
         base = BASE_ARGS[cfg.model.family]
-        check_model_fit(plan, base["logit_shift"], base.get("block_causal", False))
+        check_model_fit(plan, base["logit_shift"], base.get("block_causal", False),
+                        trained_block_length=base.get("trained_block_length", 0))
         check_room(cfg, plan, base["max_seq_len"], f"the random-weight {cfg.model.family} checkpoint")
         return
     path = local_or_repo_path(str(cfg.model.path))
@@ -177,7 +186,7 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     args = model_args(folder, cfg.model.family)
     if local is not None:
         plan_loading(folder, args)  # every shard's header: names, shapes, a truncated file
-    check_model_fit(plan, args.logit_shift, args.block_causal, args.vocab_size)
+    check_model_fit(plan, args.logit_shift, args.block_causal, args.vocab_size, args.trained_block_length)
     check_room(cfg, plan, args.max_seq_len, f"config.json in {folder}")
 
 

@@ -35,7 +35,7 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -239,6 +239,8 @@ def _train(cfg: TrainConfig, progress: bool, on_step=None) -> dict:
     problems = train_problems(cfg)
     hf_tok, ids, tok = make_tokenizer(cfg, problems, out)
     args = tiny_model_args(cfg.family, tok, ids, **cfg.shape())
+    if args.block_causal:  # config.json records the block it was trained with (SDAR's block_size)
+        args = replace(args, trained_block_length=cfg.block_length)
     prompts, answers = encode(hf_tok, problems, cfg.gen_length, args.eos_token_id)
 
     lengths = (answers != args.eos_token_id).sum(1).tolist()

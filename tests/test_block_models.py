@@ -79,13 +79,14 @@ def test_sdar_4b_config_reads_as_the_published_model():
     # The Hub's copy of the same config.json lacks block_size and mask_token_id.
     hub = {k: v for k, v in SDAR_4B.items() if k not in ("block_size", "mask_token_id")}
     assert sdar.args_from_config(hub) == args
+    assert args.trained_block_length == 4 and sdar.args_from_config({**SDAR_4B, "block_size": 8}).trained_block_length == 8
 
 
 @pytest.mark.parametrize("cfg, n_keys", [(FAST_7B, 339), (FAST_1_5B, 338)], ids=["7b", "1.5b_tied"])
 def test_fast_dllm_v2_config_reads_as_the_published_model(cfg, n_keys):
     args = fast_dllm_v2.args_from_config(cfg)
     assert (args.n_layers, args.head_dim, args.ffn_dim) == (28, 128, cfg["intermediate_size"])
-    assert args.qkv_bias and args.block_causal and not args.qk_norm
+    assert args.qkv_bias and args.block_causal and not args.qk_norm and args.trained_block_length == 32
     assert args.tie_embeddings == cfg["tie_word_embeddings"]
     assert (args.logit_shift, args.rope_theta, args.norm_eps) == (1, 1e6, 1e-6)
     assert (args.mask_token_id, args.eos_token_id, args.pad_token_id) == (151665, 151645, 151643)
@@ -282,6 +283,38 @@ def test_tiny_preset_builds_its_checkpoint(family, monkeypatch, tmp_path):
     assert net.args.family == family and net.args.block_causal
     assert tokenizer.mask_token_id == net.args.mask_token_id
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny_{family}-v1"]
+
+
+@pytest.mark.parametrize("path, block_length, warned", [
+    (None, 4, False),  # the random-weight checkpoint, not yet built: BASE_ARGS's block
+    (None, 8, True),
+    ("folder", 8, False),  # config.json's block_size 8 (written below) is what counts
+    ("folder", 4, True),
+])
+def test_a_block_other_than_the_trained_one_is_warned_of(tiny, tmp_path, caplog, path, block_length, warned):
+    """decoding.block_length against the checkpoint's trained block, before any weight is read."""
+    from dllm.pipeline import check_checkpoint, plan_run
+
+    folder = tmp_path / "sdar_block8"
+    shutil.copytree(tiny["sdar"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "block_size": 8}))
+    model = "model=tiny_sdar_random" + (f" model.path={folder}" if path else "")
+    run = compose(*model.split(), "decoding=block_diffusion", f"decoding.block_length={block_length}",
+                  f"decoding.steps={block_length}", "gen_length=16")
+    with caplog.at_level("WARNING", logger="dllm.pipeline"):
+        check_checkpoint(run, plan_run(run))
+    trained = 8 if path else 4
+    message = f"decoding.block_length={block_length}, but the model was trained with blocks of {trained}"
+    assert (message in caplog.text) == warned
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 0), ("block_size", "4"), ("bd_size", -32)])
+def test_a_bad_trained_block_in_config_json_is_refused(field, value):
+    from dllm.models.loading import check_config_values
+
+    with pytest.raises(ValueError, match=f"{field}={value!r} must be an integer >= 1"):
+        check_config_values({field: value})
 
 
 # ------------------------------------------------------------------ block-causal attention

@@ -44,6 +44,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
         pad_token_id=ENDOFTEXT if cfg.get("bos_token_id") is None else cfg["bos_token_id"],  # null: the same token
         logit_shift=1,
         block_causal=True,
+        trained_block_length=cfg.get("bd_size") or BD_SIZE,
     )
 
 
@@ -69,7 +70,7 @@ def config_from_args(args: ModelArgs) -> dict:
         "eos_token_id": args.eos_token_id,
         "pad_token_id": args.eos_token_id,
         "mask_token_id": args.mask_token_id,
-        "bd_size": BD_SIZE,
+        "bd_size": args.trained_block_length or BD_SIZE,
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": args.n_layers,

@@ -24,6 +24,7 @@ from .transformer import ModelArgs
 
 MODEL_TYPE = "llada2_moe"
 MASK_TOKEN_ID, EOS_TOKEN_ID = 156895, 156892
+BLOCK_LENGTH = 32  # generate()'s block_length, the block LLaDA2.0 was trained with (not in config.json)
 QKV = ("layers.{i}.attn.wq.weight", "layers.{i}.attn.wk.weight", "layers.{i}.attn.wv.weight")
 
 # (checkpoint key, native key); a tuple of native keys: the checkpoint tensor is theirs concatenated
@@ -121,6 +122,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
         explicit_head_dim=head_dim,
         explicit_rotary_dim=rotary_dim,
         block_causal=True,
+        trained_block_length=BLOCK_LENGTH,
         router_score="sigmoid",
         n_expert_groups=cfg.get("n_group", 8),
         topk_expert_groups=cfg.get("topk_group", 4),

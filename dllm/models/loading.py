@@ -87,7 +87,7 @@ INTEGER_FIELDS = {
                      "n_kv_heads", "num_key_value_heads", "head_dim", "mlp_hidden_size", "intermediate_size",
                      "moe_intermediate_size", "expert_intermediate_size", "vocab_size", "embedding_size",
                      "max_sequence_length", "max_position_embeddings", "num_experts", "num_experts_per_tok",
-                     "n_group", "topk_group"), 1),
+                     "n_group", "topk_group", "block_size", "bd_size"), 1),
     **dict.fromkeys(("first_k_dense_replace", "num_shared_experts", "mask_token_id", "pad_token_id",
                      "bos_token_id", "eos_token_id"), 0),
 }

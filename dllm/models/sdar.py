@@ -71,6 +71,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
         qk_norm=True,
         explicit_head_dim=cfg.get("head_dim") or 0,
         block_causal=True,
+        trained_block_length=cfg.get("block_size") or BLOCK_SIZE,  # absent from the Hub's copies
     )
 
 
@@ -100,7 +101,7 @@ def config_from_args(args: ModelArgs) -> dict:
         "attention_dropout": 0.0,
         "bos_token_id": args.pad_token_id,
         "eos_token_id": args.pad_token_id,
-        "block_size": BLOCK_SIZE,
+        "block_size": args.trained_block_length or BLOCK_SIZE,
         "mask_token_id": args.mask_token_id,
         "use_sliding_window": False,
         "sliding_window": None,

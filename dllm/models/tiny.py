@@ -164,12 +164,12 @@ BASE_ARGS = {
     "llada_moe": dict(rope_theta=50000.0, norm_eps=1e-5, qkv_bias=False, max_seq_len=8192, logit_shift=0,
                       qk_norm=True),
     "sdar": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, max_seq_len=32768, logit_shift=0,
-                 qk_norm=True, block_causal=True),
+                 qk_norm=True, block_causal=True, trained_block_length=4),
     "fast_dllm_v2": dict(rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, max_seq_len=32768, logit_shift=1,
-                         block_causal=True),
+                         block_causal=True, trained_block_length=32),
     "llada2": dict(rope_theta=600000.0, norm_eps=1e-6, qkv_bias=False, max_seq_len=32768, logit_shift=0,
-                   qk_norm=True, block_causal=True, router_score="sigmoid", norm_topk_prob=True,
-                   routed_scaling_factor=2.5, n_shared_experts=1, n_dense_layers=1),
+                   qk_norm=True, block_causal=True, trained_block_length=32, router_score="sigmoid",
+                   norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1, n_dense_layers=1),
 }
 DEFAULT_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 # LLaDA-MoE: 8 narrow experts, 2 per token (the real one: 64 experts of 1024, 8 per token, d 2048).

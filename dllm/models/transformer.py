@@ -67,6 +67,10 @@ class ModelArgs:
     # Block diffusion (SDAR, Fast-dLLM v2, LLaDA2.0): attention is bidirectional inside a block of
     # the decoder's block_length and causal across blocks, so finished blocks have exact K/V.
     block_causal: bool = False
+    # The block a block-causal checkpoint was trained with (SDAR config.json block_size 4, Fast-dLLM v2
+    # bd_size 32, LLaDA2.0 generate()'s 32); 0: not known. A decoder may run another (the authors' code
+    # lets it), which changes the attention the model was trained on, so a run that does is warned.
+    trained_block_length: int = 0
 
     @property
     def head_dim(self) -> int:

@@ -75,7 +75,7 @@ class Registry(Generic[T]):
 
 # What a value of each plain annotated type must be; values of other annotations are the class's to check
 # (text parameters too: a class names their allowed values, which says more than "a string").
-_EXPECTED = {int: "an integer", float: "a number (not nan)", bool: "true or false", type(None): "null"}
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
 
 
 def _type_problem(value, hint) -> str | None:
@@ -97,4 +97,7 @@ def _type_problem(value, hint) -> str | None:
         fits = float in allowed and not math.isnan(value)
     else:
         fits = False
-    return None if fits else " or ".join(_EXPECTED[t] for t in _EXPECTED if t in allowed)
+    if fits:
+        return None
+    expected = " or ".join(_EXPECTED[t] for t in _EXPECTED if t in allowed)
+    return expected + (" (not nan)" if isinstance(value, float) and math.isnan(value) else "")

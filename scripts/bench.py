@@ -367,9 +367,13 @@ def check_runs(args: argparse.Namespace) -> None:
     runs = [(method, *methods_of(args.preset)[method]) for method in args.methods]
     runs += [("none", {}, name, SAMPLERS[name]) for name in args.samplers]
     for method, cache_params, decoding, dparams in runs:
-        decoder = decoder_of(decoding, dparams, args.steps, args.gen_length)
-        decoder.check(args.gen_length)
-        build_cache(method, **cache_params).check(decoder)
+        try:
+            decoder = decoder_of(decoding, dparams, args.steps, args.gen_length)
+            decoder.check(args.gen_length)
+            build_cache(method, **cache_params).check(decoder)
+        except ValueError as error:  # its text names run.py's settings, which these flags set here
+            raise ValueError(f"cache={method} decoding={decoding} with --steps={args.steps} --gen-length="
+                             f"{args.gen_length}: {error}") from error
 
 
 def compile_mode_for(device: torch.device) -> str:

@@ -71,6 +71,7 @@ CASES = [
     (["decoding.steps=2.5"], r"decoding\.steps=2\.5 must be an integer"),
     (["decoding.block_length=abc"], r"decoding\.block_length='abc' must be an integer or null"),
     (["decoding.temperature=nan"], r"decoding\.temperature=nan must be a number \(not nan\)"),
+    (["decoding.temperature=abc"], r"decoding\.temperature='abc' must be a number$"),
     (["decoding.temperature=inf"], r"decoding\.temperature=inf must be a finite number >= 0"),
     (["decoding.cfg_scale=nan"], r"decoding\.cfg_scale=nan must be a number in \[0, 10000\]"),
     (["decoding.cfg_scale=1e300"], r"decoding\.cfg_scale=1e\+300 must be a number in \[0, 10000\]"),

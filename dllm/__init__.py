@@ -3,6 +3,9 @@ from pathlib import Path
 
 #: The checkout the package runs from (editable install): git metadata, committed assets.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Seeds are 0 ... SEED_BOUND - 1 in run.py and every script: lm-eval seeds numpy with the seed, which
+#: takes no more (torch's generators take less than 2**64).
+SEED_BOUND = 2**32
 
 
 def _register_config_resolvers() -> None:

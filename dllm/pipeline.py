@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dllm import REPO_ROOT
+from dllm import REPO_ROOT, SEED_BOUND
 from dllm.cache.base import CacheMethod, build_cache
 from dllm.decoding.base import Decoder, build_decoder
 from dllm.decoding.loop import check_block_causal, check_guidance
@@ -117,8 +117,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     for key in ("prompt", "prompts_file"):
         if cfg.task.name != "generate" and (value := OmegaConf.select(cfg, key)) is not None:
             raise ValueError(f"{key}={value!r} applies to task=generate only (task={cfg.task.name} reads its own data)")
-    # lm-eval seeds numpy with the seed, which takes 0 ... 2**32 - 1 (torch's generators take less than 2**64)
-    integer_setting(cfg, "seed", 0, below=2**32)
+    integer_setting(cfg, "seed", 0, below=SEED_BOUND)
     for key, minimum in (("batch_size", 1), ("gen_length", 1), ("timing.repeats", 1)):
         integer_setting(cfg, key, minimum)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")

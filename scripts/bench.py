@@ -85,6 +85,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dllm import SEED_BOUND  # noqa: E402
 from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
@@ -321,8 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--repeats={args.repeats} must be >= 1")
     if args.time_budget is not None and not args.time_budget >= 0:
         ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
-    if not 0 <= args.seed < 2**32:  # run.py's range
-        ap.error(f"--seed={args.seed} must be from 0 to {2**32 - 1}")
+    if not 0 <= args.seed < SEED_BOUND:
+        ap.error(f"--seed={args.seed} must be from 0 to {SEED_BOUND - 1}")
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps={args.steps} must be >= 1")
     if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
@@ -345,9 +346,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
     try:
+        check_runs(args)
+    except ValueError as error:  # its text names run.py's settings, which these flags set here
+        ap.error(f"--steps={args.steps} --gen-length={args.gen_length}: {error}")
+    try:
         if args.compile:
             check_torch_version()
-        check_runs(args)
         if args.json is not None:  # last: a refused command makes no folder; before the work, which it would lose
             make_out_folder(args.json.parent, "--json")
     except ValueError as error:
@@ -371,9 +375,8 @@ def check_runs(args: argparse.Namespace) -> None:
             decoder = decoder_of(decoding, dparams, args.steps, args.gen_length)
             decoder.check(args.gen_length)
             build_cache(method, **cache_params).check(decoder)
-        except ValueError as error:  # its text names run.py's settings, which these flags set here
-            raise ValueError(f"cache={method} decoding={decoding} with --steps={args.steps} --gen-length="
-                             f"{args.gen_length}: {error}") from error
+        except ValueError as error:
+            raise ValueError(f"cache={method} decoding={decoding}: {error}") from error
 
 
 def compile_mode_for(device: torch.device) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
 
+from dllm import SEED_BOUND  # noqa: E402
 from dllm.atomic import make_out_folder  # noqa: E402
 from dllm.models.tiny import SPECIALS, make_tiny_checkpoint  # noqa: E402
 
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.shard_bytes < 1:
         parser.error(f"--shard-bytes={args.shard_bytes} must be >= 1")
-    if not 0 <= args.seed < 2**32:  # run.py's range (torch's generators take less than 2**64)
-        parser.error(f"--seed={args.seed} must be from 0 to {2**32 - 1}")
+    if not 0 <= args.seed < SEED_BOUND:
+        parser.error(f"--seed={args.seed} must be from 0 to {SEED_BOUND - 1}")
     try:
         make_out_folder(args.out)
     except ValueError as error:

@@ -213,7 +213,7 @@ def test_batch_size_options():
     # a decoding setting the timed run refuses, which a 32-token warm-up would not have shown
     (["--methods", "prefix", "--gen-length", "40"], "gen_length=40 is not divisible by block_length=32"),
     (["--methods", "", "--samplers", "ar", "--steps", "7"],  # named as the bench's flags set it
-     "cache=none decoding=ar with --steps=7 --gen-length=32: decoding.steps=7 must equal gen_length=32"),
+     "--steps=7 --gen-length=32: cache=none decoding=ar: decoding.steps=7 must equal gen_length=32"),
     (["--gen-length", "64", "--steps", "3"], "steps=3 is not divisible by the number of blocks"),
     (["--steps", "100"], "steps per block (100) exceed block_length=32"),
     (["--steps", "-1"], "--steps=-1 must be >= 1"), (["--threads", "0"], "--threads=0 must be from 1 to"),

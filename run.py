@@ -1,5 +1,6 @@
 """Entry point: compose the Hydra config and hand it to the pipeline."""
 import os
+import re
 import sys
 
 import hydra
@@ -21,7 +22,12 @@ def quote_free_text(argv: list[str]) -> list[str]:
         key = next((k for k in FREE_TEXT_KEYS if arg.startswith(k)), None)
         value = arg[len(key):] if key else ""
         if key and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
-            arg = key + "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            # Literal text. OmegaConf reads "${" as an interpolation unless escaped as "\${" (the backslashes
+            # before it doubled); Hydra's quoted string reads backslashes only before a quote (its
+            # closing one included), doubled there, and the quote itself as \'.
+            value = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
+            value = re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+            arg = key + "'" + value + "'"
         quoted.append(arg)
     return quoted
 

@@ -67,6 +67,8 @@ NUMERIC = [  # the table keys stay text (as written in the CSV): they only group
     "latency_s_mean", "latency_s_p50", "nfe", "tokens_per_forward", "recompute_ratio", "ideal_speedup",
     "throughput_useful_tok_s_std", "throughput_all_tok_s_std",  # absent in older CSVs; empty for one timing
 ]
+# lm-eval's metrics here are fractions (exact match, pass@1, accuracy), and so are their stderrs.
+FRACTIONS = ["accuracy", "accuracy_stderr"]
 # Where rows of one table still share a label after their cache / decoding parameters: what else
 # can tell two runs of one method apart (checkpoint of the same preset, scoring rule...).
 IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring"]
@@ -123,21 +125,21 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: not a CSV ({str(err).splitlines()[0]})") from None
 
 
-def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str]) -> None:
+def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str], upper: float = math.inf) -> None:
     """ValueError naming the first cell of ``columns`` (those present) that is neither empty nor a
-    finite number >= 0: run.py writes a value it does not know as an empty cell and none of these
-    can be negative, so anything else is a damaged or hand-edited file, which would otherwise be
-    shown as "–" or break a figure."""
+    finite number >= 0 (and <= ``upper``, when given): run.py writes a value it does not know as an
+    empty cell and none of these can be negative, so anything else is a damaged or hand-edited file,
+    which would otherwise be shown as "–" or break a figure."""
     for column in [c for c in columns if c in rows]:
         values = pd.to_numeric(rows[column], errors="coerce")
-        bad = (rows[column] != "") & ~((values >= 0) & (values < math.inf))
+        bad = (rows[column] != "") & ~((values >= 0) & (values <= upper) & (values < math.inf))
         if bad.any():
             index = bad.idxmax()  # the first bad row: the index counts the CSV's rows
             row = rows.loc[index]
             who = ", ".join(f"{c}={row[c]}" for c in ("source", "model", "method", "cache", "decoding", "started_at")
                             if c in rows and row[c])
-            raise ValueError(f"{path}: row {index + 1} ({who}): {column}={row[column]!r} "
-                             "(allowed: a finite number >= 0, or an empty cell)")
+            allowed = "a finite number >= 0" if upper == math.inf else f"a number from 0 to {upper:g}"
+            raise ValueError(f"{path}: row {index + 1} ({who}): {column}={row[column]!r} (allowed: {allowed}, or an empty cell)")
 
 
 def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
@@ -160,6 +162,7 @@ def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
         if raw.empty:
             raise ValueError(f"--experiment {experiment!r}: no ok row of it in {path} (experiments there: {known})")
     check_numbers(path, raw, NUMERIC)
+    check_numbers(path, raw, FRACTIONS, upper=1)
     raw["key"] = [record_key(r) for r in raw.to_dict("records")]
     raw = raw.sort_values("started_at").drop_duplicates("key", keep="last")
     runs = raw.copy()
@@ -338,8 +341,11 @@ def _speedup(row: dict, base: dict | None) -> tuple[float | None, float | None, 
         return None, None, ""
     if base is row:  # the baseline itself: 1 by definition, whatever its timing spread
         return 1.0, None, ""
+    throughput, base_throughput = _num(row.get("throughput_all_tok_s")), _num(base.get("throughput_all_tok_s"))
+    if not throughput or not base_throughput:  # not recorded (an older or hand-made CSV), or 0
+        return None, None, ""
     # Same samples, same gen_length: the ratio of generation times (all-token throughputs).
-    speedup = row["throughput_all_tok_s"] / base["throughput_all_tok_s"]
+    speedup = throughput / base_throughput
     spreads = {"throughput": _relative_std(row), "baseline throughput": _relative_std(base)}
     known = [s for s in spreads.values() if s is not None]
     # Independent timings: the relative stds of a ratio add in quadrature.
@@ -659,11 +665,14 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
 
 
+# Characters of plain text that LaTeX reads as markup (a model, task or hardware name in a caption may hold any).
+LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+              "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "±": r"$\pm$"}
+
+
 def _latex_text(text: str) -> str:
     """Plain text (a caption, a note) as LaTeX."""
-    for plain, latex in (("_", r"\_"), ("%", r"\%"), ("×", r"$\times$"), ("±", r"$\pm$")):
-        text = text.replace(plain, latex)
-    return text
+    return "".join(LATEX_TEXT.get(char, char) for char in text)
 
 
 def to_latex(frame: pd.DataFrame, caption: str, label: str, note: str = "") -> str:

@@ -280,3 +280,12 @@ def test_a_task_whose_data_cannot_be_loaded_is_refused_before_the_model(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"task\.lm_eval_task='gsm8k': its data cannot be loaded .*HF_HOME"):
         run_eval(compose(f"results_csv={tmp_path / 'runs.csv'}", "task=gsm8k"))
+
+
+@pytest.mark.parametrize("text", ["Total: ${price} dollars", "${", "${oc.env:HOME}", "a\\b", "it's", "back\\${x}", "x\\",
+                                  "a\\\\b", "it\\'s", "q\\\\'z", "a\\\\${y}", "1+1=", 'say "hi"'])
+def test_free_text_is_taken_literally(text):
+    """prompt= reaches the config as typed: no OmegaConf interpolation, no Hydra escape read."""
+    from run import quote_free_text
+
+    assert compose("task=generate", *quote_free_text([f"prompt={text}"])).prompt == text

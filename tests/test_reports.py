@@ -460,6 +460,10 @@ def test_cells_that_are_not_numbers_are_refused_naming_column_row_and_value(tmp_
             line = refused(main, [csv, "--out", str(figures)], capsys)
             assert "runs.csv: row 2 (model=llada, cache=prefix, decoding=low_confidence, " in line, line
             assert f"{column}={value!r} (allowed: a finite number >= 0, or an empty cell)" in line
+    for column, value in (("accuracy", "5"), ("accuracy_stderr", "1.5")):  # lm-eval's metrics are fractions
+        rows = [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2, **{column: value})]
+        line = refused(aggregate.main, [str(write_csv(tmp_path / "runs.csv", rows))], capsys)
+        assert f"{column}={value!r} (allowed: a number from 0 to 1, or an empty cell)" in line
     csv = str(write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)]))
     published = pd.read_csv(PUBLISHED, dtype=str, keep_default_na=False)
     published.loc[3, "score"] = "n/a"
@@ -525,3 +529,20 @@ def test_aggregate_never_compares_across_dtypes_threads_or_processes(tmp_path):
                         "4-shot L=256 cpu float32 1 thread 2 processes", "4-shot L=256 cpu float32 2 threads"]
     (prefix,) = [t for _, t in tables if "prefix" in set(t["method"])]
     assert prefix.set_index("method").loc["prefix", "speedup"] == pytest.approx(3.0)  # over its own none only
+
+
+def test_a_speedup_without_both_throughputs_is_not_shown(tmp_path):
+    """A baseline throughput of 0 or a CSV without the column (hand-made, older): no speedup (shown as
+    "–"), not a crash."""
+    rows = [run_row("none", 10.0, 1.0, throughput_all_tok_s="0"), run_row("prefix", 30.0, 3.2)]
+    speedups = table_of(write_csv(tmp_path / "zero.csv", rows))["speedup"]
+    assert speedups["none"] == 1.0 and math.isnan(speedups["prefix"])
+    frame = pd.DataFrame([run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)]).drop(columns="throughput_all_tok_s")
+    frame.to_csv(tmp_path / "missing.csv", index=False)
+    speedups = table_of(tmp_path / "missing.csv")["speedup"]
+    assert speedups["none"] == 1.0 and math.isnan(speedups["prefix"])
+
+
+def test_latex_captions_escape_what_latex_reads_as_markup():
+    text = aggregate._latex_text(r"a_b%c&d#e$f{g}\h~i^j × ±")
+    assert text == (r"a\_b\%c\&d\#e\$f\{g\}\textbackslash{}h\textasciitilde{}i\textasciicircum{}j $\times$ $\pm$")

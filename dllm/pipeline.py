@@ -43,13 +43,16 @@ def resolve_threads(value) -> int:
     """``threads``: an integer >= 1, or ``auto``: $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK (the
     cores a job was given), else torch's default. torch's default takes every core it sees, which
     on a machine shared with other work (or a SLURM job given fewer cores) oversubscribes them."""
+    cores = os.cpu_count() or 1
     if value == "auto":
         for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
             text = os.environ.get(variable, "")
             if text.isdigit() and int(text) >= 1:
+                if int(text) > cores:  # as threads=N: more threads than cores only contend for them
+                    raise ValueError(f"threads=auto takes ${variable}={text}, more than this machine's {cores} cores "
+                                     f"(allowed: 1 to {cores}; or set threads)")
                 return int(text)
         return torch.get_num_threads()
-    cores = os.cpu_count() or 1
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cores:
         raise ValueError(f"threads={value!r} must be auto or an integer from 1 to {cores} (this machine's cores)")
     return value
@@ -168,9 +171,10 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     of at least one token before ``gen_length`` generated ones, and suits the cache method; a
     local folder's safetensors headers match it (a Hub checkpoint's shards: when fetched, at load)."""
     from dllm.models.loading import local_folder, model_args, plan_loading
-    from dllm.models.tiny import BASE_ARGS
+    from dllm.models.tiny import BASE_ARGS, cache_root
 
     if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
+        cache_root()  # where it is built: a folder
         base = BASE_ARGS[cfg.model.family]
         check_model_fit(plan, base["logit_shift"], base.get("block_causal", False),
                         trained_block_length=base.get("trained_block_length", 0))
@@ -316,9 +320,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
                              "(allowed: a non-empty list of texts, task.prompts='[What is 7 * 6?]')")
         prompts = list(cfg.task.prompts)
     else:
-        path = Path(str(cfg.prompts_file))
-        if not path.is_file():
-            raise ValueError(f"prompts_file={str(path)!r} does not exist")
+        given = str(cfg.prompts_file)
+        path = Path(given)
+        if not given.strip() or not path.is_file():
+            why = ("is empty" if not given.strip() else "is a folder" if path.is_dir()
+                   else "is not a regular file" if path.exists() else "does not exist")
+            raise ValueError(f"prompts_file={given!r} {why} (allowed: a jsonl file, one {{\"prompt\": ...}} per line)")
         prompts = read_prompts_file(path)
         if not prompts:
             raise ValueError(f"prompts_file={str(path)!r} holds no prompts")

@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--batch-sizes={text!r}: give comma-separated integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         ap.error(f"--batch-sizes={text!r}: give integers >= 1")
+    if not 0 <= args.seed < bench.SEED_BOUND:  # run.py's and bench.py's range
+        ap.error(f"--seed={args.seed} must be from 0 to {bench.SEED_BOUND - 1}")
     # >= 0 as in bench.py (NaN never runs out), and finite: the JSON records it, and inf is not strict JSON
     if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
         ap.error(f"--time-budget={args.time_budget}: give a finite number of seconds >= 0")

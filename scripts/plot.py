@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.csv and not args.trace and not args.bench_json:
         parser.error("give a results CSV, --bench-json, --trace, or several")
+    for flag, value in (("--published", args.published), ("--experiment", args.experiment)):
+        if value is not None and not args.csv:  # they only filter and fade a results CSV's points
+            parser.error(f"{flag} {value!r} applies to a results CSV's figure: give the CSV too")
     written = []
     try:  # every input read and checked before the first figure is drawn
         if args.csv:

@@ -117,7 +117,10 @@ CASES = [
     (["task=generate", "task.prompts=[]"], r"task\.prompts=\[\] \(allowed: a non-empty list of texts"),
     (["task=generate", "prompts_file={binary_prompts}"], r"prompts_file='.*prompts\.jsonl' is not UTF-8 text"),
     (["task=generate", "prompts_file=[a,b]"], r"prompts_file=\['a', 'b'\] must be a text"),
-    (["task=generate", "prompts_file=5"], r"prompts_file='5' does not exist"),
+    (["task=generate", "prompts_file=5"], r"prompts_file='5' does not exist \(allowed: a jsonl file"),
+    (["task=generate", "prompts_file="], r"prompts_file='' is empty"),
+    (["task=generate", "prompts_file=/dev/null"], r"prompts_file='/dev/null' is not a regular file"),
+    (["task=generate", "prompts_file=/"], r"prompts_file='/' is a folder"),
     (["task=gsm8k_local", "task.n_shot=100000"], r"task\.n_shot=100000: lm-eval task 'gsm8k_local' has 8 few-shot "
                                                  r"examples \(allowed: 0 \.\.\. 8\)"),
     # a group (MMLU): its subtasks' shots, the results they share
@@ -181,7 +184,7 @@ def test_a_bad_debug_value_is_one_line_too(tmp_path):
     assert done.stderr.startswith("error: debug='maybe' must be true or false")
 
 
-@pytest.mark.parametrize("problem", ["read-only folder", "foreign csv", "cut csv"])
+@pytest.mark.parametrize("problem", ["read-only folder", "foreign csv", "cut csv", "lock is a folder"])
 def test_a_results_csv_that_cannot_take_the_row_is_refused_first(no_model, tmp_path, monkeypatch, problem):
     """Checked before the model loads, not after the whole run."""
     from dllm.pipeline import run
@@ -198,6 +201,8 @@ def test_a_results_csv_that_cannot_take_the_row_is_refused_first(no_model, tmp_p
             csv_path.chmod(0o444)
     elif problem == "foreign csv":
         csv_path.write_text("name,score\nx,1\n")
+    elif problem == "lock is a folder":  # FileLock would fail on it after the run
+        (folder / "runs.csv.lock").mkdir()
     else:
         csv_path.write_text('run_id,model,cache,decoding,task,status\n1,m,c,d,t,"ok\n')
     before = csv_path.read_bytes() if csv_path.exists() else None
@@ -289,3 +294,29 @@ def test_free_text_is_taken_literally(text):
     from run import quote_free_text
 
     assert compose("task=generate", *quote_free_text([f"prompt={text}"])).prompt == text
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_refused_before_the_model_loads(no_model, tmp_path, monkeypatch):
+    """logger.wandb.mode=null takes $WANDB_MODE, which the sink would refuse only after the run."""
+    from dllm.pipeline import run
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(f"results_csv={tmp_path / 'runs.csv'}", "logger=wandb")
+    with pytest.raises(ValueError, match=r"\$WANDB_MODE='bogus', which logger\.wandb\.mode=null uses \(allowed: online"):
+        run(cfg)
+    # a mode set in the config wins over the environment: the run goes on to load the model
+    cfg = compose(f"results_csv={tmp_path / 'runs.csv'}", "logger=wandb", "logger.wandb.mode=offline")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run(cfg)
+
+
+def test_a_tiny_model_cache_that_is_a_file_is_refused_before_the_model_loads(no_model, tmp_path, monkeypatch):
+    from dllm.pipeline import run
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    for cache in ("file", "file/below"):
+        monkeypatch.setenv("DLLM_CACHE", str(tmp_path / cache))
+        with pytest.raises(ValueError, match=r"\$DLLM_CACHE=.*/file.* is, or lies under, a file \(allowed: a folder"):
+            run(compose(f"results_csv={tmp_path / 'runs.csv'}", "model=tiny_llada_random"))

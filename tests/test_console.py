@@ -42,11 +42,15 @@ def test_threads_auto_follows_the_job(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     assert resolve_threads("auto") == torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert resolve_threads("auto") == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert resolve_threads("auto") == 2 and resolve_threads(5) == 5 and resolve_threads(8) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # the environment is held to the cores as threads=N is
+    with pytest.raises(ValueError, match=r"threads=auto takes \$OMP_NUM_THREADS=64, more than this machine's 8 cores"):
+        resolve_threads("auto")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     for bad in (0, "many", 1.5, True, 9, 100000):  # more threads than cores: oversubscribed (or no memory to start)
         with pytest.raises(ValueError, match=r"threads=.* must be auto or an integer from 1 to 8 \(this machine's cores\)"):
             resolve_threads(bad)

@@ -361,6 +361,9 @@ def test_aggregate_refuses_bad_input_before_printing_or_writing(bad_inputs, tmp_
         ([f["no_experiment"], "--experiment", "a"], "--experiment 'a': " + f["no_experiment"] + " has no experiment column"),
         ([f["good"], "--published", f["wrong"]], "wrong.csv lacks columns ['method', 'model', 'score'"),
         ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
+        (["--bench-json", str(tmp_path / "text.json"), "--published", f["missing"]],  # no CSV to fade them beside
+         "--published '" + f["missing"] + "' applies to a results CSV's figure: give the CSV too"),
+        (["--trace", "--experiment", "x"], "--experiment 'x' applies to a results CSV's figure"),
         ([f["good"], "--out", f["file"]], f"--out {f['file']}: {f['file']} is a file, not a folder"),
         ([f["good"], "--out", f["file"] + "/tables"], f"{f['file']} is a file, not a folder"),
     ]
@@ -391,6 +394,9 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
         ([f["wrong"]], "wrong.csv is not a results CSV (missing columns"),
         ([f["no_accuracy"]], "no_accuracy.csv: no ok row has both an accuracy and a throughput: nothing to plot"),
         ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
+        (["--bench-json", str(tmp_path / "text.json"), "--published", f["missing"]],  # no CSV to fade them beside
+         "--published '" + f["missing"] + "' applies to a results CSV's figure: give the CSV too"),
+        (["--trace", "--experiment", "x"], "--experiment 'x' applies to a results CSV's figure"),
         (["--bench-json", str(tmp_path / "text.json")], "text.json: not JSON (Expecting value: line 1 column 1"),
         (["--bench-json", str(tmp_path / "empty.json")], "empty.json: not a list of scripts/bench.py rows"),
         (["--bench-json", str(tmp_path / "object.json")], "object.json: not a list of scripts/bench.py rows"),

@@ -162,6 +162,9 @@ def check_logger(cfg: DictConfig) -> dict | None:
     mode = settings.get("mode")
     if mode is not None and mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} (allowed: null (= $WANDB_MODE or offline), {', '.join(WANDB_MODES)})")
+    if mode is None and os.environ.get("WANDB_MODE") and os.environ["WANDB_MODE"] not in WANDB_MODES:
+        raise ValueError(f"$WANDB_MODE={os.environ['WANDB_MODE']!r}, which logger.wandb.mode=null uses (allowed: "
+                         f"{', '.join(WANDB_MODES)}; or set logger.wandb.mode)")
     if not settings.get("project") or not isinstance(settings["project"], str):
         raise ValueError(f"logger.wandb.project={settings.get('project')!r} must be a non-empty text")
     for key in ("entity", "group"):

@@ -171,6 +171,10 @@ def check_results_csv(path: str | os.PathLike) -> None:
         raise ResultsCsvError(f"{path}: cannot create its folder ({why}). Fix: set results_csv to another file")
     if existing == path.parent:
         _checked_text(path)
+    lock = Path(f"{path}.lock")
+    if lock.exists() and not lock.is_file():  # FileLock opens it as a file
+        raise ResultsCsvError(f"{lock}: the lock file of results_csv is not a file. Fix: remove it, or set "
+                              "results_csv to another file")
 
 
 def repair_results_csv(path: str | os.PathLike) -> tuple[int, int]:

@@ -341,14 +341,26 @@ def _add_generation_config(family: str, folder: Path) -> None:
         pass
 
 
+def cache_root() -> Path:
+    """Where the random-weight tiny checkpoints are built: $DLLM_CACHE, else ~/.cache/dllm-cache-bench.
+    ValueError where that path (or a folder above it) is a file, found before a run loads anything."""
+    variable = os.environ.get("DLLM_CACHE")
+    root = Path(variable or Path.home() / ".cache" / "dllm-cache-bench")
+    if any(p.exists() and not p.is_dir() for p in (root, *root.parents)):
+        where = f"$DLLM_CACHE={variable!r}" if variable else f"the tiny models' cache {str(root)!r}"
+        raise ValueError(f"{where} is, or lies under, a file (allowed: a folder, made if missing)")
+    return root
+
+
 def ensure_tiny(family: str, root: Path | None = None) -> Path:
-    """The cached default tiny checkpoint of ``family``, built on first use.
+    """The cached default tiny checkpoint of ``family``, built on first use (under :func:`cache_root`
+    unless ``root`` is given).
 
     The folder is built under a temporary name and renamed into place, so a concurrent process
     either sees no folder or a complete one.
     """
     if root is None:
-        root = Path(os.environ.get("DLLM_CACHE") or Path.home() / ".cache" / "dllm-cache-bench")
+        root = cache_root()
     final = Path(root) / f"tiny_{family}-{CACHE_VERSION}"
     if final.is_dir():
         _add_generation_config(family, final)

@@ -41,11 +41,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         raise
 
 
-def make_out_folder(name: str | os.PathLike, option: str = "--out") -> Path:
+def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple[str, ...] = ()) -> Path:
     """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
-    line, naming ``option``) where it cannot be made or written to. Scripts call it last among their
-    checks (a refused command makes nothing) and before their work: found unusable after the work,
-    the tables, figures or checkpoints would be lost."""
+    line, naming ``option``) where it cannot be made or written to, or where one of the ``files`` the
+    script writes there exists as something other than a regular file (a folder, a device), which
+    :func:`write_atomic` would refuse. Scripts call it last among their checks (a refused command
+    makes nothing) and before their work: found unusable after the work, the tables, figures or
+    checkpoints would be lost."""
     if not str(name).strip():  # Path('') is the current folder
         raise ValueError(f"{option} {str(name)!r}: give a folder to write to")
     out = Path(name)
@@ -61,4 +63,8 @@ def make_out_folder(name: str | os.PathLike, option: str = "--out") -> Path:
                          "can be made") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {out}: the folder is not writable")
+    for target in (out / file for file in files):
+        if target.exists() and not target.is_file():
+            raise ValueError(f"{option} {out}: {target.name} there is not a regular file (a folder, a device or a "
+                             "pipe); remove it or give another folder")
     return out

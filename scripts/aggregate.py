@@ -714,6 +714,7 @@ def render(tables: list[tuple[dict, pd.DataFrame]]) -> tuple[str, str, pd.DataFr
     return "\n".join(md), "\n".join(tex), summary
 
 
+OUT_FILES = ("tables.md", "tables.tex", "summary.csv")
 AUP_FILES = ("aup.md", "aup.tex", "aup.csv")
 
 
@@ -723,7 +724,7 @@ def write_outputs(md: str, tex: str, summary: pd.DataFrame, out: Path,
     .csv; without them, remove the AUP files an earlier run left in ``out`` (they would describe
     tables this tables.md lacks). Returns (paths written, paths removed)."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"tables.md": md, "tables.tex": tex, "summary.csv": summary.to_csv(index=False)}
+    files = dict(zip(OUT_FILES, (md, tex, summary.to_csv(index=False))))
     if aup_outputs is not None:
         aup_md, aup_tex, aup_rows = aup_outputs
         files.update(zip(AUP_FILES, (aup_md, aup_tex, aup_rows.to_csv(index=False))))
@@ -746,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.csv, args.experiment)
         published = load_published(args.published) if args.published else None
         if args.out is not None:
-            make_out_folder(args.out)
+            make_out_folder(args.out, files=OUT_FILES + AUP_FILES)
     except ValueError as err:
         parser.error(str(err))
     tables = build_tables(runs, published)

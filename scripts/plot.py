@@ -111,6 +111,10 @@ def _value(value) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+# The figures this script draws (each as .pdf and .png), as save() names them.
+FIGURES = ("accuracy_vs_throughput", "speedup", "batch_scaling", "recompute_map")
+
+
 def save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
@@ -510,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "e.g. --prompt 'What is 7 * 6?')")
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             trace = trace_runs(args.model, methods, args.gen_length, args.block_length, args.prompt)
-        out = make_out_folder(args.out)
+        out = make_out_folder(args.out, files=tuple(f"{name}.{kind}" for name in FIGURES for kind in ("pdf", "png")))
     except ValueError as err:
         parser.error(str(err))
     if args.csv:

@@ -6,6 +6,7 @@ and replace their files whole."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -361,9 +362,6 @@ def test_aggregate_refuses_bad_input_before_printing_or_writing(bad_inputs, tmp_
         ([f["no_experiment"], "--experiment", "a"], "--experiment 'a': " + f["no_experiment"] + " has no experiment column"),
         ([f["good"], "--published", f["wrong"]], "wrong.csv lacks columns ['method', 'model', 'score'"),
         ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
-        (["--bench-json", str(tmp_path / "text.json"), "--published", f["missing"]],  # no CSV to fade them beside
-         "--published '" + f["missing"] + "' applies to a results CSV's figure: give the CSV too"),
-        (["--trace", "--experiment", "x"], "--experiment 'x' applies to a results CSV's figure"),
         ([f["good"], "--out", f["file"]], f"--out {f['file']}: {f['file']} is a file, not a folder"),
         ([f["good"], "--out", f["file"] + "/tables"], f"{f['file']} is a file, not a folder"),
     ]
@@ -489,6 +487,20 @@ def test_an_out_folder_that_cannot_be_made_or_is_empty_is_refused_before_any_out
         line = refused(main, [csv, "--out", "/proc/nope/tables"], capsys)
         assert "--out /proc/nope/tables: cannot make the folder (No such file or directory)" in line
         assert "--out '': give a folder to write to" in refused(main, [csv, "--out", ""], capsys)
+    # a file the script writes there is a folder: found before the work, nothing written
+    for main, blocked in ((aggregate.main, "summary.csv"), (aggregate.main, "aup.tex"), (plot.main, "speedup.png")):
+        out = tmp_path / f"out_{blocked}"
+        (out / blocked).mkdir(parents=True)
+        line = refused(main, [csv, "--out", str(out)], capsys)
+        assert f"{blocked} there is not a regular file" in line and [p.name for p in out.iterdir()] == [blocked]
+
+
+def test_plot_names_every_figure_it_saves():
+    """make_out_folder checks plot.FIGURES' files up front: a figure saved under another name would not be."""
+    import plot
+
+    saved = set(re.findall(r'save\(fig, out, "(\w+)"\)', Path(plot.__file__).read_text()))
+    assert saved == set(plot.FIGURES)
 
 
 def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

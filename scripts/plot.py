@@ -308,6 +308,16 @@ def load_bench_rows(path: str) -> list[dict]:
     if missing:
         raise ValueError(f"--bench-json {path}: its rows lack {missing}; an older scripts/bench.py's JSON? "
                          "(run scripts/bench.py --batch-sizes ... --json again)")
+    for number, row in enumerate(rows, 1):  # what the figure reads, as bench.py writes it
+        problems = [f"{key}={row[key]!r} (allowed: a text)" for key in ("method", "decoding", "none_decoding")
+                    if not isinstance(row[key], str)]
+        if isinstance(row["batch_size"], bool) or not isinstance(row["batch_size"], int) or row["batch_size"] < 1:
+            problems.append(f"batch_size={row['batch_size']!r} (allowed: an integer >= 1)")
+        problems += [f"{key}={row[key]!r} (allowed: a finite number > 0)" for key in ("speedup", "tokens_per_s")
+                     if isinstance(row[key], bool) or not isinstance(row[key], (int, float))
+                     or not 0 < row[key] < math.inf]
+        if problems:
+            raise ValueError(f"--bench-json {path}: row {number}: {problems[0]}")
     return rows
 
 

@@ -5,6 +5,7 @@ compiled bench rows as separate lines. Both refuse bad input with one error line
 and replace their files whole."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -381,6 +382,9 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
     monkeypatch.setattr(plot, "recompute_maps", no_generation)
     f = {k: str(v) for k, v in bad_inputs.items()}
     jsons = {"text": "not json", "empty": "[]", "object": '{"a": 1}', "rows": '[{"method": "none"}]'}
+    good_row = json.loads((ROOT / "results" / "reference" / "bench_batch_cpu.json").read_text())[0]
+    for key, value in (("batch_size", "abc"), ("method", 5), ("speedup", None), ("tokens_per_s", "fast")):
+        jsons[f"bad_{key}"] = json.dumps([good_row, {**good_row, key: value}])
     for name, text in jsons.items():
         (tmp_path / f"{name}.json").write_text(text)
     figures = tmp_path / "figures"
@@ -399,6 +403,10 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
         (["--bench-json", str(tmp_path / "empty.json")], "empty.json: not a list of scripts/bench.py rows"),
         (["--bench-json", str(tmp_path / "object.json")], "object.json: not a list of scripts/bench.py rows"),
         (["--bench-json", str(tmp_path / "rows.json")], "rows.json: its rows lack ['batch_size', 'decoding'"),
+        (["--bench-json", str(tmp_path / "bad_batch_size.json")], "row 2: batch_size='abc' (allowed: an integer >= 1)"),
+        (["--bench-json", str(tmp_path / "bad_method.json")], "row 2: method=5 (allowed: a text)"),
+        (["--bench-json", str(tmp_path / "bad_speedup.json")], "row 2: speedup=None (allowed: a finite number > 0)"),
+        (["--bench-json", str(tmp_path / "bad_tokens_per_s.json")], "row 2: tokens_per_s='fast' (allowed: a finite"),
         # A single-batch bench JSON from before --batch-sizes.
         (["--bench-json", str(ROOT / "results" / "reference" / "bench_cpu.json")], "its rows lack ['none_decoding']"),
         # The CSV is fine, but no figure is drawn before the JSON is found missing.

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,7 +51,31 @@ def read_record(run_dir: Path) -> dict:
     unknown = [k for k in row if k not in columns and not k.startswith(tuple(f"{p}." for p in FLATTENED.values()))]
     if unknown:
         raise ValueError(f"--append {run_dir}: {metrics} has columns no run record has: {unknown}")
+    hints = typing.get_type_hints(RunRecord)
+    for key, value in row.items():
+        if key in hints and (problem := _value_problem(value, hints[key])):
+            raise ValueError(f"--append {run_dir}: {metrics}: {key}={value!r} (allowed: {problem})")
     return row
+
+
+def _value_problem(value, hint) -> str | None:
+    """What a record's ``value`` must be to be what its field ``hint`` says (str, bool, int, float
+    and unions with None), or None where it is; a hand-edited or damaged metrics.json is refused
+    rather than appended (aggregate.py would refuse the whole CSV for it)."""
+    allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if not allowed <= {str, int, float, bool, type(None)}:  # the dict fields are flattened into other columns
+        return None
+    if value is None:
+        fits = type(None) in allowed
+    elif isinstance(value, bool):
+        fits = bool in allowed
+    elif isinstance(value, (int, float)):
+        fits = (float in allowed or (int in allowed and isinstance(value, int))) and math.isfinite(value)
+    else:
+        fits = isinstance(value, str) and str in allowed
+    names = ((str, "a text"), (int, "an integer"), (float, "a finite number"), (bool, "true or false"),
+             (type(None), "null"))
+    return None if fits else " or ".join(name for kind, name in names if kind in allowed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -415,8 +415,17 @@ def test_repair_appends_a_record_left_in_its_run_folder(tmp_path):
     (partial / "metrics.json").write_text(json.dumps({"run_key": "zz3", "status": "ok"}))
     extra.mkdir()
     (extra / "metrics.json").write_text(json.dumps({**make_record(run_key="c" * 16).to_row(), "mine": 1}))
+    typed = {}
+    for key, value in (("accuracy", "abc"), ("n_shot", 1.5), ("compile", "yes"), ("model", 5)):  # hand-edited values
+        typed[key] = tmp_path / f"typed_{key}"
+        typed[key].mkdir()
+        (typed[key] / "metrics.json").write_text(json.dumps({**make_record(run_key="d" * 16).to_row(), key: value}))
     for folder, message in ((partial, "is not a whole run record (no run_id, model, cache, decoding, task)"),
-                            (extra, "has columns no run record has: ['mine']")):
+                            (extra, "has columns no run record has: ['mine']"),
+                            (typed["accuracy"], "accuracy='abc' (allowed: a finite number or null)"),
+                            (typed["n_shot"], "n_shot=1.5 (allowed: an integer or null)"),
+                            (typed["compile"], "compile='yes' (allowed: true or false or null)"),
+                            (typed["model"], "model=5 (allowed: a text)")):
         refused = subprocess.run([*append[:-1], str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert len(read_rows(path)) == 2

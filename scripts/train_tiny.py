@@ -31,9 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -224,9 +227,20 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> dict:
         raise ValueError(f"family={cfg.family!r} (allowed: llada, dream, sdar)")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     set_determinism(cfg)
+    # Written into a staging folder beside cfg.out and moved there whole at the end: a setting found
+    # impossible on the way (an answer longer than gen_length in this vocabulary) or a killed run
+    # leaves cfg.out as it was, never a new tokenizer beside old weights.
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        return _train(cfg, progress, on_step)
+        result = _train(replace(cfg, out=str(staging)), progress, on_step)
+        out.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+        return result
     finally:  # callers in the same process (tests) get their settings back
+        shutil.rmtree(staging, ignore_errors=True)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
@@ -406,7 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)  # the final evaluation too
     command = "python scripts/train_tiny.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ValueError as err:  # a setting that proves impossible once the tokenizer is learnt
+        print(f"train_tiny.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     out = Path(cfg.out)
     final = sum(result["losses"][-50:]) / len(result["losses"][-50:])
     plot_losses(result["losses"], out / "loss.png", f"tiny {cfg.family}: {cfg.steps} steps x {cfg.batch_size}")

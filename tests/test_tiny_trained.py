@@ -154,6 +154,21 @@ def test_bad_training_settings_are_refused_before_training(train_tiny, capsys, b
     assert train_tiny.parse_args(["--family", "llada", "--out", "x", "--head-init-from-embedding", "True"]).head_init_from_embedding
 
 
+def test_a_setting_found_impossible_after_the_tokenizer_leaves_the_out_folder_as_it_was(tmp_path, train_tiny, capsys):
+    """An answer longer than --gen-length shows only once the tokenizer is learnt; the checkpoint
+    already in --out keeps its files (a new tokenizer beside the old weights would load and run)."""
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(ROOT / "assets" / "tiny_llada", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        train_tiny.main(["--family", "llada", "--out", str(out), "--gen-length", "4", "--steps", "1", "--eval-n", "0"])
+    assert exit_.value.code == 2 and "an answer has" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging folder left
+
+
 def test_block_diffusion_training_learns_and_writes_a_block_causal_checkpoint(tmp_path, train_tiny):
     cfg = train_tiny.TrainConfig(
         family="sdar", out=str(tmp_path / "sdar"), steps=20, batch_size=8, warmup=5, train_size=400, dim=32,

@@ -259,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "cudagraph_skips)")
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode for --compile (default: reduce-overhead, i.e. "
                                            "CUDA graphs, on a GPU; default on CPU)")
-    ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
+    ap.add_argument("--json", help="write the rows as a JSON list here")
     ap.add_argument("--time-budget", type=float,
                     help="seconds after the start past which no further batch size starts (the JSON keeps those "
                          "done; for a machine lent for a few minutes)")
@@ -338,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = resolve_device(args.device or "auto")
     except ValueError as error:  # "device='meta' (allowed here: ['auto', 'cpu'])"
         ap.error(f"--{error}")
+    if args.json is not None and not args.json.strip():  # Path('') would be the current folder
+        ap.error(f"--json={args.json!r}: give a file to write the rows to")
+    args.json = None if args.json is None else Path(args.json)
     if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
         ap.error(f"--json={args.json}: not a file path in a folder")
     if args.json is not None and args.json.exists() and not args.json.is_file():  # /dev/null: write_atomic would replace it

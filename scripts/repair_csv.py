@@ -87,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         what = ("is a folder, not a results CSV" if path.is_dir() else "no such file" if not path.exists()
                 else "is not a regular file (a device or pipe), not a results CSV")
-        print(f"{path}: {what}", file=sys.stderr)
-        return 2
+        parser.error(f"{path}: {what}")
     try:
         row = None if args.append is None else read_record(args.append)
         kept, moved = repair_results_csv(path)
     except (ResultsCsvError, ValueError) as e:
-        print(e, file=sys.stderr)
-        return 2
+        parser.error(str(e))
     if moved:
         rejected = f"{path.resolve()}.rejected"  # beside the real file when path is a symlink
         print(f"{path}: header and rows before the first unreadable one kept (rows: {kept}); "

@@ -222,6 +222,7 @@ def test_batch_size_options():
     (["--seed", "18446744073709551616"], "--seed=18446744073709551616 must be from 0 to 4294967295"),
     (["--device", "foo"], "--device='foo'"), (["--compile", "--compile-mode", "foo"], "invalid choice: 'foo'"),
     (["--json", "."], "--json=.: not a file path in a folder"),
+    (["--json", ""], "--json='': give a file to write the rows to"),
     (["--json", "/proc/nope/x.json"], "--json /proc/nope: cannot make the folder"),
     (["--methods", "", "--samplers", ""], "nothing to compare with none"),
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),

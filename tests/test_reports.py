@@ -572,3 +572,16 @@ def test_a_speedup_without_both_throughputs_is_not_shown(tmp_path):
 def test_latex_captions_escape_what_latex_reads_as_markup():
     text = aggregate._latex_text(r"a_b%c&d#e$f{g}\h~i^j × ±")
     assert text == (r"a\_b\%c\&d\#e\$f\{g\}\textbackslash{}h\textasciitilde{}i\textasciicircum{}j $\times$ $\pm$")
+
+
+def test_a_cut_short_row_or_a_doubled_column_is_refused_not_dropped(tmp_path, capsys):
+    """pandas reads a row cut short by a crash with empty cells (its status is then not ok: the run
+    would vanish from the tables) and renames a second "accuracy" column "accuracy.1"."""
+    csv = write_csv(tmp_path / "runs.csv", [run_row("none", 10.0, 1.0), run_row("prefix", 30.0, 3.2)])
+    text = csv.read_text()
+    csv.write_text(text + text.splitlines()[-1][:40] + "\n")
+    line = refused(aggregate.main, [str(csv)], capsys)
+    assert "runs.csv: unreadable from line 4: a row of " in line and "fix: python scripts/repair_csv.py" in line
+    header, *rows = text.splitlines()
+    csv.write_text("\n".join([header.replace("accuracy_stderr", "accuracy"), *rows]) + "\n")
+    assert "its header names ['accuracy'] twice" in refused(aggregate.main, [str(csv)], capsys)

@@ -106,6 +106,13 @@ def _scan(text: str) -> _Scan:
         end, end_line = consumed, reader.line_num
 
 
+def unreadable_part(path: Path) -> str | None:
+    """Where the CSV file ``path`` stops being readable as :func:`append_csv` writes it ("line N: the
+    problem"), or None: pandas would drop or misread a row cut short there, as a crash can leave."""
+    scan = _scan(path.read_bytes().decode("utf-8", "surrogateescape"))
+    return f"line {scan.end_line + 1}: {scan.problem}" if scan.problem else None
+
+
 def _check_writable(path: Path) -> None:
     """``path`` is about to be replaced by a new file in its folder (and a lock file made there)."""
     folder = path.parent

@@ -43,7 +43,7 @@ class Registry(Generic[T]):
                 )
         hints = typing.get_type_hints(cls.__init__)
         for key, value in params.items():
-            if problem := _type_problem(value, hints.get(key)):
+            if problem := type_problem(value, hints.get(key)):
                 raise ValueError(f"{self.kind}={name}: {self.kind}.{key}={value!r} must be {problem}")
         try:
             return cls(**params)
@@ -75,17 +75,17 @@ class Registry(Generic[T]):
 
 # What a value of each plain annotated type must be; values of other annotations are the class's to check
 # (text parameters too: a class names their allowed values, which says more than "a string").
-_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+PARAMETER_TYPES = {int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
 
 
-def _type_problem(value, hint) -> str | None:
-    """What ``value`` must be to fit the parameter annotation ``hint`` (int, float, bool, and unions
-    of them with None), or None when it fits or the annotation is another kind. Config values
-    arrive untyped from the command line: ``steps=abc`` or ``k=true`` would otherwise fail deep in a
-    run, or run (true is the integer 1 in Python)."""
+def type_problem(value, hint, names: dict = PARAMETER_TYPES) -> str | None:
+    """What ``value`` must be to fit the annotation ``hint`` (a type of ``names``, or a union of them),
+    or None when it fits or the annotation is another kind. Config values arrive untyped from the
+    command line: ``steps=abc`` or ``k=true`` would otherwise fail deep in a run, or run (true is the
+    integer 1 in Python)."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = set(typing.get_args(hint)) if union else {hint}
-    if not allowed <= set(_EXPECTED):
+    if not allowed <= set(names):
         return None
     if value is None:
         fits = type(None) in allowed
@@ -96,8 +96,8 @@ def _type_problem(value, hint) -> str | None:
     elif isinstance(value, float):
         fits = float in allowed and not math.isnan(value)
     else:
-        fits = False
+        fits = isinstance(value, str) and str in allowed
     if fits:
         return None
-    expected = " or ".join(_EXPECTED[t] for t in _EXPECTED if t in allowed)
+    expected = " or ".join(names[t] for t in names if t in allowed)
     return expected + (" (not nan)" if isinstance(value, float) and math.isnan(value) else "")

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import sys
-import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from dllm.logging.record import FLATTENED, RunRecord, record_key  # noqa: E402
+from dllm.registry import PARAMETER_TYPES, type_problem  # noqa: E402
 from dllm.logging.sinks import ResultsCsvError, append_csv, existing_keys, repair_results_csv  # noqa: E402
 
 # What says which experiment a row is (every record has them); the dict fields are flattened into
@@ -59,23 +59,14 @@ def read_record(run_dir: Path) -> dict:
 
 
 def _value_problem(value, hint) -> str | None:
-    """What a record's ``value`` must be to be what its field ``hint`` says (str, bool, int, float
-    and unions with None), or None where it is; a hand-edited or damaged metrics.json is refused
-    rather than appended (aggregate.py would refuse the whole CSV for it)."""
-    allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
-    if not allowed <= {str, int, float, bool, type(None)}:  # the dict fields are flattened into other columns
-        return None
-    if value is None:
-        fits = type(None) in allowed
-    elif isinstance(value, bool):
-        fits = bool in allowed
-    elif isinstance(value, (int, float)):
-        fits = (float in allowed or (int in allowed and isinstance(value, int))) and math.isfinite(value)
-    else:
-        fits = isinstance(value, str) and str in allowed
-    names = ((str, "a text"), (int, "an integer"), (float, "a finite number"), (bool, "true or false"),
-             (type(None), "null"))
-    return None if fits else " or ".join(name for kind, name in names if kind in allowed)
+    """What a record's ``value`` must be to be what its field ``hint`` says, or None where it is: a
+    hand-edited or damaged metrics.json is refused rather than appended (aggregate.py would refuse
+    the whole CSV for it). The registry's check of a setting's type, with texts, and finite numbers
+    (a record holds no inf)."""
+    problem = type_problem(value, hint, {str: "a text", **PARAMETER_TYPES})
+    if problem is None and isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    return problem
 
 
 def main(argv: list[str] | None = None) -> int:

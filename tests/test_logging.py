@@ -422,7 +422,7 @@ def test_repair_appends_a_record_left_in_its_run_folder(tmp_path):
         (typed[key] / "metrics.json").write_text(json.dumps({**make_record(run_key="d" * 16).to_row(), key: value}))
     for folder, message in ((partial, "is not a whole run record (no run_id, model, cache, decoding, task)"),
                             (extra, "has columns no run record has: ['mine']"),
-                            (typed["accuracy"], "accuracy='abc' (allowed: a finite number or null)"),
+                            (typed["accuracy"], "accuracy='abc' (allowed: a number or null)"),
                             (typed["n_shot"], "n_shot=1.5 (allowed: an integer or null)"),
                             (typed["compile"], "compile='yes' (allowed: true or false or null)"),
                             (typed["model"], "model=5 (allowed: a text)")):

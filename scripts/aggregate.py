@@ -43,7 +43,6 @@ each file is written whole (a temp file beside it, then renamed).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import re
 import sys
@@ -58,7 +57,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.logging.record import record_key  # noqa: E402
-from dllm.logging.sinks import unreadable_part  # noqa: E402
+from dllm.logging.sinks import csv_layout  # noqa: E402
 
 TABLE_KEYS = ["model", "task", "n_shot", "gen_length", "limit", "batch_size", "seed", "hardware", "dtype", "threads",
               "processes"]
@@ -147,11 +146,10 @@ def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str], 
 def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
     """The ok rows of a results CSV, one per run key (latest wins), typed, with a ``hardware`` column."""
     raw = read_csv(path)
-    with open(path, newline="", encoding="utf-8", errors="replace") as file:
-        header = next(csv.reader(file), [])
+    header, where = csv_layout(Path(path))
     if twice := sorted({name for name in header if header.count(name) > 1}):  # pandas would rename one "name.1"
         raise ValueError(f"{path}: its header names {twice} twice; not a CSV run.py wrote")
-    if where := unreadable_part(Path(path)):
+    if where:
         raise ValueError(f"{path}: unreadable from {where} (a row cut short by a crash?); fix: python "
                          f"scripts/repair_csv.py {path}")
     if raw.empty:

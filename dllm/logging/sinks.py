@@ -106,11 +106,12 @@ def _scan(text: str) -> _Scan:
         end, end_line = consumed, reader.line_num
 
 
-def unreadable_part(path: Path) -> str | None:
-    """Where the CSV file ``path`` stops being readable as :func:`append_csv` writes it ("line N: the
-    problem"), or None: pandas would drop or misread a row cut short there, as a crash can leave."""
+def csv_layout(path: Path) -> tuple[list[str], str | None]:
+    """The header of the CSV file ``path`` and where it stops being readable as :func:`append_csv`
+    writes it ("line N: the problem"), or None there: pandas would drop or misread a row cut short
+    there, as a crash can leave."""
     scan = _scan(path.read_bytes().decode("utf-8", "surrogateescape"))
-    return f"line {scan.end_line + 1}: {scan.problem}" if scan.problem else None
+    return scan.header, (f"line {scan.end_line + 1}: {scan.problem}" if scan.problem else None)
 
 
 def _check_writable(path: Path) -> None:

@@ -41,6 +41,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         raise
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path`` and its folders, upward, that exists but is not a folder: where a folder
+    is needed at ``path``, none can be made; None when nothing is in the way."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple[str, ...] = ()) -> Path:
     """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
     line, naming ``option``) where it cannot be made or written to, or where one of the ``files`` the
@@ -51,11 +57,8 @@ def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple
     if not str(name).strip():  # Path('') is the current folder
         raise ValueError(f"{option} {str(name)!r}: give a folder to write to")
     out = Path(name)
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"{option} {out}: {path} is a file, not a folder")
-            break
+    if (blocking := file_in_the_way(out)) is not None:
+        raise ValueError(f"{option} {out}: {blocking} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -86,7 +86,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dllm import SEED_BOUND  # noqa: E402
-from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
+from dllm.atomic import file_in_the_way, make_out_folder, write_atomic  # noqa: E402
 from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
@@ -341,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.json is not None and not args.json.strip():  # Path('') would be the current folder
         ap.error(f"--json={args.json!r}: give a file to write the rows to")
     args.json = None if args.json is None else Path(args.json)
-    if args.json is not None and (args.json.is_dir() or any(p.exists() and not p.is_dir() for p in args.json.parents)):
+    if args.json is not None and (args.json.is_dir() or file_in_the_way(args.json.parent) is not None):
         ap.error(f"--json={args.json}: not a file path in a folder")
     if args.json is not None and args.json.exists() and not args.json.is_file():  # /dev/null: write_atomic would replace it
         ap.error(f"--json={args.json}: not a regular file (a device or pipe); give a file to write")

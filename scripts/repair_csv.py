@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from dllm.logging.record import FLATTENED, RunRecord, record_key  # noqa: E402
-from dllm.registry import PARAMETER_TYPES, type_problem  # noqa: E402
 from dllm.logging.sinks import ResultsCsvError, append_csv, existing_keys, repair_results_csv  # noqa: E402
+from dllm.registry import PARAMETER_TYPES, type_problem  # noqa: E402
 
 # What says which experiment a row is (every record has them); the dict fields are flattened into
 # cache.* / decoding.* / metrics.* columns (record.FLATTENED).

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dllm.atomic import file_in_the_way
+
 from .loading import save_checkpoint
 from .transformer import ModelArgs, Transformer
 
@@ -346,7 +348,7 @@ def cache_root() -> Path:
     ValueError where that path (or a folder above it) is a file, found before a run loads anything."""
     variable = os.environ.get("DLLM_CACHE")
     root = Path(variable or Path.home() / ".cache" / "dllm-cache-bench")
-    if any(p.exists() and not p.is_dir() for p in (root, *root.parents)):
+    if file_in_the_way(root) is not None:
         where = f"$DLLM_CACHE={variable!r}" if variable else f"the tiny models' cache {str(root)!r}"
         raise ValueError(f"{where} is, or lies under, a file (allowed: a folder, made if missing)")
     return root

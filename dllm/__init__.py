@@ -8,6 +8,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_BOUND = 2**32
 
 
+def seed_argument(text: str) -> int:
+    """The ``type=`` of a script's ``--seed`` option: an integer from 0 to SEED_BOUND - 1."""
+    from argparse import ArgumentTypeError
+
+    try:
+        seed = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed < SEED_BOUND:
+        raise ArgumentTypeError(f"{seed} must be from 0 to {SEED_BOUND - 1}")
+    return seed
+
+
 def _register_config_resolvers() -> None:
     """Interpolations the YAML presets use; registered on any import of the package, so that a
     config composed outside run.py (tests, notebooks) resolves the same. Without omegaconf there is

@@ -40,7 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (puts the repository on sys.path)
-from dllm import SEED_BOUND  # noqa: E402
+from dllm import seed_argument  # noqa: E402
 from dllm.atomic import make_out_folder, write_atomic  # noqa: E402
 from dllm.cache.base import CacheMethod, build_cache, cache_names  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate  # noqa: E402
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-length", type=int, help="default 64 (--tiny: 16)")
     ap.add_argument("--gen-length", type=int, help="default 32 (--tiny: 16); at most, or a multiple of, the "
                                                    "block length of the methods' decodings (32)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_argument, default=0)
     args = ap.parse_args(argv)
     names = [m for m in cache_names() if m != "none"]
     args.methods = names if args.methods is None else listed(ap, "--methods", args.methods, names)
@@ -155,8 +155,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--batch-sizes={text!r}: give comma-separated integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         ap.error(f"--batch-sizes={text!r}: give integers >= 1")
-    if not 0 <= args.seed < SEED_BOUND:  # run.py's and bench.py's range
-        ap.error(f"--seed={args.seed} must be from 0 to {SEED_BOUND - 1}")
     # >= 0 as in bench.py (NaN never runs out), and finite: the JSON records it, and inf is not strict JSON
     if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
         ap.error(f"--time-budget={args.time_budget}: give a finite number of seconds >= 0")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install -e
 
-from dllm import SEED_BOUND  # noqa: E402
+from dllm import seed_argument  # noqa: E402
 from dllm.atomic import make_out_folder  # noqa: E402
 from dllm.models.tiny import SPECIALS, make_tiny_checkpoint  # noqa: E402
 
@@ -20,15 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(SPECIALS))
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument("--seed", type=seed_argument, default=0, help="weight initialisation seed")
     parser.add_argument(
         "--shard-bytes", type=int, default=2**30, help="max bytes per safetensors shard (small values shard)"
     )
     args = parser.parse_args(argv)
     if args.shard_bytes < 1:
         parser.error(f"--shard-bytes={args.shard_bytes} must be >= 1")
-    if not 0 <= args.seed < SEED_BOUND:
-        parser.error(f"--seed={args.seed} must be from 0 to {SEED_BOUND - 1}")
     try:
         make_out_folder(args.out)
     except ValueError as error:

@@ -268,8 +268,8 @@ def test_missing_hub_id_offline(offline, no_weight_reads):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--seed", "18446744073709551616"], "--seed=18446744073709551616 must be from 0 to 4294967295"),
-    (["--seed", "-1"], "--seed=-1 must be from 0 to 4294967295"),
+    (["--seed", "18446744073709551616"], "argument --seed: 18446744073709551616 must be from 0 to 4294967295"),
+    (["--seed", "-1"], "argument --seed: -1 must be from 0 to 4294967295"),
     (["--shard-bytes", "0"], "--shard-bytes=0 must be >= 1"),
 ])
 def test_make_tiny_checkpoint_script_refuses_before_writing(tmp_path, capsys, bad, message):

@@ -133,8 +133,8 @@ def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
     (["--methods", ""], "--methods=''"), (["--families", " , "], "--families=' , '"),
     (["--time-budget", "-1"], "--time-budget=-1.0"), (["--time-budget", "nan"], "--time-budget=nan"),
     (["--time-budget", "inf"], "--time-budget=inf"),
-    (["--seed", "-1"], "--seed=-1 must be from 0 to 4294967295"),  # as bench.py and run.py
-    (["--seed", "99999999999999999999"], "--seed=99999999999999999999 must be from 0"),
+    (["--seed", "-1"], "argument --seed: -1 must be from 0 to 4294967295"),  # as bench.py and run.py
+    (["--seed", "99999999999999999999"], "argument --seed: 99999999999999999999 must be from 0"),
     # lengths: 0 is not "the default", a negative one crashed or erred every run, 40 is not in blocks of 32
     (["--prompt-length", "0"], "--prompt-length=0"), (["--prompt-length", "-4"], "--prompt-length=-4"),
     (["--gen-length", "-4"], "--gen-length=-4"), (["--gen-length", "40"], "--gen-length=40"),

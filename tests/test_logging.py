@@ -440,10 +440,11 @@ def test_foreign_csv_is_refused(tmp_path):
     for name, text in files.items():
         path = tmp_path / name
         path.write_text(text)
-        assert_refused(path, "not a results CSV of this project", "run_id")
         result = repair(path)
         assert result.returncode == 2 and "not a results CSV of this project" in result.stderr
         assert path.read_text() == text and not path.with_name(f"{name}.rejected").exists()
+        assert not path.with_name(f"{name}.lock").exists()  # nothing made beside another tool's file
+        assert_refused(path, "not a results CSV of this project", "run_id")
 
 
 def test_write_protected_csv_is_refused(tmp_path):

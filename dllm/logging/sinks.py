@@ -142,6 +142,15 @@ def _check_header(path: Path, text: str, header: list[str]) -> None:
         )
 
 
+def _check_header_only(path: Path) -> None:
+    """``_check_writable`` and ``_check_header`` on the file's first row, read without the lock."""
+    _check_writable(path)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as file:
+        first = file.readline()
+    if first.strip():
+        _check_header(path, first, next(csv.reader([first]), []))
+
+
 def _checked_text(path: Path) -> str:
     """The text of ``path`` ("" when absent or blank) after checking that rows can be appended to it."""
     _check_writable(path)
@@ -191,6 +200,7 @@ def repair_results_csv(path: str | os.PathLike) -> tuple[int, int]:
     before it. Returns (rows kept, bytes moved); (rows, 0) when every row is readable. Refuses
     (``ResultsCsvError``) a file that is not this project's or is write-protected, moving nothing."""
     path = Path(path).resolve()
+    _check_header_only(path)  # another tool's file is refused before a lock file is made beside it
     with FileLock(f"{path}.lock"):  # an append must neither race the rewrite nor delete its temp file
         _check_writable(path)
         data = path.read_bytes()

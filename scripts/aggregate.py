@@ -46,7 +46,7 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -126,21 +126,39 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: not a CSV ({str(err).splitlines()[0]})") from None
 
 
-def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str], upper: float = math.inf) -> None:
+def check_numbers(path: str | Path, rows: pd.DataFrame, columns: Iterable[str], upper: float = math.inf,
+                  fits: Callable[[pd.Series], pd.Series] | None = None, allowed: str = "") -> None:
     """ValueError naming the first cell of ``columns`` (those present) that is neither empty nor a
-    finite number >= 0 (and <= ``upper``, when given): run.py writes a value it does not know as an
-    empty cell and none of these can be negative, so anything else is a damaged or hand-edited file,
-    which would otherwise be shown as "–" or break a figure."""
+    finite number >= 0 (and <= ``upper``, when given; or, with ``fits``, a number for which it is
+    True, ``allowed`` saying which): run.py writes a value it does not know as an empty cell and none
+    of these can be negative, so anything else is a damaged or hand-edited file, which would
+    otherwise be shown as "–", label a table with it or break a figure."""
+    if fits is None:
+        def fits(values: pd.Series) -> pd.Series:
+            return (values >= 0) & (values <= upper) & (values < math.inf)
+
+        allowed = "a finite number >= 0" if upper == math.inf else f"a number from 0 to {upper:g}"
     for column in [c for c in columns if c in rows]:
         values = pd.to_numeric(rows[column], errors="coerce")
-        bad = (rows[column] != "") & ~((values >= 0) & (values <= upper) & (values < math.inf))
+        bad = (rows[column] != "") & ~fits(values)
         if bad.any():
             index = bad.idxmax()  # the first bad row: the index counts the CSV's rows
             row = rows.loc[index]
             who = ", ".join(f"{c}={row[c]}" for c in ("source", "model", "method", "cache", "decoding", "started_at")
                             if c in rows and row[c])
-            allowed = "a finite number >= 0" if upper == math.inf else f"a number from 0 to {upper:g}"
             raise ValueError(f"{path}: row {index + 1} ({who}): {column}={row[column]!r} (allowed: {allowed}, or an empty cell)")
+
+
+def check_table_keys(path: str | Path, rows: pd.DataFrame) -> None:
+    """The numeric table keys hold what run.py writes there (they stay text: they group and label)."""
+    def whole(values: pd.Series, least: int) -> pd.Series:
+        return (values >= least) & (values % 1 == 0) & (values < math.inf)
+
+    check_numbers(path, rows, ["n_shot", "seed"], fits=lambda v: whole(v, 0), allowed="an integer >= 0")
+    check_numbers(path, rows, ["gen_length", "batch_size", "threads", "processes"], fits=lambda v: whole(v, 1),
+                  allowed="an integer >= 1")
+    check_numbers(path, rows, ["limit"], fits=lambda v: whole(v, 1) | ((v > 0) & (v < 1)),
+                  allowed="an integer >= 1 or a fraction in (0, 1), as task.limit")
 
 
 def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
@@ -170,6 +188,7 @@ def load_runs(path: str | Path, experiment: str | None = None) -> pd.DataFrame:
             raise ValueError(f"--experiment {experiment!r}: no ok row of it in {path} (experiments there: {known})")
     check_numbers(path, raw, NUMERIC)
     check_numbers(path, raw, FRACTIONS, upper=1)
+    check_table_keys(path, raw)
     raw["key"] = [record_key(r) for r in raw.to_dict("records")]
     raw = raw.sort_values("started_at").drop_duplicates("key", keep="last")
     runs = raw.copy()

@@ -345,6 +345,9 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
         "no_experiment": write_csv(tmp_path / "no_experiment.csv", without("experiment")),
         "wrong": write_csv(tmp_path / "wrong.csv", [{"x": "1", "y": "2"}]),
         "no_accuracy": write_csv(tmp_path / "no_accuracy.csv", [dict(r, accuracy="") for r in rows]),
+        "limit": write_csv(tmp_path / "limit.csv", [dict(r, limit="abc") for r in rows]),
+        "batch": write_csv(tmp_path / "batch.csv", [rows[0], dict(rows[1], batch_size="-3")]),
+        "n_shot": write_csv(tmp_path / "n_shot.csv", [dict(r, n_shot="1.5") for r in rows]),
         "file": tmp_path / "a_file",
         "missing": tmp_path / "missing.csv",
     }
@@ -363,6 +366,11 @@ def test_aggregate_refuses_bad_input_before_printing_or_writing(bad_inputs, tmp_
         ([f["no_experiment"], "--experiment", "a"], "--experiment 'a': " + f["no_experiment"] + " has no experiment column"),
         ([f["good"], "--published", f["wrong"]], "wrong.csv lacks columns ['method', 'model', 'score'"),
         ([f["good"], "--published", f["missing"]], "missing.csv: cannot read it"),
+        # Table keys label the tables: a damaged cell is named, not printed as a heading.
+        ([f["limit"]], "row 1 (model=llada, cache=none, decoding=low_confidence, started_at=2026-01-01T00:00:04): "
+                       "limit='abc' (allowed: an integer >= 1 or a fraction in (0, 1), as task.limit, or an empty cell)"),
+        ([f["batch"]], "row 2 (model=llada, cache=prefix, decoding=low_confidence, started_at=2026-01-01T00:00:06): batch_size='-3' (allowed: an integer >= 1"),
+        ([f["n_shot"]], "n_shot='1.5' (allowed: an integer >= 0, or an empty cell)"),
         ([f["good"], "--out", f["file"]], f"--out {f['file']}: {f['file']} is a file, not a folder"),
         ([f["good"], "--out", f["file"] + "/tables"], f"{f['file']} is a file, not a folder"),
     ]

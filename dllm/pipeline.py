@@ -270,11 +270,9 @@ def checkpoint_folder(cfg: DictConfig) -> Path:
 
 
 def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
-    from dllm.models.loading import load_model
+    from dllm.models.loading import load_model, model_args
     from dllm.models.packed import pack_linear_weights
     from dllm.models.tokenization import load_tokenizer
-
-    from dllm.models.loading import model_args
 
     torch.set_num_threads(plan.threads)
     folder = checkpoint_folder(cfg)

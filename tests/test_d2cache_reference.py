@@ -428,3 +428,19 @@ def test_d2cache_table1_uses_the_reference_rules(model):
     params = {key: value for key, value in cfg.cache.items() if key != "name"}
     cache = build_cache("d2cache", **params)
     assert {name: getattr(cache, name) for name in RULES} == REFERENCE
+
+
+# ------------------------------------------------------------------------------ ties in stage 1
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_padded_row_chooses_stage1_as_alone(family):
+    """Under a block decoder with k < block_length, the positions of a block never predicted before its
+    first step all score 0 in stage 1: tie_break=earlier takes the earlier ones, whatever the row's
+    padding (torch.topk's order among ties depends on the row's width; this batch showed it)."""
+    net = tiny_net(tiny_args(family, max_seq_len=64), seed=11, logit_scale=4.0, silent_ids=(MASK_ID, PAD_ID, EOS_ID))
+    prompts = random_prompts([7, 4, 10], seed=3)
+
+    def run(batch):
+        return generate(net, batch, build_decoder("low_confidence", steps=16, block_length=8),
+                        build_cache("d2cache", k=2, p=0.3, sigma=3.0), 16).tokens
+
+    assert torch.equal(run(prompts), torch.cat([run([p]) for p in prompts]))

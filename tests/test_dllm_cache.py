@@ -12,7 +12,7 @@ import dllm.cache.dllm_cache as module
 import dllm.decoding.loop as loop
 from dllm.cache.base import build_cache
 from dllm.cache.dllm_cache import DLLMCache, FeatureReuse, value_share
-from dllm.decoding.base import build_decoder
+from dllm.decoding.base import build_decoder, top_n_mask
 from dllm.decoding.loop import generate
 from dllm.models.transformer import KVStore, apply_rope, rope_cos_sin
 
@@ -280,3 +280,44 @@ def test_bad_settings():
         build_cache("dllm_cache", refresh_first_layer="yes")
     with pytest.raises(ValueError, match="update_rounding='round'.*ceil, floor"):
         build_cache("dllm_cache", update_rounding="round")
+
+
+
+@pytest.mark.parametrize("tie_break", ["earlier", "topk"])
+def test_unchanged_values_tie_exactly_under_tie_break_earlier(monkeypatch, tie_break):
+    """Rows whose value did not change (here: a row of the batch waits while another finishes its
+    block) tie at similarity 1, and under tie_break=earlier the earlier of them are updated (a stable
+    ranking); tie_break=topk ranks the similarities with torch.topk, as the reference. (That such a
+    value counts exactly 1, not 1 up to an ulp of rounding, is pinned by tests/test_golden.py.)"""
+    calls = []
+    original = module.top_n_mask
+
+    def spy(score, n, stable=False):
+        calls.append((score.clone(), n.clone(), stable))
+        return original(score, n, stable)
+
+    monkeypatch.setattr(module, "top_n_mask", spy)
+    net = tiny_net(tiny_args("llada", max_seq_len=64), seed=11, logit_scale=4.0, silent_ids=(MASK_ID,))
+    decoder = build_decoder("dream", steps=16, alg="entropy", block_length=8, first_token="commit")
+    cache = build_cache("dllm_cache", prompt_interval=5, response_interval=3, update_ratio=0.25, tie_break=tie_break)
+    generate(net, random_prompts([7, 4, 10], seed=3), decoder, cache, GEN)
+    assert calls and all(stable is (tie_break == "earlier") for _, _, stable in calls)
+    tied = [(score, n) for score, n, _ in calls if (score[torch.isfinite(score)] == -1.0).sum() > int(n.max())]
+    if tie_break == "earlier":
+        assert tied  # more unchanged candidates than updates: the tie the stable ranking settles
+        for score, n in tied:
+            chosen = original(score, n, stable=True)
+            for row in range(score.shape[0]):
+                ones = (score[row] == -1.0).nonzero()[:, 0]
+                picked = chosen[row, ones]
+                assert not (picked[1:] & ~picked[:-1]).any()  # the earlier ones of the tie
+
+
+def test_top_n_mask_stable_takes_the_earlier_of_equal_scores():
+    score = torch.tensor([[0.5, 0.9, 0.5, 0.5, float("-inf")], [0.5, 0.5, 0.1, 0.5, 0.5]])
+    chosen = top_n_mask(score, torch.tensor([2, 3]), stable=True)
+    assert chosen.tolist() == [[True, True, False, False, False], [True, True, False, True, False]]
+    padded = torch.cat([torch.full((2, 3), float("-inf")), score], 1)  # the same rows, left-padded
+    assert torch.equal(top_n_mask(padded, torch.tensor([2, 3]), stable=True)[:, 3:], chosen)
+    with pytest.raises(ValueError, match="cache.tie_break='first' must be one of earlier, topk"):
+        build_cache("dllm_cache", tie_break="first")

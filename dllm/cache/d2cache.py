@@ -16,7 +16,7 @@ window is the whole response and the rule is the paper's.
 
 Reference-code rules. The authors' code (github.com/Kamichanw/d2Cache, src/cache/d2cache.py,
 src/utils/common.py, src/generation/vanilla.py), which produced the paper's numbers, departs from
-the paper's text in five places. Each is an option; the default is the paper's reading:
+the paper's text in six places. Each is an option; the default is the paper's reading:
   (a) ``stage2_mass``       reach: smallest set whose mass reaches p | within: the top candidate,
                             then every next one while the cumulative mass stays <= p.
   (b) ``stage2_candidates`` known: S2 is drawn from known positions | all: from every real
@@ -30,6 +30,12 @@ the paper's text in five places. Each is an option; the default is the paper's r
   (e) ``dream_first_row``   or: S2 may pick the last prompt row P-1 | overwrite: on Dream, row
                             P-1 is recomputed exactly when the first response position is in S1
                             (an S2 pick of it is dropped). No effect on LLaDA.
+  (f) ``tie_break``         earlier: among equal S1 scores the earlier position is taken (the paper
+                            leaves ties open) | topk: whichever ``torch.topk`` returns, the
+                            reference's call. Its order among ties depends on the row's width, so a
+                            left-padded row could choose otherwise than alone: under a block
+                            decoder with k < block_length, a block's positions never predicted
+                            before its first step all score 0.
 ``reference_rules=true`` makes every option left null take the reference value; an option given
 explicitly wins (reference_rules=true + stage2_mass=reach is the reference minus rule (a)).
 Rules (b) and (e) depend on which row computes a position's prediction: the decode context's
@@ -43,6 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dllm.decoding.base import top_n_mask
 from dllm.decoding.density import DENSITY_VARIANTS, certainty_density, check_sigma
 
 from .base import ActiveRequest, CacheMethod, StepOutcome, StepView, check_interval, register_cache
@@ -53,6 +60,7 @@ RULES: dict[str, tuple[str, str]] = {
     "stage2_candidates": ("known", "all"),
     "stage1_confidence": ("refreshed", "step0"),
     "dream_first_row": ("or", "overwrite"),
+    "tie_break": ("earlier", "topk"),
 }
 
 
@@ -125,7 +133,8 @@ class D2Cache(CacheMethod):
     def __init__(self, k: int = 32, p: float = 0.1, sigma: float = 10.0, density: str = "sum",
                  refresh_interval: int | None = None, reference_rules: bool = False,
                  stage2_mass: str | None = None, stage2_candidates: str | None = None,
-                 stage1_confidence: str | None = None, dream_first_row: str | None = None) -> None:
+                 stage1_confidence: str | None = None, dream_first_row: str | None = None,
+                 tie_break: str | None = None) -> None:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"cache.k={k!r} must be an integer >= 1")
         if not 0 < p <= 1:
@@ -135,7 +144,8 @@ class D2Cache(CacheMethod):
             raise ValueError(f"cache.density={density!r} (allowed: {list(DENSITY_VARIANTS)})")
         check_interval("refresh_interval", refresh_interval, allow_none=True)
         rules = resolve_rules(reference_rules, stage2_mass=stage2_mass, stage2_candidates=stage2_candidates,
-                              stage1_confidence=stage1_confidence, dream_first_row=dream_first_row)
+                              stage1_confidence=stage1_confidence, dream_first_row=dream_first_row,
+                              tie_break=tie_break)
         self.k, self.p, self.sigma, self.density = k, p, sigma, density
         self.refresh_interval = refresh_interval
         self.reference_rules = reference_rules
@@ -143,6 +153,7 @@ class D2Cache(CacheMethod):
         self.stage2_candidates = rules["stage2_candidates"]
         self.stage1_confidence = rules["stage1_confidence"]
         self.dream_first_row = rules["dream_first_row"]
+        self.tie_break = rules["tie_break"]
 
     def check(self, decoder) -> None:
         if not decoder.confidence_is_probability:
@@ -173,8 +184,7 @@ class D2Cache(CacheMethod):
         committable[:, lo:hi] = masked[:, lo:hi]
         stage1 = stage1.masked_fill(~committable, float("-inf"))
         width = min(max(self.k, int(view.plan.n_transfer.max())), stage1.shape[1])
-        top = stage1.topk(width, dim=1)
-        s1 = torch.zeros_like(masked).scatter(1, top.indices, torch.isfinite(top.values))
+        s1 = top_n_mask(stage1, torch.full_like(view.plan.n_transfer, width), stable=self.tie_break == "earlier")
         return ActiveRequest(predict=s1, refresh=self.transferred | self.stage2(s1, known))
 
     def stage2(self, s1: Tensor, known: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ features are recomputed every ``prompt_interval`` (Kp) steps, response features 
 ``response_interval`` (Kr) steps. On other steps every response position still flows through
 all layers: its value vector is recomputed (one projection) and the ``update_ratio`` (rho)
 fraction with the lowest cosine similarity to its cached value (``update_rounding``: ceil(rho n)
-of the n candidates, or floor as the reference) is recomputed in full
+of the n candidates, or floor as the reference; ``tie_break``: among equal similarities the earlier
+position, a value that did not change counting exactly 1, or ``topk`` as the reference) is recomputed in full
 (attention + FFN, K/V rewritten); the others reuse their cached attention and FFN outputs.
 The prompt is read from the caches. Every response position gets a prediction each step
 (from mixed fresh and cached features), so every masked position is eligible to unmask.
@@ -54,6 +55,10 @@ VALUE_WRITES = ("all", "recomputed")
 # How many of the n candidate rows are updated: ceil(rho * n) (ours: at least one whenever rho > 0) or
 # floor (the reference's int(gen_length * rho); its candidates are the whole response).
 UPDATE_ROUNDINGS = ("ceil", "floor")
+# Among rows equally similar (above all those whose value did not change: their similarity is 1 up to
+# rounding, which differs between CPUs) the earlier row is updated, or whichever torch.topk returns
+# for the rounded similarities, as the reference does.
+TIE_BREAKS = ("earlier", "topk")
 
 
 def value_share(args: ModelArgs) -> float:
@@ -100,8 +105,14 @@ class FeatureReuse(LayerHook):
         value = None
         if candidates is not None:  # every row's value, for the similarity test (and the V cache)
             value = block.attn.wv(x_norm)
-            similarity = torch.cosine_similarity(value.float(), take_rows(features["v"], self.rows).float(), dim=-1)
-            chosen = chosen | top_n_mask(-similarity.masked_fill(~candidates, float("inf")), self.n_updates)
+            cached = take_rows(features["v"], self.rows)
+            work = torch.promote_types(value.dtype, torch.float32)  # bfloat16 -> float32, as the reference
+            similarity = torch.cosine_similarity(value.to(work), cached.to(work), dim=-1)
+            earlier = cache.tie_break == "earlier"
+            if earlier:  # an unchanged value is exactly as similar as another, not 1 ± an ulp of rounding
+                similarity = similarity.masked_fill((value == cached).all(-1), 1.0)
+            score = -similarity.masked_fill(~candidates, float("inf"))
+            chosen = chosen | top_n_mask(score, self.n_updates, stable=earlier)
         picked, picked_valid = pack(chosen)
         self.picked_positions = self.rows.gather(1, picked).masked_fill(~picked_valid, cache.ctx.length)
         if value is None:
@@ -143,6 +154,7 @@ class DLLMCache(CacheMethod):
         value_write: str = "all",
         refresh_first_layer: bool = True,
         update_rounding: str = "ceil",
+        tie_break: str = "earlier",
     ) -> None:
         check_interval("prompt_interval", prompt_interval)
         check_interval("response_interval", response_interval)
@@ -156,7 +168,9 @@ class DLLMCache(CacheMethod):
             raise ValueError(f"cache.update_rounding={update_rounding!r} must be one of {', '.join(UPDATE_ROUNDINGS)}")
         self.prompt_interval, self.response_interval = prompt_interval, response_interval
         self.update_ratio, self.value_write, self.refresh_first_layer = update_ratio, value_write, refresh_first_layer
-        self.update_rounding = update_rounding
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"cache.tie_break={tie_break!r} must be one of {', '.join(TIE_BREAKS)}")
+        self.update_rounding, self.tie_break = update_rounding, tie_break
 
     def start(self, ctx) -> None:
         super().start(ctx)

@@ -244,12 +244,17 @@ def block_top_n_mask(score: Tensor, n: Tensor, window: tuple[int, int]) -> Tenso
     return chosen & torch.isfinite(score)
 
 
-def top_n_mask(score: Tensor, n: Tensor) -> Tensor:
-    """(B, T) bool selecting the ``n[b]`` highest finite scores of each row."""
+def top_n_mask(score: Tensor, n: Tensor, stable: bool = False) -> Tensor:
+    """(B, T) bool selecting the ``n[b]`` highest finite scores of each row. Among equal scores
+    ``torch.topk`` chooses in an order that depends on the row's width; ``stable``: the earlier position."""
     k = int(n.max()) if n.numel() else 0
     chosen = torch.zeros_like(score, dtype=torch.bool)
     if k == 0:
         return chosen
-    values, index = score.topk(k, dim=1)
+    if stable:
+        values, index = score.sort(dim=1, descending=True, stable=True)
+        values, index = values[:, :k], index[:, :k]
+    else:
+        values, index = score.topk(k, dim=1)
     keep = (torch.arange(k, device=score.device)[None, :] < n[:, None]) & torch.isfinite(values)
     return chosen.scatter(1, index, keep)

@@ -346,6 +346,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
+    weights, free = weight_bytes(model_args(args), getattr(torch, args.dtype)), available_memory(args.device)
+    if free is not None and weights > free:  # building it would run the machine out of memory, silently
+        ap.error(f"--preset {args.preset}: its weights take {weights / 2**30:.1f} GiB in {args.dtype} and {args.device} "
+                 f"has {free / 2**30:.1f} GiB available; run it on a GPU (--device cuda) or choose a smaller preset")
     try:
         check_runs(args)
     except ValueError as error:  # its text names run.py's settings, which these flags set here
@@ -358,6 +362,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as error:
         ap.error(str(error))
     return args
+
+
+def weight_bytes(margs: ModelArgs, dtype: torch.dtype) -> int:
+    """The bytes of a model's parameters in ``dtype`` (counted on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Transformer(margs).parameters())
+    return count * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new model may take on ``device``: the GPU's free memory, or the machine's available
+    memory (Linux's MemAvailable); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return None if line is None else int(line.split()[1]) * 1024
 
 
 def names_of(listed: str) -> list[str]:

@@ -353,3 +353,15 @@ def test_block_diffusion_preset_runs_the_exact_prefix_cache_beside_none():
 def test_block_diffusion_preset_refuses_other_methods():
     with pytest.raises(SystemExit):
         bench.main(["--preset", "block_smoke", "--methods", "d2cache"])
+
+
+def test_a_preset_too_large_for_the_memory_is_refused_before_it_is_built(capsys, monkeypatch):
+    """--preset llada8b on a CPU machine with less memory than its float32 weights (30 GiB) stopped only
+    when the kernel killed the bench; now it is refused up front (here: 16 GiB available)."""
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(bench, "available_memory", lambda device: 16 * 2**30)
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "llada8b", "--device", "cpu"])
+    assert ("--preset llada8b: its weights take 29.9 GiB in float32 and cpu has 16.0 GiB available; run it on a GPU"
+            in capsys.readouterr().err)
+    assert bench.available_memory(torch.device("cpu")) > 0

@@ -10,7 +10,9 @@ close allowed ones and all of them, which run.py prints as ``error: ...`` with e
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -28,6 +30,30 @@ _OVERRIDE = re.compile(r"^(\+{0,2})(hydra/launcher|[A-Za-z_][\w.]*)=(.*)$", re.S
 def preset_keys(group: str) -> dict[str, set[str]]:
     """The top-level keys of each conf/<group>/*.yaml, by preset name."""
     return {p.stem: set(yaml.safe_load(p.read_text()) or {}) - {"defaults"} for p in sorted((CONF / group).glob("*.yaml"))}
+
+
+def _launcher_bases(option: str) -> list[str]:
+    """The submitit launchers a hydra/launcher option is or builds on (through the conf/hydra/launcher
+    presets it extends); none for Hydra's own (basic)."""
+    if option.startswith("submitit"):
+        return [option]
+    path = CONF / "hydra" / "launcher" / f"{option}.yaml"
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if path.is_file() else []
+    return [base for d in defaults if isinstance(d, str) and d != "_self_" for base in _launcher_bases(d)]
+
+
+def launcher_problem(option: str) -> str | None:
+    """Why the launcher preset ``option`` cannot run from here (its plugin, or SLURM's sbatch, missing), or None."""
+    bases = _launcher_bases(option)
+    if not bases:
+        return None
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        return (f"hydra/launcher={option} needs hydra-submitit-launcher, which is not installed: "
+                "pip install -e '.[slurm]'")
+    if "submitit_slurm" in bases and shutil.which("sbatch") is None:
+        return (f"hydra/launcher={option} submits the jobs with SLURM's sbatch, which is not on this machine's PATH: "
+                "submit from a SLURM login node, or run the sweep here with hydra/launcher=local")
+    return None
 
 
 def _refusal(what: str, bad: str, allowed) -> str:
@@ -121,6 +147,8 @@ def unknown_key_message(args: list[str]) -> str | None:
                 for option in values:
                     if option not in options:
                         return _refusal(f"{key}={option}: no such {key} option", option, options)
+                    if key == "hydra/launcher" and (problem := launcher_problem(option)):
+                        return problem
                 if key != "hydra/launcher":  # the launcher is not part of the run's config
                     selections.append(f"{plus}{key}={values[0]}")
             elif not values:  # range(1,1), or glob(...) on a key: Hydra would run no job

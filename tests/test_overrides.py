@@ -210,3 +210,19 @@ def test_run_py_inspecting_the_config_is_not_checked(tmp_path):
     """`--cfg job` prints the experiment even where a run of it would be refused."""
     done = run_py(tmp_path, "--cfg", "job", "+experiment=published")
     assert done.returncode == 0 and "experiment: published" in done.stdout, done.stderr
+
+
+def test_a_launcher_that_cannot_run_from_here_is_one_line(monkeypatch):
+    """Without the [slurm] extra Hydra printed 8 lines ("Could not load 'hydra/launcher/submitit_slurm'"),
+    without SLURM submitit a 28-line traceback ("Could not detect srun"); both are one line now."""
+    import dllm.overrides as overrides
+
+    monkeypatch.setattr(overrides.shutil, "which", lambda name: None)
+    assert unknown_key_message(["-m", "hydra/launcher=slurm_cpu", "cache=none"]) == (
+        "hydra/launcher=slurm_cpu submits the jobs with SLURM's sbatch, which is not on this machine's PATH: submit "
+        "from a SLURM login node, or run the sweep here with hydra/launcher=local")
+    assert unknown_key_message(["-m", "hydra/launcher=local"]) is None  # submitit's local launcher needs no SLURM
+    monkeypatch.setattr(overrides.importlib.util, "find_spec", lambda name: None)
+    for launcher in ("slurm", "local"):
+        assert unknown_key_message(["-m", f"hydra/launcher={launcher}"]) == (
+            f"hydra/launcher={launcher} needs hydra-submitit-launcher, which is not installed: pip install -e '.[slurm]'")

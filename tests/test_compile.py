@@ -47,7 +47,7 @@ def packed(net):
 @pytest.fixture(scope="module")
 def nets() -> dict:
     """golden's tiny models of both families, prepacked, eager and compiled."""
-    return {family: pair(lambda: packed(_net(family))) for family in ("llada", "dream")}
+    return {family: pair(lambda: packed(_net(family, torch.float32))) for family in ("llada", "dream")}
 
 
 def run(net, cache: str, decoder: str, **kwargs):
@@ -165,7 +165,7 @@ def test_dense_weights_and_moe_experts_give_the_eager_tokens(monkeypatch):
     graphs = recorded_graphs(monkeypatch)
     for name, make in (("moe", lambda: packed(tiny_net(tiny_args("llada_moe", max_seq_len=64, **moe), seed=11,
                                                        logit_scale=4.0, silent_ids=(MASK_ID,)))),
-                       ("dense", lambda: _net("llada"))):
+                       ("dense", lambda: _net("llada", torch.float32))):
         eager, compiled = pair(make)
         graphs.clear()  # this model's graphs only
         for cache in ("none", "dual"):
@@ -205,7 +205,7 @@ def test_a_cuda_graph_mode_gives_the_eager_tokens_and_counts_its_skips(nets, mon
     replays). What the trees require before they record a graph is checked here too: every input the
     compiled step mutates (the store's K/V tensors) is a static input."""
     graphs = recorded_graphs(monkeypatch)
-    eager, compiled = _net("llada"), _net("llada")
+    eager, compiled = _net("llada", torch.float32), _net("llada", torch.float32)
     compile_layers(compiled, mode="reduce-overhead")
     assert compiled.compiled.cudagraphs and not nets["llada"][1].compiled.cudagraphs  # the default mode: none
     first, second = run(compiled, "none", "low_confidence"), run(compiled, "none", "low_confidence")

@@ -69,13 +69,14 @@ def _build(table: dict, name: str, builder):
     return builder(params.pop("name", name), **params)
 
 
-def _net(family: str):
+def _net(family: str, dtype: torch.dtype = torch.float64):
     # Peaked predictions (logit_scale) and silent special tokens, as a trained model would have.
     # In float64: float32 GEMMs round differently on other CPUs (MKL's AVX vs AVX2 paths), and that
     # moved near-ties of dLLM-Cache's value similarities (two combinations changed between machines);
     # in float64 the same outputs hold under MKL_CBWR=AVX|COMPATIBLE and weights perturbed by 1e-7.
     args = tiny_args(family, max_seq_len=64)
-    return tiny_net(args, seed=11, logit_scale=4.0, silent_ids=(MASK_ID, PAD_ID, EOS_ID)).to(torch.float64)
+    # (tests/test_compile.py takes the same models in float32, the dtype compiled CPU runs prepack.)
+    return tiny_net(args, seed=11, logit_scale=4.0, silent_ids=(MASK_ID, PAD_ID, EOS_ID)).to(dtype)
 
 
 def run_all() -> dict[str, dict]:

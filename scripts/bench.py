@@ -346,10 +346,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
-    weights, free = weight_bytes(model_args(args), getattr(torch, args.dtype)), available_memory(args.device)
+    copies = 2 if args.compile else 1  # --compile times a second copy of the weights beside the first
+    weights = copies * weight_bytes(model_args(args), getattr(torch, args.dtype))
+    free = available_memory(args.device)
     if free is not None and weights > free:  # building it would run the machine out of memory, silently
-        ap.error(f"--preset {args.preset}: its weights take {weights / 2**30:.1f} GiB in {args.dtype} and {args.device} "
-                 f"has {free / 2**30:.1f} GiB available; run it on a GPU (--device cuda) or choose a smaller preset")
+        ap.error(f"--preset {args.preset}: its weights take {weights / 2**30:.1f} GiB in {args.dtype}"
+                 f"{' (two copies with --compile)' if args.compile else ''} and {args.device} has "
+                 f"{free / 2**30:.1f} GiB available; run it on a GPU (--device cuda) or choose a smaller preset")
     try:
         check_runs(args)
     except ValueError as error:  # its text names run.py's settings, which these flags set here

@@ -364,4 +364,7 @@ def test_a_preset_too_large_for_the_memory_is_refused_before_it_is_built(capsys,
         bench.main(["--preset", "llada8b", "--device", "cpu"])
     assert ("--preset llada8b: its weights take 29.9 GiB in float32 and cpu has 16.0 GiB available; run it on a GPU"
             in capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # --compile builds a second copy: 2 x 15.3 GiB of bfloat16 weights
+        bench.main(["--preset", "sdar8b", "--device", "cpu", "--dtype", "bfloat16", "--compile"])
+    assert "its weights take 30.5 GiB in bfloat16 (two copies with --compile) and cpu has 16.0 GiB" in capsys.readouterr().err
     assert bench.available_memory(torch.device("cpu")) > 0

@@ -686,6 +686,18 @@ def test_dkv_table1_scores_zero_shot_math_with_math_verify(composer, caplog):
     assert "task.metric='math_verify,none'" in caplog.text
 
 
+def test_n_shot_on_a_zero_shot_task_is_said_before_the_model_loads(composer, caplog):
+    """HumanEval is fixed at 0 shots: task.n_shot=3 is warned about while the task is prepared, not
+    after a run of hours."""
+    from dllm.eval.runner import check_task, task_manager, tasks_to_run
+
+    settings = check_task(composer("config", overrides=["task=humaneval_local", "task.n_shot=3",
+                                                        "task.allow_code_execution=true"]))
+    with caplog.at_level("WARNING", logger="dllm.eval.runner"):
+        tasks_to_run(settings, task_manager(settings))
+    assert "task.n_shot=3: lm-eval task humaneval_local_sanitized is fixed at 0 shots" in caplog.text
+
+
 def test_sweep_summary_prints_the_sweeps_rows(tmp_path, capsys):
     """The multirun-end callback: only this sweep's rows, accuracy ± stderr, speedup over none."""
     from omegaconf import OmegaConf

@@ -262,8 +262,12 @@ def tasks_to_run(settings: TaskSettings, manager) -> list:
 def check_shots(task, n_shot: int | None) -> None:
     """``task.n_shot`` no larger than the task's few-shot examples (lm-eval would fail while it
     builds the prompts, after the model loaded, with "Sample larger than population"). A task fixed
-    at 0 shots ignores the setting (lm-eval warns, and so does the run)."""
-    if not n_shot or task.get_config("num_fewshot") == 0:
+    at 0 shots ignores the setting: said here, before the model loads, not after the run."""
+    if not n_shot:
+        return
+    if task.get_config("num_fewshot") == 0:
+        log.warning("task.n_shot=%s: lm-eval task %s is fixed at 0 shots and runs 0-shot (the record says 0)",
+                    n_shot, task.config.task)
         return
     docs = task.fewshot_docs()
     if docs is not None and n_shot > len(docs):
@@ -596,8 +600,6 @@ def _evaluate(
 
     # The few-shot count lm-eval used (a task fixed at 0 shots, like HumanEval, ignores overrides).
     n_shot = results.get("n-shot", {}).get(settings.lm_eval_task, identity["n_shot"])
-    if settings.n_shot is not None and n_shot != settings.n_shot:
-        log.warning("task.n_shot=%s requested, but %s ran %s-shot (fixed by the task)", settings.n_shot, settings.lm_eval_task, n_shot)
     speed = lm.meter.summary()
     speed["n_samples"] = len(samples)
     # A Hub checkpoint's config hash is known once it is fetched (a local one's before the load).

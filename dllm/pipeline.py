@@ -19,12 +19,10 @@ from dllm import REPO_ROOT, SEED_BOUND
 from dllm.cache.base import CacheMethod, build_cache
 from dllm.decoding.base import Decoder, build_decoder
 from dllm.decoding.loop import check_block_causal, check_guidance
+from dllm.devices import resolve_device, resolve_dtype
 from dllm.models.loading import FAMILY_OF_NAME
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class RunPlan:
@@ -56,27 +54,6 @@ def resolve_threads(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cores:
         raise ValueError(f"threads={value!r} must be auto or an integer from 1 to {cores} (this machine's cores)")
     return value
-
-
-def resolve_device(name) -> torch.device:
-    """``device``: auto, cpu, or a GPU this machine has. torch.device also takes names that fail only
-    once weights load (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name is checked
-    against this machine's devices."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    allowed = ["auto", "cpu", *(["cuda"] if gpus else []), *gpus]
-    if name not in allowed:
-        raise ValueError(f"device={name!r} (allowed here: {allowed})")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} (allowed: auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
 
 
 def component(node: DictConfig, what: str) -> tuple[str, dict]:

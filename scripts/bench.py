@@ -91,6 +91,7 @@ from dllm.cache.base import build_cache  # noqa: E402
 from dllm.decoding.base import REGISTRY as DECODERS  # noqa: E402
 from dllm.decoding.base import build_decoder  # noqa: E402
 from dllm.decoding.loop import GenerationOutput, generate, kv_store  # noqa: E402
+from dllm.devices import resolve_device  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
@@ -331,8 +332,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     # built (meta, mps, cpu:3, cuda:7 on a machine with fewer GPUs), so the name must be one of this
     # machine's devices.
     try:
-        from dllm.pipeline import resolve_device  # here: gpu_check imports this module without omegaconf
-
         args.device = resolve_device(args.device or "auto")
     except ValueError as error:  # "device='meta' (allowed here: ['auto', 'cpu'])"
         ap.error(f"--{error}")

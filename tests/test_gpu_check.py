@@ -110,7 +110,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
+def test_check_and_bench_run_without_the_config_and_eval_packages(tmp_path):
     code = WITHOUT_THEM.format(absent=NOT_ON_A_TORCH_IMAGE)
     # the blocker works: under it the package's config layer cannot be imported
     probe = tmp_path / "probe.py"
@@ -124,6 +124,12 @@ def test_check_runs_compiled_without_the_config_and_eval_packages(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads((tmp_path / "gpu_check.json").read_text())["meta"]
     assert meta["modes"] == ["eager", "compiled"] and meta["errors"] == 0 and meta["exact_pass"] == 2
+    # and so does the bench (its device check included)
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "bench.py"), "--preset", "smoke",
+                           "--methods", "dual", "--samplers", "", "--json", str(tmp_path / "bench.json")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [row["method"] for row in json.loads((tmp_path / "bench.json").read_text())] == ["none", "dual"]
 
 
 @pytest.mark.parametrize("bad, named", [

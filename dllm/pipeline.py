@@ -37,6 +37,11 @@ class RunPlan:
     compile: bool = False  # run the layers compiled (dllm.models.compiled), after loading
 
 
+# torch's own thread count, taken before any run sets one: ``threads=auto`` must resolve alike in every
+# job of a sweep run in one process, not to the count the previous job set.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
 def resolve_threads(value) -> int:
     """``threads``: an integer >= 1, or ``auto``: $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK (the
     cores a job was given), else torch's default. torch's default takes every core it sees, which
@@ -50,7 +55,7 @@ def resolve_threads(value) -> int:
                     raise ValueError(f"threads=auto takes ${variable}={text}, more than this machine's {cores} cores "
                                      f"(allowed: 1 to {cores}; or set threads)")
                 return int(text)
-        return torch.get_num_threads()
+        return TORCH_DEFAULT_THREADS
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cores:
         raise ValueError(f"threads={value!r} must be auto or an integer from 1 to {cores} (this machine's cores)")
     return value

@@ -41,7 +41,13 @@ def test_threads_auto_follows_the_job(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert resolve_threads("auto") == torch.get_num_threads()
+    default = resolve_threads("auto")
+    before = torch.get_num_threads()
+    try:  # a previous job of the same sweep set its own count: auto is torch's default all the same
+        torch.set_num_threads(1 if default > 1 else 2)
+        assert resolve_threads("auto") == default
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert resolve_threads("auto") == 3

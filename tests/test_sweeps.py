@@ -349,6 +349,7 @@ def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_process
 
     base = _key(composer)
     assert _key(composer, "decoding.temperature=0") == base  # the preset's 0.0
+    assert _key(composer, "decoding.cfg_scale=0") == base != _key(composer, "decoding.cfg_scale=1")  # the loop's option too
     assert _key(composer, "gen_length=32", "decoding.block_length=32") == _key(
         composer, "task.gen_length=32", "decoding.block_length=32")
     assert _key(composer, "task=arith", "batch_size=5") == _key(composer, "task=arith", "task.batch_size=5") != _key(

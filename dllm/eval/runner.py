@@ -375,7 +375,7 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
     of data-parallel processes when it is more than one.
 
     Equal settings spelled differently hash alike: an integer given for a float parameter
-    (``decoding.temperature=0``) is that float, ``task.gen_length`` is the response length that
+    (``decoding.temperature=0``, ``decoding.cfg_scale=0``) is that float, ``task.gen_length`` is the response length that
     runs (``gen_length=16`` and ``task.gen_length=16`` are one run), and a Hub checkpoint's
     ``model.revision`` is the commit it resolved to (``main`` or null, and that commit, are one).
     Settings spelled the default way keep the keys they had before these rules (but for Hub
@@ -393,6 +393,9 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
         params = dict(tree[group])
         name = params.pop("name", None)
         tree[group] = {"name": name, **registry.canonical(name, params)}
+    # cfg_scale is the loop's, not the decoder class's: canonical does not see it (cfg_scale=0 is 0.0)
+    if type(tree["decoding"].get("cfg_scale")) is int:
+        tree["decoding"]["cfg_scale"] = float(tree["decoding"]["cfg_scale"])
     if isinstance(tree.get("task"), dict) and "gen_length" in tree["task"]:
         tree["task"]["gen_length"] = plan.gen_length
     if isinstance(tree.get("task"), dict) and "batch_size" in tree["task"]:  # batch_size=N is task.batch_size=N

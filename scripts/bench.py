@@ -76,6 +76,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -325,6 +326,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--time-budget={args.time_budget} must be >= 0 seconds")
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps={args.steps} must be >= 1")
+    if args.steps is not None and is_block_preset(args.preset):
+        decoding, dparams = PRESETS[args.preset]["decoding"]
+        ap.error(f"--steps={args.steps}: --preset {args.preset} decodes with {decoding}, whose steps per block are "
+                 f"the preset's ({', '.join(f'{k}={v}' for k, v in dparams.items())}); leave --steps out")
     if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
         ap.error(f"--threads={args.threads} must be from 1 to {os.cpu_count() or 1} (this machine's cores)")
     args.steps = args.steps or args.gen_length
@@ -579,10 +584,6 @@ def warm_up(net, prompts, method: str, decoding: str, dparams: dict, args) -> Ge
     return generate_once(net, prompts, method, decoding, dparams, args, short)
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]  # the lower median: always a measured value
-
-
 def describe(decoding: str, dparams: dict) -> str:
     return decoding + "".join(f",{k}={v}" for k, v in dparams.items())
 
@@ -613,7 +614,7 @@ def main(argv=None) -> list[dict]:
           f"packed_weights={packed} modes={','.join(nets)}"
           + (f" compile_mode={args.compile_mode}" if args.compile else ""))
     print(f"# batch={','.join(map(str, args.batch_sizes))} prompt={args.prompt_length} gen={args.gen_length} "
-          f"steps={args.steps} warmup={args.warmup} repeats={args.repeats} "
+          f"steps={'per block' if is_block_preset(args.preset) else args.steps} warmup={args.warmup} repeats={args.repeats} "
           f"(model built in {time.perf_counter() - t0:.1f}s)", flush=True)
     rows: list[dict] = []
     failed: list[str] = []
@@ -665,14 +666,16 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
                refs: list[GenerationOutput], none_decoding: str, eager: list[GenerationOutput] | None) -> dict:
         out, ref = outs[0], refs[0]  # every round generates the same tokens; times differ
         forward_ms, cost = fits[mode]
-        seconds = median([o.seconds for o in outs])
-        speedup = median([r.seconds / o.seconds for r, o in zip(refs, outs)])
+        # True medians (the mean of the middle two of an even count), of the times and of each round's
+        # ratio to its none: a lower median of two rounds would report the worse ratio beside the faster time.
+        seconds = statistics.median(o.seconds for o in outs)
+        speedup = statistics.median(r.seconds / o.seconds for r, o in zip(refs, outs))
         attainable = cost.run_ms(ref, margs.n_layers, args.batch_size) / cost.run_ms(out, margs.n_layers, args.batch_size)
         peak = max(o.peak_mem_gb for o in outs)
         ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
             method=method, decoding=describe(decoding, dparams), none_decoding=none_decoding, mode=mode,
-            wall_s=seconds, tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
+            wall_s=seconds, round_wall_s=[o.seconds for o in outs], tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
             efficiency=speedup / out.ideal_speedup, attainable_speedup=attainable,
             attainable_efficiency=speedup / attainable, peak_mem_gb=peak, peak_mem_gb_per_row=peak / args.batch_size,
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),
@@ -681,7 +684,9 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
             nfe=out.nfe, recompute_ratio=out.recompute_ratio,
             cache_params=methods_of(args.preset).get(method, ({},))[0],
             decoding_params=dparams, preset=args.preset, family=margs.family, batch_size=args.batch_size,
-            prompt_length=args.prompt_length, gen_length=args.gen_length, steps=args.steps,
+            # a block-diffusion decoder's steps are per block, in decoding_params
+            prompt_length=args.prompt_length, gen_length=args.gen_length,
+            steps=None if is_block_causal(decoding) else args.steps,
             device=str(args.device), device_name=device_name, dtype=args.dtype,
             threads=torch.get_num_threads(), packed_weights=packed[mode], repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
@@ -692,7 +697,7 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
             row.update(compile_seconds=sum(o.compile_seconds for o in ran), recompiles=sum(o.recompiles for o in ran),
                        cudagraph_skips=sum(o.cudagraph_skips for o in ran))
         if eager is not None:
-            row["compiled_vs_eager"] = median([e.seconds / o.seconds for e, o in zip(eager, outs)])
+            row["compiled_vs_eager"] = statistics.median(e.seconds / o.seconds for e, o in zip(eager, outs))
         print(f"  {f'{mode:<9}' if args.compile else ''}{method:<11} {row['decoding']:<34} {seconds:8.2f}s  "
               f"{row['tokens_per_s']:8.1f} tok/s  x{speedup:.2f} (ideal x{out.ideal_speedup:.2f}, attainable "
               f"x{attainable:.2f})  agree {row['agreement']:.3f}", flush=True)

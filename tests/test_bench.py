@@ -65,6 +65,10 @@ def test_bench_smoke_writes_json_rows(tmp_path):
             assert row["attainable_speedup"] == 1
         else:
             assert row["ideal_speedup"] > 1
+        # two rounds: true medians (means of the two), the speedup of each round against its own none
+        none_rounds, rounds = nones[row["decoding"]]["round_wall_s"], row["round_wall_s"]
+        assert math.isclose(row["wall_s"], sum(rounds) / 2, rel_tol=1e-9)
+        assert math.isclose(row["speedup"], sum(n / r for n, r in zip(none_rounds, rounds)) / 2, rel_tol=1e-9)
     assert "low_confidence" in next(r for r in rows if r["method"] == "dkv_decode")["decoding"]
     assert "random" in next(r for r in rows if r["method"] == "dkv_greedy")["decoding"]
     assert "certainty_prior" in next(r for r in rows if r["method"] == "d2cache")["decoding"]
@@ -227,6 +231,9 @@ def test_batch_size_options():
     (["--methods", "", "--samplers", ""], "nothing to compare with none"),
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
     (["--preset", "block_smoke", "--samplers", "wino"], "the samplers decode bidirectional models; --preset block_smoke"),
+    # a block-diffusion decoder's steps are per block, the preset's: --steps would be ignored (and recorded)
+    (["--preset", "block_smoke", "--steps", "999"], "--steps=999: --preset block_smoke decodes with block_diffusion, "
+                                                    "whose steps per block are the preset's (block_length=4, steps=4"),
     (["--family", "dream", "--samplers", "wino"], "--samplers wino: WINO decodes LLaDA-family models only"),
     (["--compile-mode", "default"], "--compile-mode default applies to --compile runs"),
     # longer than the real model's context: hours of attention over positions it never sees
@@ -343,7 +350,7 @@ def test_block_diffusion_preset_runs_the_exact_prefix_cache_beside_none():
     assert [(r["batch_size"], r["method"]) for r in rows] == [(b, m) for b in (1, 2) for m in ("none", "prefix", "dual")]
     for row in rows:
         assert row["decoding"].startswith("block_diffusion,block_length=4")
-        assert row["family"] == "sdar"
+        assert row["family"] == "sdar" and row["steps"] is None  # per block: in decoding_params
     prefix = [r for r in rows if r["method"] == "prefix"]
     none = [r for r in rows if r["method"] == "none"]
     assert all(r["agreement"] == 1.0 for r in prefix)

@@ -351,12 +351,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     args.compile_mode = args.compile_mode or compile_mode_for(args.device)
     copies = 2 if args.compile else 1  # --compile times a second copy of the weights beside the first
-    weights = copies * weight_bytes(model_args(args), getattr(torch, args.dtype))
+    margs, dtype = model_args(args), getattr(torch, args.dtype)
+    weights = copies * weight_bytes(margs, dtype)
     free = available_memory(args.device)
     if free is not None and weights > free:  # building it would run the machine out of memory, silently
         ap.error(f"--preset {args.preset}: its weights take {weights / 2**30:.1f} GiB in {args.dtype}"
                  f"{' (two copies with --compile)' if args.compile else ''} and {args.device} has "
                  f"{free / 2**30:.1f} GiB available; run it on a GPU (--device cuda) or choose a smaller preset")
+    # The K/V store of the largest batch (the compiled copy keeps its own) beside them: a floor, not
+    # the peak (activations come on top), that stops a mistyped batch size before the model is built.
+    batch = max(args.batch_sizes)
+    store = copies * kv_store_bytes(margs, batch, args.prompt_length + args.gen_length, dtype)
+    if free is not None and weights + store > free:
+        ap.error(f"batch size {batch}: the weights and K/V store{'s' if args.compile else ''} take "
+                 f"{(weights + store) / 2**30:.1f} GiB in {args.dtype} and {args.device} has {free / 2**30:.1f} GiB "
+                 "available; give smaller batch sizes or lengths")
     try:
         check_runs(args)
     except ValueError as error:  # its text names run.py's settings, which these flags set here
@@ -376,6 +385,11 @@ def weight_bytes(margs: ModelArgs, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         count = sum(p.numel() for p in Transformer(margs).parameters())
     return count * dtype.itemsize
+
+
+def kv_store_bytes(margs: ModelArgs, batch: int, length: int, dtype: torch.dtype) -> int:
+    """The bytes of a generation's K/V store (:class:`KVStore`: every layer's K and V, one extra slot)."""
+    return 2 * margs.n_layers * batch * margs.n_kv_heads * (length + 1) * margs.head_dim * dtype.itemsize
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -160,6 +160,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--time-budget={args.time_budget}: give a finite number of seconds >= 0")
     if not torch.cuda.is_available() and not args.tiny:
         ap.error("no CUDA device: the check is for a GPU (--tiny runs it on CPU)")
+    # One model at a time, with the K/V store of the largest batch: more than the device has (a
+    # mistyped batch size) is refused now, not after the first runs.
+    device, dtype = torch.device("cpu" if args.tiny else "cuda"), torch.float32 if args.tiny else torch.bfloat16
+    free, batch = bench.available_memory(device), max(args.batch_sizes)
+    for family in args.families:
+        margs = model_args(family, args.tiny, Setting(device, dtype, args.prompt_length, args.gen_length, args.seed))
+        need = bench.weight_bytes(margs, dtype) + bench.kv_store_bytes(
+            margs, batch, args.prompt_length + args.gen_length, dtype)
+        if free is not None and need > free:
+            ap.error(f"--batch-sizes={text!r}: {family} at batch {batch} takes {need / 2**30:.1f} GiB (weights and K/V "
+                     f"store) and {device} has {free / 2**30:.1f} GiB available; give smaller batch sizes or lengths")
     if not args.no_compile:
         try:
             check_torch_version()
@@ -167,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"{error} (--no-compile runs the eager half)")
     # Made now, last (a refused command makes nothing): found unusable after the runs, it would lose them all.
     try:
-        make_out_folder(args.out)
+        make_out_folder(args.out, files=("gpu_check.json", "gpu_check.md"))
     except ValueError as error:
         ap.error(str(error))
     return args

@@ -311,6 +311,8 @@ def load_bench_rows(path: str) -> list[dict]:
     for number, row in enumerate(rows, 1):  # what the figure reads, as bench.py writes it
         problems = [f"{key}={row[key]!r} (allowed: a text)" for key in ("method", "decoding", "none_decoding")
                     if not isinstance(row[key], str)]
+        if row.get("mode", "eager") not in ("eager", "compiled"):  # absent before --compile: eager
+            problems.append(f"mode={row['mode']!r} (allowed: 'eager', 'compiled')")
         if isinstance(row["batch_size"], bool) or not isinstance(row["batch_size"], int) or row["batch_size"] < 1:
             problems.append(f"batch_size={row['batch_size']!r} (allowed: an integer >= 1)")
         problems += [f"{key}={row[key]!r} (allowed: a finite number > 0)" for key in ("speedup", "tokens_per_s")

@@ -375,3 +375,9 @@ def test_a_preset_too_large_for_the_memory_is_refused_before_it_is_built(capsys,
         bench.main(["--preset", "sdar8b", "--device", "cpu", "--dtype", "bfloat16", "--compile"])
     assert "its weights take 30.5 GiB in bfloat16 (two copies with --compile) and cpu has 16.0 GiB" in capsys.readouterr().err
     assert bench.available_memory(torch.device("cpu")) > 0
+    # a mistyped batch size: the K/V store alone would not fit (it crashed in make_prompts' allocation)
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "smoke", "--batch-sizes", f"1,{10**12}"])
+    assert "batch size 1000000000000: the weights and K/V store take" in capsys.readouterr().err

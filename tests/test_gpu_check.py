@@ -139,6 +139,7 @@ def test_check_and_bench_run_without_the_config_and_eval_packages(tmp_path):
     (["--methods", ""], "--methods=''"), (["--families", " , "], "--families=' , '"),
     (["--time-budget", "-1"], "--time-budget=-1.0"), (["--time-budget", "nan"], "--time-budget=nan"),
     (["--time-budget", "inf"], "--time-budget=inf"),
+    (["--batch-sizes", "1,100000000"], "--batch-sizes='1,100000000': llada at batch 100000000 takes"),  # no memory
     (["--seed", "-1"], "argument --seed: -1 must be from 0 to 4294967295"),  # as bench.py and run.py
     (["--seed", "99999999999999999999"], "argument --seed: 99999999999999999999 must be from 0"),
     # lengths: 0 is not "the default", a negative one crashed or erred every run, 40 is not in blocks of 32
@@ -197,14 +198,33 @@ def test_the_reports_are_replaced_whole(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["gpu_check.json"]
 
 
+def test_an_output_in_the_way_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "gc" / "gpu_check.md").mkdir(parents=True)  # it ended in a traceback after every run
+    proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile")
+    assert proc.returncode == 2 and "gpu_check.md there is not a regular file" in proc.stderr, proc.stderr[-3000:]
+    assert "gpu_check: bad arguments, nothing run" in proc.stderr
+
+
 def test_a_crash_is_not_reported_as_a_failed_check(tmp_path):
-    # the script raising after the runs (gpu_check.json cannot replace a folder): exit 3, not the 1 of a failed check
-    (tmp_path / "gc" / "gpu_check.json").mkdir(parents=True)
-    proc = run_wrapper(tmp_path, sys.executable, "--tiny", "--no-compile", "--methods", "dual", "--families", "dream",
+    # the script raising after the runs (the disk full when it writes): exit 3, not the 1 of a failed check
+    disk_full = tmp_path / "python"
+    disk_full.write_text(f"""#!/bin/sh
+exec {sys.executable} -c '
+import errno, runpy, sys
+import dllm.atomic
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+dllm.atomic.write_atomic = full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+' "$@"
+""")
+    disk_full.chmod(0o755)
+    proc = run_wrapper(tmp_path, str(disk_full), "--tiny", "--no-compile", "--methods", "dual", "--families", "dream",
                        "--batch-sizes", "1", "--time-budget", "0")
-    assert proc.returncode == 3 and "is not a regular file" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 3 and "No space left on device" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check: crashed (exit 3); no outputs written" in proc.stderr and "outputs:" not in proc.stdout
-    assert sorted(os.listdir(tmp_path / "gc")) == ["gpu_check.json"]  # no temp file left either
+    assert os.listdir(tmp_path / "gc") == []
     # an exit 1 that wrote nothing (e.g. an import error before main) beside an earlier run's outputs
     for name in ("gpu_check.json", "gpu_check.md"):
         (tmp_path / "earlier" / name).parent.mkdir(exist_ok=True)

@@ -391,7 +391,8 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
     f = {k: str(v) for k, v in bad_inputs.items()}
     jsons = {"text": "not json", "empty": "[]", "object": '{"a": 1}', "rows": '[{"method": "none"}]'}
     good_row = json.loads((ROOT / "results" / "reference" / "bench_batch_cpu.json").read_text())[0]
-    for key, value in (("batch_size", "abc"), ("method", 5), ("speedup", None), ("tokens_per_s", "fast")):
+    for key, value in (("batch_size", "abc"), ("method", 5), ("speedup", None), ("tokens_per_s", "fast"),
+                       ("mode", 5)):
         jsons[f"bad_{key}"] = json.dumps([good_row, {**good_row, key: value}])
     for name, text in jsons.items():
         (tmp_path / f"{name}.json").write_text(text)
@@ -415,6 +416,7 @@ def test_plot_refuses_bad_input_before_drawing_or_running_anything(bad_inputs, t
         (["--bench-json", str(tmp_path / "bad_method.json")], "row 2: method=5 (allowed: a text)"),
         (["--bench-json", str(tmp_path / "bad_speedup.json")], "row 2: speedup=None (allowed: a finite number > 0)"),
         (["--bench-json", str(tmp_path / "bad_tokens_per_s.json")], "row 2: tokens_per_s='fast' (allowed: a finite"),
+        (["--bench-json", str(tmp_path / "bad_mode.json")], "row 2: mode=5 (allowed: 'eager', 'compiled')"),
         # A single-batch bench JSON from before --batch-sizes.
         (["--bench-json", str(ROOT / "results" / "reference" / "bench_cpu.json")], "its rows lack ['none_decoding']"),
         # The CSV is fine, but no figure is drawn before the JSON is found missing.

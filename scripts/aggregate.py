@@ -370,7 +370,8 @@ def _speedup(row: dict, base: dict | None) -> tuple[float | None, float | None, 
     throughput, base_throughput = _num(row.get("throughput_all_tok_s")), _num(base.get("throughput_all_tok_s"))
     if not throughput or not base_throughput:  # not recorded (an older or hand-made CSV), or 0
         return None, None, ""
-    # Same samples, same gen_length: the ratio of generation times (all-token throughputs).
+    # Same samples, same gen_length: the ratio of generation times. With stop_at_eos each run counts the
+    # positions it generated, so stopping sooner is not counted as speed.
     speedup = throughput / base_throughput
     spreads = {"throughput": _relative_std(row), "baseline throughput": _relative_std(base)}
     known = [s for s in spreads.values() if s is not None]

@@ -359,6 +359,8 @@ def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_process
     monkeypatch.chdir(tmp_path / "a")
     first = _key(composer, "task.include_path=mytasks")
     assert first != _key(composer, "task.include_path=local")
+    bundled = ROOT / "dllm" / "eval" / "tasks" / "local"  # a bundled folder by its path is the same folder
+    assert _key(composer, f"task.include_path={bundled}") == _key(composer, "task.include_path=local")
     shutil.copytree(own, tmp_path / "b" / "mytasks")
     monkeypatch.chdir(tmp_path / "b")
     assert _key(composer, "task.include_path=mytasks") != first  # another folder of the same name

@@ -413,14 +413,16 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
     if named:
         settings["input_files"] = {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in named.items()}
     # A task folder of one's own: its resolved path (a relative one depends on where the run
-    # starts) and its files (they can change); a bundled one by its name, as the code's own files.
+    # starts) and its files (they can change); a bundled one by its name however it was spelled
+    # (``arith`` or its absolute path), as the code's own files.
     bundled = TASKS_ROOT.resolve()
     include = _get(cfg, "task.include_path")
     folders = [Path(p) for p in resolve_include_path(include)]
-    if any(not folder.is_relative_to(bundled) for folder in folders):
+    if folders:
         named = [str(f.relative_to(bundled)) if f.is_relative_to(bundled) else str(f) for f in folders]
         settings["task"]["include_path"] = named[0] if isinstance(include, str) else named
-        settings["task_files"] = {str(f): folder_contents(f) for f in folders if not f.is_relative_to(bundled)}
+    if outside := [f for f in folders if not f.is_relative_to(bundled)]:
+        settings["task_files"] = {str(f): folder_contents(f) for f in outside}
     return settings
 
 

@@ -522,9 +522,16 @@ WRONG = "def f():\n    return 3\n"
     ("import os\nassert os.environ['HF_ALLOW_CODE_EVAL'] == '1'", True),
     ("assert hash('a') == 4644417185603328019", True),
     ("open('mine.py', 'w').write('x = 1')\nimport mine", False),
+    # code_eval's parent has them loaded before the guard (numpy's import calls os.putenv)
+    ("import numpy as np\nassert np.mean([1, 3]) == 2", True),
+    ("def f():\n    import pandas as pd\n    return pd.Series([1, 2]).sum()\nassert f() == 3", True),
+    ("from multiprocessing import cpu_count\nassert cpu_count() >= 1", True),
+    ("import numpy\nimport os\nos.putenv('X', '1')", False),  # the guard still holds for the program
+    ("import no_such_module_here", False),
 ], ids=["right", "wrong", "exit", "sys.exit", "os._exit", "atexit", "main-block", "nul", "slow", "endless",
         "getcwd", "subprocess", "resource", "help", "putenv", "allowed", "writes", "stdin-lines", "stdin-read",
-        "stdin-readlines", "input", "stdout-buffer", "environment", "hash-seed", "no-import-from-folder"])
+        "stdin-readlines", "input", "stdout-buffer", "environment", "hash-seed", "no-import-from-folder", "numpy",
+        "pandas-in-a-function", "multiprocessing", "putenv-after-numpy", "missing-module"])
 def test_a_program_passes_when_it_runs_to_its_end(monkeypatch, program, passes):
     from dllm.eval import code_exec
 

@@ -263,8 +263,15 @@ def load_model_and_tokenizer(cfg: DictConfig, plan: RunPlan):
     net = load_model(str(folder), plan.device, plan.dtype, expected_family=cfg.model.family)
     pack_linear_weights(net)  # float32 on CPU only; see dllm/models/packed.py
     if plan.compile:
+        import torch._dynamo as dynamo
+
         from dllm.models.compiled import compile_layers
 
+        # A run's graphs are its own. Dynamo keeps graphs on the one compiled function for the
+        # process's life, so in a sweep run in one process a later job on the same model structure
+        # would reuse an earlier job's (compile_seconds 0, recompiles 0, unlike the job run alone),
+        # and every job's graphs would count toward dynamo's recompile limit.
+        dynamo.reset()
         compile_layers(net)  # graphs compile on first use: in the warm-up batch, left out of the timings
     return net, tokenizer
 

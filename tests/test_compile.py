@@ -243,3 +243,9 @@ def test_the_pipeline_compiles_after_loading_and_keys_compiled_runs_apart():
     without = compose("device=cpu", "~compile")  # a config from before the option existed
     settings = [run_settings(c, plan_run(c), checkpoint_identity(c)) for c in (eager, without, cfg)]
     assert settings[0] == settings[1] != settings[2]  # eager runs keep their old resume keys
+    # the next run of a sweep in the same process compiles its own graphs (not reusing the last one's)
+    for _ in range(2):
+        net, _ = load_model_and_tokenizer(cfg, plan)
+        torch.set_num_threads(threads)
+        out = generate(net, PROMPTS, build_decoder("low_confidence", steps=8, block_length=8), build_cache("none"), 8)
+        assert out.recompiles >= 1

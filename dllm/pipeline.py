@@ -24,6 +24,7 @@ from dllm.models.loading import FAMILY_OF_NAME
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class RunPlan:
     decoder: Decoder
@@ -37,8 +38,9 @@ class RunPlan:
     compile: bool = False  # run the layers compiled (dllm.models.compiled), after loading
 
 
-# torch's own thread count, taken before any run sets one: ``threads=auto`` must resolve alike in every
-# job of a sweep run in one process, not to the count the previous job set.
+# torch's own thread count, taken when this module is imported, before any run sets one (run.py imports
+# it before its first job): ``threads=auto`` must resolve alike in every job of a sweep run in one
+# process, not to the count the previous job set.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 

@@ -97,7 +97,7 @@ from dllm.metrics.timing import measure  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
 from dllm.models.packed import pack_linear_weights  # noqa: E402
 from dllm.models.tiny import BASE_ARGS  # noqa: E402
-from dllm.models.transformer import ModelArgs, Transformer  # noqa: E402
+from dllm.models.transformer import KVStore, ModelArgs, Transformer  # noqa: E402
 
 PRESETS = {
     # tiny: a few seconds on CPU, for tests
@@ -328,8 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--steps={args.steps} must be >= 1")
     if args.steps is not None and is_block_preset(args.preset):
         decoding, dparams = PRESETS[args.preset]["decoding"]
-        ap.error(f"--steps={args.steps}: --preset {args.preset} decodes with {decoding}, whose steps per block are "
-                 f"the preset's ({', '.join(f'{k}={v}' for k, v in dparams.items())}); leave --steps out")
+        ap.error(f"--steps={args.steps}: --preset {args.preset} decodes with {decoding} on the preset's own "
+                 f"schedule per block ({', '.join(f'{k}={v}' for k, v in dparams.items())}); leave --steps out")
     if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
         ap.error(f"--threads={args.threads} must be from 1 to {os.cpu_count() or 1} (this machine's cores)")
     args.steps = args.steps or args.gen_length
@@ -388,8 +388,9 @@ def weight_bytes(margs: ModelArgs, dtype: torch.dtype) -> int:
 
 
 def kv_store_bytes(margs: ModelArgs, batch: int, length: int, dtype: torch.dtype) -> int:
-    """The bytes of a generation's K/V store (:class:`KVStore`: every layer's K and V, one extra slot)."""
-    return 2 * margs.n_layers * batch * margs.n_kv_heads * (length + 1) * margs.head_dim * dtype.itemsize
+    """The bytes of a generation's K/V store (built on the meta device: nothing allocated)."""
+    store = KVStore(margs, batch, length, "meta", dtype)
+    return sum(tensor.numel() for tensor in store.k + store.v) * dtype.itemsize
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -628,7 +629,8 @@ def main(argv=None) -> list[dict]:
           f"packed_weights={packed} modes={','.join(nets)}"
           + (f" compile_mode={args.compile_mode}" if args.compile else ""))
     print(f"# batch={','.join(map(str, args.batch_sizes))} prompt={args.prompt_length} gen={args.gen_length} "
-          f"steps={'per block' if is_block_preset(args.preset) else args.steps} warmup={args.warmup} repeats={args.repeats} "
+          f"steps={'per block' if is_block_preset(args.preset) else args.steps} warmup={args.warmup} "
+          f"repeats={args.repeats} "
           f"(model built in {time.perf_counter() - t0:.1f}s)", flush=True)
     rows: list[dict] = []
     failed: list[str] = []
@@ -689,7 +691,8 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
         ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
             method=method, decoding=describe(decoding, dparams), none_decoding=none_decoding, mode=mode,
-            wall_s=seconds, round_wall_s=[o.seconds for o in outs], tokens_per_s=n_tokens / seconds, speedup=speedup, ideal_speedup=out.ideal_speedup,
+            wall_s=seconds, round_wall_s=[o.seconds for o in outs], tokens_per_s=n_tokens / seconds, speedup=speedup,
+            ideal_speedup=out.ideal_speedup,
             efficiency=speedup / out.ideal_speedup, attainable_speedup=attainable,
             attainable_efficiency=speedup / attainable, peak_mem_gb=peak, peak_mem_gb_per_row=peak / args.batch_size,
             mem_vs_none=peak / ref_peak if ref_peak else float("nan"),

@@ -162,15 +162,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("no CUDA device: the check is for a GPU (--tiny runs it on CPU)")
     # One model at a time, with the K/V store of the largest batch: more than the device has (a
     # mistyped batch size) is refused now, not after the first runs.
-    device, dtype = torch.device("cpu" if args.tiny else "cuda"), torch.float32 if args.tiny else torch.bfloat16
-    free, batch = bench.available_memory(device), max(args.batch_sizes)
+    args.setting = Setting(torch.device("cpu" if args.tiny else "cuda"), torch.float32 if args.tiny else torch.bfloat16,
+                           args.prompt_length, args.gen_length, args.seed)
+    free, batch = bench.available_memory(args.setting.device), max(args.batch_sizes)
     for family in args.families:
-        margs = model_args(family, args.tiny, Setting(device, dtype, args.prompt_length, args.gen_length, args.seed))
-        need = bench.weight_bytes(margs, dtype) + bench.kv_store_bytes(
-            margs, batch, args.prompt_length + args.gen_length, dtype)
+        margs = model_args(family, args.tiny, args.setting)
+        need = bench.weight_bytes(margs, args.setting.dtype) + bench.kv_store_bytes(
+            margs, batch, args.prompt_length + args.gen_length, args.setting.dtype)
         if free is not None and need > free:
             ap.error(f"--batch-sizes={text!r}: {family} at batch {batch} takes {need / 2**30:.1f} GiB (weights and K/V "
-                     f"store) and {device} has {free / 2**30:.1f} GiB available; give smaller batch sizes or lengths")
+                     f"store) and {args.setting.device} has {free / 2**30:.1f} GiB available; give smaller batch sizes "
+                     "or lengths")
     if not args.no_compile:
         try:
             check_torch_version()
@@ -349,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.time_budget)
     if args.tiny:  # tiny ops gain nothing from threads, and on a busy machine extra threads slow them several-fold
         torch.set_num_threads(1)
-    device = torch.device("cpu" if args.tiny else "cuda")
-    setting = Setting(device, torch.float32 if args.tiny else torch.bfloat16, args.prompt_length, args.gen_length,
-                      args.seed)
+    setting = args.setting
+    device = setting.device
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     compile_mode = None if args.no_compile else bench.compile_mode_for(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

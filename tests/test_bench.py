@@ -232,8 +232,8 @@ def test_batch_size_options():
     (["--preset", "block_smoke", "--samplers", "foo"], "--samplers: unknown ['foo']"),
     (["--preset", "block_smoke", "--samplers", "wino"], "the samplers decode bidirectional models; --preset block_smoke"),
     # a block-diffusion decoder's steps are per block, the preset's: --steps would be ignored (and recorded)
-    (["--preset", "block_smoke", "--steps", "999"], "--steps=999: --preset block_smoke decodes with block_diffusion, "
-                                                    "whose steps per block are the preset's (block_length=4, steps=4"),
+    (["--preset", "block_smoke", "--steps", "999"], "--steps=999: --preset block_smoke decodes with block_diffusion "
+                                                    "on the preset's own schedule per block (block_length=4, steps=4"),
     (["--family", "dream", "--samplers", "wino"], "--samplers wino: WINO decodes LLaDA-family models only"),
     (["--compile-mode", "default"], "--compile-mode default applies to --compile runs"),
     # longer than the real model's context: hours of attention over positions it never sees

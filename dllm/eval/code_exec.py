@@ -15,10 +15,10 @@ in a file only after ``exec`` returns. ``__name__`` is not ``"__main__"`` (``cod
 fresh globals too), so an ``if __name__ == "__main__":`` block, e.g. one reading ``input()``, does
 not run. Before ``exec`` the driver disables what ``code_eval``'s ``reliability_guard`` disables
 (``exit``, ``help``, ``os.getcwd``, ``os.remove``, ``subprocess.Popen``, ``import resource``, …),
-so a program that calls one fails here as it fails there. The modules a program imports are
-imported before that guard, as ``code_eval``'s parent process has numpy, pandas, multiprocessing, …
-loaded before it forks (numpy's import calls ``os.putenv``, which the guard disables); their
-import time is not counted in the timeout (a forked child does not pay it either). During ``exec`` its standard streams
+so a program that calls one fails here as it fails there. numpy, pandas, scipy and
+multiprocessing, where a program imports them, are imported before that guard, as ``code_eval``'s
+parent process has them loaded when it forks (numpy's import calls ``os.putenv``, which the guard
+disables); their import time is not counted in the timeout (the forked child does not pay it either). During ``exec`` its standard streams
 are ``code_eval``'s ``swallow_io``: one in-memory text stream that takes writes and raises
 ``OSError`` on any read, so a program that reads stdin (``input()``, ``sys.stdin.read()``,
 ``for line in sys.stdin``) or writes bytes to ``sys.stdout.buffer`` fails, as there. The program
@@ -63,11 +63,14 @@ DISABLED = {
 }
 # Modules it makes unimportable (an ImportError on import).
 BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+# Modules loaded in the process code_eval forks from whose import fails under the guard (numpy's
+# calls os.putenv; pandas and scipy import numpy): imported before it where a program imports them.
+PRELOADED = ("numpy", "pandas", "scipy", "multiprocessing")
 
 # Runs the program file (argv[1]) by exec with fresh globals under a timer of argv[3] seconds, then
 # creates the file argv[2]: the program finished without raising. os._exit skips the program's
 # atexit handlers and threads, which code_eval's process does not wait for either.
-_DRIVER = f"DISABLED = {DISABLED!r}\nBLOCKED_MODULES = {BLOCKED_MODULES!r}\n" + """
+_DRIVER = f"DISABLED = {DISABLED!r}\nBLOCKED_MODULES = {BLOCKED_MODULES!r}\nPRELOADED = {PRELOADED!r}\n" + """
 import ast, faulthandler, importlib, io, os, signal, sys
 if sys.path and sys.path[0] in ('', os.getcwd()):  # the working folder is no import root (python -P)
     del sys.path[0]
@@ -77,10 +80,11 @@ with open(path, encoding="utf-8") as f:
 def out_of_time(*_):
     raise TimeoutError(f"ran past {seconds} s")
 faulthandler.disable()
-# code_eval forks its child from the evaluating process, where numpy, pandas, multiprocessing, ... are
-# loaded already, so the program's imports of them skip their import-time code. numpy's calls
-# os.putenv, which the guard below disables: imported after it, `import numpy` would fail. So the
-# modules the program imports (absolute imports, anywhere in it) are imported now, before the guard.
+os.environ["OMP_NUM_THREADS"] = "1"
+# code_eval forks its child from the evaluating process (lm-eval, HF evaluate and datasets), where
+# PRELOADED are loaded already, so a program's import of one skips its import-time code. numpy's
+# calls os.putenv, which the guard below disables: imported after it, `import numpy` would fail. So
+# those of them the program imports (anywhere in it) are imported now, before the guard.
 try:
     tree = ast.parse(source)
 except (SyntaxError, ValueError):  # exec fails on it anyway
@@ -93,12 +97,11 @@ for node in ast.walk(tree) if tree is not None else ():
     else:
         continue
     for name in names:
-        if name.split(".")[0] not in BLOCKED_MODULES:
+        if name.split(".")[0] in PRELOADED:
             try:
                 importlib.import_module(name)
-            except BaseException:  # not installed, or fails: the program's own import says so
+            except Exception:  # not installed: the program's own import says so
                 pass
-os.environ["OMP_NUM_THREADS"] = "1"
 for module, names in DISABLED.items():
     for name in names:
         setattr(importlib.import_module(module), name, None)

@@ -18,10 +18,11 @@ not run. Before ``exec`` the driver disables what ``code_eval``'s ``reliability_
 so a program that calls one fails here as it fails there. numpy, pandas, scipy and
 multiprocessing, where a program imports them, are imported before that guard, as ``code_eval``'s
 parent process has them loaded when it forks (numpy's import calls ``os.putenv``, which the guard
-disables); their import time is not counted in the timeout (the forked child does not pay it either). During ``exec`` its standard streams
-are ``code_eval``'s ``swallow_io``: one in-memory text stream that takes writes and raises
-``OSError`` on any read, so a program that reads stdin (``input()``, ``sys.stdin.read()``,
-``for line in sys.stdin``) or writes bytes to ``sys.stdout.buffer`` fails, as there. The program
+disables); their import time is not counted in the timeout (the forked child does not pay it
+either). During ``exec`` its standard streams are ``code_eval``'s ``swallow_io``: one in-memory
+text stream that takes writes and raises ``OSError`` on any read, so a program that reads stdin
+(``input()``, ``sys.stdin.read()``, ``for line in sys.stdin``) or writes bytes to
+``sys.stdout.buffer`` fails, as there. The program
 sees the evaluating process's environment (``code_eval`` runs it in a child of that process),
 with a fixed hash seed (``PYTHONHASHSEED=0``, where ``code_eval`` inherits the evaluator's,
 random by default): a program whose result depends on the order of a set of strings gets one

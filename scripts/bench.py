@@ -39,6 +39,10 @@ attainable_speedup is then the share of what this hardware allows that the imple
 weight_read_ms is the memory floor under the fixed cost: the time to read as many bytes as the
 layers' weights once (with an MoE, one row's routed experts), measured as a sum over a buffer that
 size; a kernel can overlap it with the per-row arithmetic, but no kernel can skip it.
+The layers' GEMMs alone (nothing else of a forward; dense models) are timed and fitted the same
+way: gemm_bound_speedup is the speedup if every forward cost only its GEMMs, and
+gemm_efficiency_cap = gemm_bound_speedup / ideal_speedup the efficiency that no implementation
+calling the same GEMM library can pass on this hardware.
 
 With ``--repeats N`` the runs go in N interleaved rounds (none, then each method, per decoding),
 so slow drift of the machine's speed hits ``none`` and the methods alike; times are medians over
@@ -83,6 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -95,7 +100,7 @@ from dllm.decoding.loop import GenerationOutput, generate, kv_store  # noqa: E40
 from dllm.devices import resolve_device  # noqa: E402
 from dllm.metrics.timing import measure  # noqa: E402
 from dllm.models.compiled import check_torch_version, compile_layers  # noqa: E402
-from dllm.models.packed import pack_linear_weights  # noqa: E402
+from dllm.models.packed import PackedLinear, pack_linear_weights  # noqa: E402
 from dllm.models.tiny import BASE_ARGS  # noqa: E402
 from dllm.models.transformer import KVStore, ModelArgs, Transformer  # noqa: E402
 
@@ -508,6 +513,33 @@ def bare_forward_ms(nets: dict[str, Transformer], args: argparse.Namespace, repe
 
 
 @torch.inference_mode()
+def bare_gemm_ms(net: Transformer, args: argparse.Namespace, repeats: int = 10) -> dict[int, float] | None:
+    """Milliseconds of the layers' linear maps alone (q, k, v, o and the FFN's, nothing else of a
+    forward) over the same active-row counts as :func:`bare_forward_ms`, the fastest of ``repeats``
+    rounds. Each weight is read once per pass as in a forward; the layers' weights together exceed
+    the caches of the presets' hardware, so they stream from memory as they do there. A method
+    whose forwards cost no more than their GEMMs would reach this fit's speedup: the cap that the
+    GEMM library (oneDNN / cuBLAS, which eager and compiled steps both call) puts on efficiency.
+    None for an MoE model, whose rows run through their routed experts only."""
+    if net.args.n_experts:
+        return None
+    gemms = [m for m in net.layers.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    T = args.prompt_length + args.gen_length
+    weight = next(net.parameters())
+    times: dict[int, list[float]] = {rows: [] for rows in forward_rows(T)}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for rows, measured in times.items():
+            inputs = {width: torch.randn(args.batch_size, rows, width, dtype=weight.dtype, device=weight.device)
+                      for width in {g.in_features for g in gemms}}
+            with measure(args.device) as cost:
+                for gemm in gemms:
+                    gemm(inputs[gemm.in_features])
+            if round_:
+                measured.append(cost.seconds)
+    return {rows: 1e3 * min(ts) for rows, ts in times.items()}
+
+
+@torch.inference_mode()
 def weight_read_ms(n_params: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
     """Milliseconds to read ``n_params`` values of ``dtype`` once: the fastest of ``repeats`` sums over
     a buffer that size. A sum does nothing but read, so for the parameters a forward must read (the
@@ -664,6 +696,11 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
     prompts = make_prompts(args, margs)
     T = args.prompt_length + args.gen_length
     read_ms = weight_read_ms(layer_params, getattr(torch, args.dtype), args.device)
+    gemm_ms = bare_gemm_ms(nets["eager"], args)
+    gemm_cost = None if gemm_ms is None else ForwardCost.fit(gemm_ms)
+    gemm_fit = dict(bare_gemm_ms=None, gemm_fixed_ms=None, gemm_per_row_ms=None) if gemm_cost is None else dict(
+        bare_gemm_ms={str(rows): ms for rows, ms in gemm_ms.items()}, gemm_fixed_ms=gemm_cost.fixed_ms,
+        gemm_per_row_ms=gemm_cost.per_row_ms)
     fits: dict[str, tuple[dict[int, float], ForwardCost]] = {}
     for mode, forward_ms in bare_forward_ms(nets, args).items():
         cost, small = ForwardCost.fit(forward_ms), min(32, T)
@@ -674,6 +711,12 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
               f"forward costs {cost.forward_ms(small) / cost.forward_ms(T):.1%} of a {T}-row one "
               f"(the linear-layer bound says {small / T:.1%}); reading the layers' weights once takes "
               f"{read_ms:.1f} ms", flush=True)
+    if gemm_cost is not None:
+        print(f"# batch {args.batch_size}: the layers' GEMMs alone (ms): "
+              + ", ".join(f"{rows}: {ms:.1f}" for rows, ms in gemm_ms.items())
+              + f"\n# fit: {gemm_cost.fixed_ms:.1f} ms + {gemm_cost.per_row_ms:.3f} ms per row; so a {small}-row "
+              f"forward's GEMMs cost {gemm_cost.forward_ms(small) / gemm_cost.forward_ms(T):.1%} of a {T}-row one's",
+              flush=True)
 
     rows: list[dict] = []
     n_tokens = args.batch_size * args.gen_length
@@ -687,6 +730,8 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
         seconds = statistics.median(o.seconds for o in outs)
         speedup = statistics.median(r.seconds / o.seconds for r, o in zip(refs, outs))
         attainable = cost.run_ms(ref, margs.n_layers, args.batch_size) / cost.run_ms(out, margs.n_layers, args.batch_size)
+        gemm_bound = None if gemm_cost is None else (gemm_cost.run_ms(ref, margs.n_layers, args.batch_size)
+                                                     / gemm_cost.run_ms(out, margs.n_layers, args.batch_size))
         peak = max(o.peak_mem_gb for o in outs)
         ref_peak = max(r.peak_mem_gb for r in refs)
         row = dict(
@@ -708,6 +753,8 @@ def run_batch(nets: dict[str, Transformer], margs: ModelArgs, args: argparse.Nam
             threads=torch.get_num_threads(), packed_weights=packed[mode], repeats=len(outs), torch=torch.__version__,
             bare_forward_ms={str(rows): ms for rows, ms in forward_ms.items()},
             forward_fixed_ms=cost.fixed_ms, forward_per_row_ms=cost.per_row_ms, weight_read_ms=read_ms,
+            **gemm_fit, gemm_bound_speedup=gemm_bound,
+            gemm_efficiency_cap=None if gemm_bound is None else gemm_bound / out.ideal_speedup,
         )
         if args.compile:  # compile columns only where a compiled copy runs
             ran = [o for o in (warm, *outs) if o is not None]
@@ -770,12 +817,14 @@ def format_table(rows: list[dict]) -> str:
 
     modes = ["mode"] if any(r["mode"] == "compiled" for r in rows) else []
     cols = ["batch_size", "method", "decoding", *modes, "wall_s", "tokens_per_s", "speedup", "ideal_speedup",
-            "efficiency", "attainable_speedup", "attainable_efficiency", "ideal_speedup_attention", "peak_kv_gb",
+            "efficiency", "attainable_speedup", "attainable_efficiency", "gemm_efficiency_cap", "ideal_speedup_attention",
+            "peak_kv_gb",
             "peak_mem_gb", "peak_mem_gb_per_row", "mem_vs_none", "agreement"]
     df = pd.DataFrame(rows)[cols].rename(columns={"batch_size": "batch", "wall_s": "wall s", "tokens_per_s": "tokens/s",
                                                   "speedup": "speedup vs none", "ideal_speedup": "ideal speedup",
                                                   "attainable_speedup": "attainable speedup",
                                                   "attainable_efficiency": "attainable efficiency",
+                                                  "gemm_efficiency_cap": "GEMM efficiency cap",
                                                   "ideal_speedup_attention": "ideal (attention) speedup",
                                                   "peak_kv_gb": "peak KV GB",
                                                   "peak_mem_gb_per_row": "peak mem GB / row"})

@@ -51,6 +51,10 @@ def test_bench_smoke_writes_json_rows(tmp_path):
         # bare forward times from 1 to all P + G = 48 active rows, and their affine fit
         assert set(row["bare_forward_ms"]) == {"1", "8", "32", "48"} and min(row["bare_forward_ms"].values()) > 0
         assert row["forward_fixed_ms"] >= 0 and row["forward_per_row_ms"] >= 0
+        # the layers' GEMMs alone at the same row counts; their fit caps the efficiency (same nfe: at most 1)
+        assert set(row["bare_gemm_ms"]) == set(row["bare_forward_ms"]) and min(row["bare_gemm_ms"].values()) > 0
+        assert math.isclose(row["gemm_efficiency_cap"], row["gemm_bound_speedup"] / row["ideal_speedup"], rel_tol=1e-9)
+        assert 1 <= row["gemm_bound_speedup"] and row["gemm_efficiency_cap"] <= 1 + 1e-9
     # the memory floor under the fixed cost: measured once per batch size, on every row
     assert len({r["weight_read_ms"] for r in rows}) == 1 and rows[0]["weight_read_ms"] > 0
     methods = [r["method"] for r in rows]
@@ -136,6 +140,27 @@ def test_attainable_speedup_is_the_modelled_time_ratio():
     # without a fixed cost the attainable speedup is the linear-layer bound
     assert math.isclose(bench.ForwardCost(0.0, 0.5).run_ms(full, 4, 1) / bench.ForwardCost(0.0, 0.5).run_ms(cached, 4, 1),
                         cached.ideal_speedup)
+
+
+def test_gemm_timing_calls_every_linear_map_of_the_layers_and_skips_moe(monkeypatch):
+    from dataclasses import replace
+
+    args = bench.parse_args(["--preset", "smoke", "--prompt-length", "8", "--gen-length", "8"])
+    args.batch_size = 2  # as run_batch sets it per size
+    margs = replace(bench.model_args(args), n_layers=2)
+    net = bench.build_model(margs, torch.device("cpu"), torch.float32, seed=0)
+    called = []
+    for name, module in net.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, inputs, out, name=name: called.append((name, inputs[0].shape)))
+    ms = bench.bare_gemm_ms(net, args, repeats=1)
+    assert set(ms) == {1, 8, 16} and min(ms.values()) > 0
+    linears = sorted(n for n, m in net.layers.named_modules() if isinstance(m, torch.nn.Linear))
+    assert len(linears) == 2 * 7 and sorted({n for n, _ in called}) == linears
+    assert len(called) == len(linears) * 3 * 2  # every row count, in the warm-up round and the timed one
+    assert {shape[:2] for _, shape in called} == {(2, 1), (2, 8), (2, 16)}
+    moe = replace(margs, n_experts=4, n_experts_per_token=2)
+    assert bench.bare_gemm_ms(bench.build_model(moe, torch.device("cpu"), torch.float32, seed=0), args) is None
 
 
 def test_repeats_run_in_interleaved_rounds(monkeypatch):

@@ -373,6 +373,44 @@ def test_resume_key_reads_equal_settings_alike_and_sees_task_folders_and_process
     assert two["processes"] == 2 and two["run_key"] != base
 
 
+def test_resume_key_sees_the_files_outside_a_task_folder_that_its_yamls_read(composer, tmp_path, monkeypatch):
+    """A task folder of one's own whose YAML includes another YAML and reads data files elsewhere
+    (by absolute path, from the working directory, by glob, under a local dataset_path): editing
+    any of them is another task set; editing a file no YAML names is not."""
+    from dllm.eval.runner import files_read_by
+
+    shared, data, work = tmp_path / "shared", tmp_path / "data", tmp_path / "work"
+    for folder in (shared, data / "local_set", work / "rel", tmp_path / "mytasks"):
+        folder.mkdir(parents=True)
+    (shared / "base.yaml").write_text("output_type: generate_until\ndoc_to_text: '{{question}}'\n")
+    files = {name: data / name for name in ("test.jsonl", "a_0.jsonl", "a_1.jsonl", "unnamed.jsonl")}
+    files["rel"] = work / "rel" / "test.jsonl"
+    files["under_path"] = data / "local_set" / "test.jsonl"
+    for path in files.values():
+        path.write_text('{"question": "1+1", "answer": "2"}\n')
+    (tmp_path / "mytasks" / "mytask.yaml").write_text(
+        f"include: ../shared/base.yaml\ntask: mytask\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {files['test.jsonl']}\n    train: [rel/test.jsonl, {data}/a_*.jsonl]\n"
+        f"custom: !function utils.f\n")
+    (tmp_path / "mytasks" / "other.yaml").write_text(f"task: other\ndataset_path: {data / 'local_set'}\n"
+                                                     "dataset_kwargs:\n  data_files: test.jsonl\n")
+    (tmp_path / "mytasks" / "broken.yaml").write_text("task: [unclosed\n")
+    monkeypatch.chdir(work)
+    read = files_read_by(tmp_path / "mytasks")
+    assert {files[n] for n in ("test.jsonl", "a_0.jsonl", "a_1.jsonl", "rel", "under_path")} | {
+        shared / "base.yaml", data / "local_set"} <= read
+    assert files["unnamed.jsonl"] not in read
+    include = f"task.include_path={tmp_path / 'mytasks'}"
+    first = _key(composer, include)
+    files["unnamed.jsonl"].write_text("{}\n")
+    assert _key(composer, include) == first
+    keys = {first}
+    for path in (shared / "base.yaml", *(files[n] for n in ("test.jsonl", "a_1.jsonl", "rel", "under_path"))):
+        path.write_text(path.read_text() + "\n")
+        keys.add(_key(composer, include))
+    assert len(keys) == 6  # each edit, another key
+
+
 def test_resume_key_of_a_hub_checkpoint_has_the_commit_its_revision_resolves_to(composer, tmp_path, monkeypatch):
     """A Hub id without model.revision is whatever main is now: a main that moved on is another
     model (the HF cache here, offline: refs/main names the snapshot)."""

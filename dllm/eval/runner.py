@@ -423,7 +423,56 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
         settings["task"]["include_path"] = named[0] if isinstance(include, str) else named
     if outside := [f for f in folders if not f.is_relative_to(bundled)]:
         settings["task_files"] = {str(f): folder_contents(f) for f in outside}
+        for folder in outside:
+            settings["task_files"].update({str(path): path_contents(path) for path in files_read_by(folder)
+                                           if not any(path.is_relative_to(f) for f in outside)})
     return settings
+
+
+def files_read_by(folder: Path) -> set[Path]:
+    """The paths that the task YAMLs under ``folder`` name, as lm-eval and datasets resolve them:
+    each ``include`` (followed; relative to the including YAML), a ``dataset_path`` that is a local
+    file or folder, and every file matched by ``dataset_kwargs.data_files`` (a path or glob, a list,
+    or a dict of splits; relative to a local ``dataset_path``, else to the working directory). Data
+    that a ``custom_dataset`` function opens by itself is not seen (keep it in the task folder)."""
+    import glob
+
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    found: set[Path] = set()
+    pending = sorted(folder.rglob("*.yaml"))
+    seen: set[Path] = set()
+    while pending:
+        path = pending.pop().resolve()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        try:
+            config = load_yaml(path, resolve_func=False, recursive=False)
+        except (yaml.YAMLError, ValueError):  # not a task lm-eval could load: no run reads through it
+            continue
+        found.add(path)
+        includes = config.get("include") or []
+        pending += [path.parent / inc for inc in (includes if isinstance(includes, list) else [includes])]
+        dataset_path = Path(str(config.get("dataset_path", ""))).expanduser()
+        local = str(dataset_path) not in ("", ".") and dataset_path.exists()
+        if local:
+            found.add(dataset_path.resolve())
+        data_files = (config.get("dataset_kwargs") or {}).get("data_files") or []
+        if isinstance(data_files, dict):
+            data_files = list(data_files.values())
+        for pattern in data_files if isinstance(data_files, list) else [data_files]:
+            for item in pattern if isinstance(pattern, list) else [pattern]:
+                base = dataset_path if local and dataset_path.is_dir() else Path.cwd()
+                found.update(Path(hit).resolve() for hit in glob.glob(str(base / Path(str(item)).expanduser()),
+                                                                      recursive=True) if Path(hit).is_file())
+    return found
+
+
+def path_contents(path: Path) -> str:
+    """A hash of a file's bytes, or of a folder's files (:func:`folder_contents`)."""
+    return folder_contents(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def folder_contents(folder: Path) -> str:

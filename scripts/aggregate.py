@@ -72,7 +72,7 @@ NUMERIC = [  # the table keys stay text (as written in the CSV): they only group
 FRACTIONS = ["accuracy", "accuracy_stderr"]
 # Where rows of one table still share a label after their cache / decoding parameters: what else
 # can tell two runs of one method apart (checkpoint of the same preset, scoring rule...).
-IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring"]
+IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring", "cut_at_eos"]
 IDEAL_TOLERANCE = 0.02  # a speedup this far above 1 / recompute ratio is timing noise, not caching
 NOISY_RELATIVE_STD = 0.10  # a throughput spread above this over the timing repeats is not a clean number
 # Our model / task names -> the names in results/published.csv.
@@ -244,7 +244,8 @@ def _detail(row: dict, columns: list[str]) -> str:
     for c in columns:
         value = _param(row, c)
         if value:
-            parts.append(f"{c.split('.', 1)[1]}={value}" if "." in c else value)
+            # a parameter or a yes/no setting by its name; the identity columns' values name themselves
+            parts.append(f"{c.split('.', 1)[-1]}={value}" if "." in c or c == "cut_at_eos" else value)
     return ", ".join(parts)
 
 

@@ -119,6 +119,26 @@ def test_gsm8k_local_accuracy_is_exact(monkeypatch, tmp_path):
     assert lm_eval_results["results"]["gsm8k_local"]["exact_match,strict-match"] == 0.75
 
 
+def test_text_after_eos_is_scored_only_under_llada_eval_convention(monkeypatch, tmp_path):
+    """task.cut_at_eos=false: LLaDA's eval_llada.py keeps what follows an end-of-text token (special
+    tokens dropped, cut at the until strings only), so flexible-extract's last number can come from it."""
+    docs = rows("gsm8k_test")[:2]
+
+    def respond(prompt):  # right, then EOS and the scripted filler " 777 Question: 999"
+        return f"So.\n#### {docs[doc_in(prompt, docs, 'question')]['answer'].split('#### ')[-1]}"
+
+    common = ("task=gsm8k_local", "task.limit=2", "task.gen_length=64")
+    cut, cut_samples = run_scripted(monkeypatch, tmp_path, respond, *common)
+    kept, kept_samples = run_scripted(monkeypatch, tmp_path, respond, *common, "+task.cut_at_eos=false")
+    assert (cut["cut_at_eos"], kept["cut_at_eos"]) == (True, False) and cut["run_key"] != kept["run_key"]
+    assert cut["accuracy"] == 1.0 and kept["accuracy"] == 0.0  # exact_match,flexible-extract: 777 is the last number
+    assert cut["metrics.exact_match,strict-match"] == kept["metrics.exact_match,strict-match"] == 1.0
+    for c, k in zip(cut_samples, kept_samples):
+        assert k["generation"] == c["generation"] + " 777 "  # the EOS dropped, the text after it kept, cut at "Question:"
+        assert "<|endoftext|>" in k["raw_generation"] and "<|endoftext|>" not in k["generation"]
+        assert k["useful_tokens"] == c["useful_tokens"]  # throughput still counts the tokens up to the EOS
+
+
 def test_a_crashed_run_writes_no_row(monkeypatch, tmp_path):
     def crash(prompt):
         raise RuntimeError("generation blew up")
@@ -407,6 +427,7 @@ def no_model(monkeypatch):
         (["task=gsm8k_local", "task.lm_eval_task=gsm8k_locl"], r"'gsm8k_locl'.*gsm8k_local"),
         (["task=gsm8k_local", "task.include_path=nowhere"], r"task\.include_path='nowhere'"),
         (["task=mmlu_local", "task.mc_num=0"], r"task\.mc_num=0"),
+        (["task=gsm8k_local", "+task.cut_at_eos=maybe"], r"task\.cut_at_eos='maybe' must be true or false"),
         (["task=gsm8k_local", "logger=wandb", "logger.wandb.mode=onlin"], r"logger\.wandb\.mode='onlin'"),
     ],
 )

@@ -137,11 +137,14 @@ def test_new_record_columns_neither_split_nor_merge_tables(tmp_path):
         run_row("prefix", 30.0, 3.2),
         run_row("prefix", 28.0, 3.2, checkpoint="/ckpt/llada-finetuned"),
         run_row("dual", 40.0, 3.2, run_key=""),  # a row written before run_key existed
+        run_row("d2cache", 40.0, 3.2, cut_at_eos="True"),
+        run_row("d2cache", 41.0, 3.2, cut_at_eos="False"),  # scored as LLaDA's eval_llada.py
     ])
     tables = aggregate.build_tables(aggregate.load_runs(csv))
     assert len(tables) == 1
     assert set(tables[0][1]["method"]) == {
         "none", "prefix (GSAI-ML/LLaDA-8B-Instruct)", "prefix (/ckpt/llada-finetuned)", "dual",
+        "d2cache (cut_at_eos=True)", "d2cache (cut_at_eos=False)",
     }
 
 

@@ -3,7 +3,8 @@
 - ``generate_until``: requests sorted by prompt length (longest first; results come back in
   the request order), batched by ``batch_size`` and left-padded by the denoising loop, generated
   with the configured decoder and cache method, cut at the model's stop tokens and at the
-  request's ``until`` strings (lm-eval leaves the cut to the model). The first batch is
+  request's ``until`` strings (lm-eval leaves the cut to the model; with ``cut_at_eos=False`` only at
+  the ``until`` strings, special tokens dropped: :func:`text_past_eos`). The first batch is
   generated twice: once as an uncounted warm-up, once counted. Every counted batch feeds the
   :class:`~dllm.metrics.accounting.ThroughputMeter`; per-sample records are kept in
   ``self.records`` keyed by (task, doc_id) for the run's samples.jsonl.
@@ -47,6 +48,15 @@ def cut_at_stops(text: str, until: list[str]) -> str:
             if at != -1:
                 cut = min(cut, at)
     return text[:cut]
+
+
+def text_past_eos(tokenizer, ids: list[int], until: list[str]) -> tuple[str, str]:
+    """(answer, raw text) under LLaDA's ``eval_llada.py`` convention (Fast-dLLM's too): the ids are
+    decoded with their special tokens, cut at the first ``until`` string, encoded again and decoded
+    without special tokens. So the text a model wrote after an end-of-text token stays in the answer
+    (an end-of-turn token that is also an ``until`` string, e.g. Qwen's ``<|im_end|>``, still cuts)."""
+    raw = tokenizer.decode(ids, skip_special_tokens=False)
+    return tokenizer.decode(tokenizer(cut_at_stops(raw, until))["input_ids"], skip_special_tokens=True), raw
 
 
 @dataclass
@@ -96,6 +106,7 @@ class DllmLM(LM):
         chat: bool = False,
         seed: int = 0,
         mc_num: int = 1,
+        cut_at_eos: bool = True,
         progress: bool = True,
         rank: int = 0,
         world_size: int = 1,
@@ -115,6 +126,7 @@ class DllmLM(LM):
         self.chat = bool(chat)
         self.seed = int(seed)
         self.mc_num = int(mc_num)
+        self.cut_at_eos = bool(cut_at_eos)
         self.timing_repeats = int(timing_repeats)
         self.progress = progress
         self._device = plan.device
@@ -286,8 +298,11 @@ class DllmLM(LM):
             repeats = [self.generate_batch(prompts, batch_index).seconds for _ in range(self.timing_repeats - 1)]
             texts, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
             stats = self.meter.add_batch(out, useful, mask_token_id=self.net.args.mask_token_id, repeat_seconds=repeats)
-            for it, raw, st in zip(batch, texts, stats):
-                text = cut_at_stops(raw, it.until)
+            for it, row, raw, st in zip(batch, out.tokens.tolist(), texts, stats):
+                if self.cut_at_eos:
+                    text = cut_at_stops(raw, it.until)
+                else:
+                    text, raw = text_past_eos(self.tokenizer, row, it.until)
                 results[it.index] = text
                 self.records.setdefault((it.task, it.doc_id), []).append({
                     "prompt": it.context,

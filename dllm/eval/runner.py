@@ -45,6 +45,9 @@ class TaskSettings:
     code_scoring: str | None = None  # code tasks: the convention that turns answers into programs
     num_return_sequences: int = 1  # samples per problem (pass@k); 1 = lm-eval's task as configured
     pass_k: tuple[int, ...] = (1,)  # the k of pass@k when num_return_sequences > 1
+    # the response text ends at the first end-of-text / end-of-turn token; False: LLaDA's eval_llada.py
+    # convention, where special tokens are dropped and the text after them kept (dllm.eval.lm)
+    cut_at_eos: bool = True
 
 
 def _get(node: DictConfig, key: str, default=None):
@@ -149,6 +152,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         code_scoring=code_scoring,
         num_return_sequences=samples,
         pass_k=tuple(pass_k),
+        cut_at_eos=boolean_setting(cfg, "task.cut_at_eos", default=True),
     )
 
 
@@ -400,6 +404,8 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
         tree["task"]["gen_length"] = plan.gen_length
     if isinstance(tree.get("task"), dict) and "batch_size" in tree["task"]:  # batch_size=N is task.batch_size=N
         tree["task"]["batch_size"] = tree.get("batch_size")
+    if isinstance(tree.get("task"), dict) and tree["task"].get("cut_at_eos") is True:  # the default, spelled out
+        del tree["task"]["cut_at_eos"]
     if checkpoint["checkpoint_revision"] is not None:  # a Hub checkpoint: the commit it resolved to says it all
         tree["model"]["revision"] = None
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
@@ -511,6 +517,7 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan, processes: int = 1)
         task=settings.name,
         lm_eval_task=settings.lm_eval_task,
         code_scoring=settings.code_scoring,
+        cut_at_eos=settings.cut_at_eos,
         n_shot=settings.n_shot,
         limit=settings.limit,
         batch_size=int(cfg.batch_size),
@@ -624,7 +631,7 @@ def _evaluate(
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
+        mc_num=settings.mc_num, cut_at_eos=settings.cut_at_eos, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
         **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(

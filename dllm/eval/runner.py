@@ -468,9 +468,9 @@ def files_read_by(folder: Path) -> set[Path]:
         data_files = (config.get("dataset_kwargs") or {}).get("data_files") or []
         if isinstance(data_files, dict):
             data_files = list(data_files.values())
+        base = dataset_path if local and dataset_path.is_dir() else Path.cwd()
         for pattern in data_files if isinstance(data_files, list) else [data_files]:
             for item in pattern if isinstance(pattern, list) else [pattern]:
-                base = dataset_path if local and dataset_path.is_dir() else Path.cwd()
                 found.update(Path(hit).resolve() for hit in glob.glob(str(base / Path(str(item)).expanduser()),
                                                                       recursive=True) if Path(hit).is_file())
     return found

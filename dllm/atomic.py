@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 TMP_TOKEN_BYTES = 4  # random part of a temp file's name: ``.<name>.<8 hex digits>.tmp``
@@ -47,6 +48,18 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def creation_refused(path: Path) -> tuple[Path, str] | None:
+    """Where nothing can be made at or under ``path`` (its nearest existing folder, and the OS's
+    reason), found by making and removing an empty folder there; None when that works.
+    ``os.access`` answers yes to root on /proc and /sys, where no file can be made."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe."))
+    except OSError as err:
+        return existing, err.strerror or str(err)
+    return None
+
+
 def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple[str, ...] = ()) -> Path:
     """Make the folder ``name`` (with its parents) unless it exists, and return it; ValueError (one
     line, naming ``option``) where it cannot be made or written to, or where one of the ``files`` the
@@ -64,7 +77,7 @@ def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple
     except OSError as err:
         raise ValueError(f"{option} {out}: cannot make the folder ({err.strerror}); give a folder that exists or "
                          "can be made") from None
-    if not os.access(out, os.W_OK | os.X_OK):
+    if not os.access(out, os.W_OK | os.X_OK) or creation_refused(out):
         raise ValueError(f"{option} {out}: the folder is not writable")
     for target in (out / file for file in files):
         if target.exists() and not target.is_file():

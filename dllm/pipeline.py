@@ -158,7 +158,7 @@ def check_checkpoint(cfg: DictConfig, plan: RunPlan) -> None:
     from dllm.models.tiny import BASE_ARGS, cache_root
 
     if cfg.model.tiny and not cfg.model.path:  # the random-weight tiny checkpoint, built on first use
-        cache_root()  # where it is built: a folder
+        cache_root(cfg.model.family)  # where it is built: a folder something can be made in
         base = BASE_ARGS[cfg.model.family]
         check_model_fit(plan, base["logit_shift"], base.get("block_causal", False),
                         trained_block_length=base.get("trained_block_length", 0))

@@ -262,6 +262,21 @@ def test_a_results_csv_that_is_no_regular_file_is_refused_first(no_model, tmp_pa
     assert path.exists() and not path.is_file()
 
 
+@pytest.mark.parametrize("where", ["/proc/runs.csv", "/sys/runs.csv", "/sys/new/runs.csv"])
+def test_a_results_csv_where_no_file_can_be_made_is_refused_first(no_model, tmp_path, monkeypatch, where):
+    """/proc and /sys take no new file even from root, whom os.access tells they are writable: the
+    append would fail after the run (or, on /proc, wait for its lock forever)."""
+    from dllm.pipeline import run
+
+    mount = Path("/", Path(where).parts[1])
+    if not mount.is_dir():
+        pytest.skip(f"no {mount} here")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{where}: cannot create ")):
+        run(compose(f"results_csv={where}"))
+    assert not Path(where).exists()
+
+
 @pytest.mark.parametrize("value", ["null", "''", "5"])
 def test_a_results_csv_that_is_no_file_name_is_refused_first(no_model, tmp_path, monkeypatch, value):
     from dllm.pipeline import run
@@ -320,3 +335,9 @@ def test_a_tiny_model_cache_that_is_a_file_is_refused_before_the_model_loads(no_
         monkeypatch.setenv("DLLM_CACHE", str(tmp_path / cache))
         with pytest.raises(ValueError, match=r"\$DLLM_CACHE=.*/file.* is, or lies under, a file \(allowed: a folder"):
             run(compose(f"results_csv={tmp_path / 'runs.csv'}", "model=tiny_llada_random"))
+    for cache in ("/proc/dllm", "/sys/dllm"):  # nothing can be made there, not even by root
+        if Path(cache).parent.is_dir():
+            monkeypatch.setenv("DLLM_CACHE", cache)
+            with pytest.raises(ValueError, match=rf"\$DLLM_CACHE='{cache}': the random-weight llada checkpoint cannot "
+                                                 rf"be built there \(nothing can be made in {Path(cache).parent}"):
+                run(compose(f"results_csv={tmp_path / 'runs.csv'}", "model=tiny_llada_random"))

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from filelock import FileLock
 
-from dllm.atomic import TMP_TOKEN_BYTES, write_all, write_atomic
+from dllm.atomic import TMP_TOKEN_BYTES, creation_refused, write_all, write_atomic
 
 from .record import RunRecord, record_key
 
@@ -186,6 +186,9 @@ def check_results_csv(path: str | os.PathLike) -> None:
     if not existing.is_dir() or (existing != path.parent and not os.access(existing, os.W_OK | os.X_OK)):
         why = f"{existing} is a file" if not existing.is_dir() else f"{existing} is not writable"
         raise ResultsCsvError(f"{path}: cannot create its folder ({why}). Fix: set results_csv to another file")
+    if refused := creation_refused(path.parent):
+        raise ResultsCsvError(f"{path}: cannot create {'a file' if refused[0] == path.parent else 'its folder'} in "
+                              f"{refused[0]} ({refused[1]}). Fix: set results_csv to a file in a writable folder")
     if existing == path.parent:
         _checked_text(path)
     lock = Path(f"{path}.lock")

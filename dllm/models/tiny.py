@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dllm.atomic import file_in_the_way
+from dllm.atomic import creation_refused, file_in_the_way
 
 from .loading import save_checkpoint
 from .transformer import ModelArgs, Transformer
@@ -343,14 +343,19 @@ def _add_generation_config(family: str, folder: Path) -> None:
         pass
 
 
-def cache_root() -> Path:
+def cache_root(family: str | None = None) -> Path:
     """Where the random-weight tiny checkpoints are built: $DLLM_CACHE, else ~/.cache/dllm-cache-bench.
-    ValueError where that path (or a folder above it) is a file, found before a run loads anything."""
+    ValueError, found before a run loads anything, where that path (or a folder above it) is a file,
+    or where ``family``'s checkpoint is still to be built and nothing can be made there."""
     variable = os.environ.get("DLLM_CACHE")
     root = Path(variable or Path.home() / ".cache" / "dllm-cache-bench")
+    where = f"$DLLM_CACHE={variable!r}" if variable else f"the tiny models' cache {str(root)!r}"
     if file_in_the_way(root) is not None:
-        where = f"$DLLM_CACHE={variable!r}" if variable else f"the tiny models' cache {str(root)!r}"
         raise ValueError(f"{where} is, or lies under, a file (allowed: a folder, made if missing)")
+    if family is not None and not (root / f"tiny_{family}-{CACHE_VERSION}").is_dir():
+        if refused := creation_refused(root):
+            raise ValueError(f"{where}: the random-weight {family} checkpoint cannot be built there (nothing can be "
+                             f"made in {refused[0]}: {refused[1]}; allowed: a writable folder)")
     return root
 
 

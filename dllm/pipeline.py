@@ -70,6 +70,10 @@ def component(node: DictConfig, what: str) -> tuple[str, dict]:
     return params.pop("name"), params
 
 
+# Each timing repeat generates every batch again: a mistyped count would run for days.
+TIMING_REPEATS_BOUND = 101
+
+
 def integer_setting(cfg: DictConfig, key: str, minimum: int, below: int | None = None) -> int:
     """``cfg.<key>`` checked to be an integer >= ``minimum`` and < ``below`` (a bool, float or text is refused)."""
     value = OmegaConf.select(cfg, key)
@@ -105,8 +109,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         if cfg.task.name != "generate" and (value := OmegaConf.select(cfg, key)) is not None:
             raise ValueError(f"{key}={value!r} applies to task=generate only (task={cfg.task.name} reads its own data)")
     integer_setting(cfg, "seed", 0, below=SEED_BOUND)
-    for key, minimum in (("batch_size", 1), ("gen_length", 1), ("timing.repeats", 1)):
+    for key, minimum in (("batch_size", 1), ("gen_length", 1)):
         integer_setting(cfg, key, minimum)
+    integer_setting(cfg, "timing.repeats", 1, below=TIMING_REPEATS_BOUND)
     decoding_name, decoding_params = component(cfg.decoding, "decoding")
     cache_name, cache_params = component(cfg.cache, "cache")
     stop_at_eos = decoding_params.pop("stop_at_eos", False)

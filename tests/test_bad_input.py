@@ -128,6 +128,7 @@ CASES = [
     (["task=mmlu_local", "task.metric='bogus,none'"], r"task\.metric='bogus,none' is not among lm-eval group "
                                                       r"'mmlu_local''s results \['acc,none'\]"),
     (["results_csv=null"], r"results_csv=None: give the CSV file"),
+    (["timing.repeats=1000000000"], r"timing\.repeats=1000000000 must be an integer >= 1 and < 101"),
     # task=generate: the prompts tokenized with the local checkpoint's tokenizer, laid out with gen_length
     (["task=generate", "prompt='What is 7 * 6?'", "gen_length=4080", "decoding.block_length=16"],
      r"prompt 0 \(\d+ tokens\) \+ gen_length=4080 lays out \d+ positions, beyond model=tiny_llada's max_seq_len=4096"),

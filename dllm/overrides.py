@@ -262,7 +262,7 @@ def refused_job_message(args: list[str]) -> str | None:
             try:
                 preflight(compose("config", overrides=job), checked)
             except ValueError as err:
-                return f"job {number} of {len(jobs)} ({' '.join(job)}): {err}"
+                return f"job {number + 1} of {len(jobs)} ({' '.join(job)}): {err}"
             except ConfigCompositionException as err:  # e.g. a missing preset the experiment sweeps
-                return f"job {number} of {len(jobs)} ({' '.join(job)}): {_composition_message(err)}"
+                return f"job {number + 1} of {len(jobs)} ({' '.join(job)}): {_composition_message(err)}"
     return None

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,26 @@ def boolean_setting(cfg: DictConfig, key: str, default: bool | None = None) -> b
     if not isinstance(value, bool):
         raise ValueError(f"{key}={value!r} must be true or false")
     return value
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Every ``${...}`` of the config resolves. An experiment looks its settings up per task, model
+    or method (``${paper.n_shot.${task.name}}``); one it has none for is refused naming the setting,
+    the table it reads and that table's entries, rather than with OmegaConf's three-line error."""
+    from omegaconf.errors import InterpolationKeyError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as err:
+        found = re.match(r"Interpolation key '([^']+)' not found", str(err.msg))
+        if not found:
+            raise
+        table, _, entry = found[1].rpartition(".")
+        entries = OmegaConf.select(cfg, table) if table else None
+        experiment = f"+experiment={cfg.experiment}: " if OmegaConf.select(cfg, "experiment") else ""
+        allowed = f" (allowed: {', '.join(map(str, entries))})" if OmegaConf.is_dict(entries) else ""
+        raise ValueError(f"{experiment}{err.full_key} reads {found[1]}, which is not set: {table or 'the config'} "
+                         f"has no entry {entry!r}{allowed}") from None
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
@@ -369,6 +390,7 @@ def log_compiled(out, what: str) -> None:
 def preflight_generate(cfg: DictConfig) -> tuple[RunPlan, list[str]]:
     """Every check of ``task=generate`` before anything loads: the plan, the prompts, the checkpoint,
     and for a local checkpoint the prompts' room (:func:`check_prompt_room`)."""
+    check_interpolations(cfg)
     plan = plan_run(cfg)
     prompts = read_prompts(cfg)
     check_checkpoint(cfg, plan)

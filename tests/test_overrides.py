@@ -159,17 +159,35 @@ def run_py(tmp_path, *args):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_a_setting_an_experiment_lacks_for_the_task_is_named_with_the_ones_it_has(tmp_path, monkeypatch):
+    from conftest import compose
+
+    from dllm.eval.runner import run_eval
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("+experiment=dkv_table1", "task=arith", "model=tiny_llada", f"results_csv={tmp_path / 'runs.csv'}")
+    with pytest.raises(ValueError) as refused:
+        run_eval(cfg)
+    assert str(refused.value) == (
+        "+experiment=dkv_table1: decodings.low_confidence.steps reads paper.gen_length.arith, which is not set: "
+        "paper.gen_length has no entry 'arith' (allowed: gsm8k, math, humaneval, mbpp)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["-m", "cache=none,nosuch"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
     (["-m", "cache=choice(none,nosuch)"], "error: cache=nosuch: no such cache option (close: none; allowed: ['d2cache'"),
     (["-m", "cache=glob(zzz*)"], "error: cache=glob(zzz*): matches no cache option, so no job would run"),
     (["+experiment=dkv_table1", "method=foo"], "error: method=foo is not a method of experiment=dkv_table1"),
+    # an experiment's per-task table without the task: named, not OmegaConf's three lines
+    (["-m", "+experiment=dkv_table1", "task=arith"], "error: job 1 of 5 (task=arith method=none_random "
+                                                    "+experiment=dkv_table1 results_csv="),
     # a bad value among good ones: refused before the first job runs (no row is written)
-    (["-m", "seed=7,-1", "task.limit=1", "threads=1"], "error: job 1 of 2 (seed=-1 task.limit=1 threads=1 results_csv="),
+    (["-m", "seed=7,-1", "task.limit=1", "threads=1"], "error: job 2 of 2 (seed=-1 task.limit=1 threads=1 results_csv="),
     # ... what a run checks after its resume check: the lm-eval task, a local checkpoint's tokenizer
     (["-m", "task.lm_eval_task=arith,nosuch_task", "task.limit=1", "threads=1"],
-     "error: job 1 of 2 (task.lm_eval_task=nosuch_task task.limit=1 threads=1 results_csv="),
-    (["-m", "model.path={assets}/tiny_llada,{no_tokenizer}", "task.limit=1", "threads=1"], "error: job 1 of 2 (model.path="),
+     "error: job 2 of 2 (task.lm_eval_task=nosuch_task task.limit=1 threads=1 results_csv="),
+    (["-m", "model.path={assets}/tiny_llada,{no_tokenizer}", "task.limit=1", "threads=1"], "error: job 2 of 2 (model.path="),
     (["gen_length=32)"], "error: gen_length=32): not an override Hydra can read"),
     (["task.metric=acc,none"], "error: task.metric=acc,none: a comma-separated value is a sweep; add -m"),
 ])

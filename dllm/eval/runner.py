@@ -554,8 +554,9 @@ def preflight_eval(cfg: DictConfig, dp=None) -> tuple[TaskSettings, "RunPlan", d
     first): the task settings, ``results_csv``, the run plan and the checkpoint's config.json and
     safetensors headers, the logger. ``dp`` (torchrun) pins each rank's device before the plan."""
     from dllm.logging.sinks import check_results_csv
-    from dllm.pipeline import check_checkpoint, plan_run
+    from dllm.pipeline import check_checkpoint, check_interpolations, plan_run
 
+    check_interpolations(cfg)
     settings = check_task(cfg)
     check_results_csv(cfg.results_csv)  # a foreign, cut or write-protected file: refused before the load
     if dp is not None:

@@ -52,8 +52,11 @@ def resolve_threads(value) -> int:
     cores = os.cpu_count() or 1
     if value == "auto":
         for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
-            text = os.environ.get(variable, "")
-            if text.isdigit() and int(text) >= 1:
+            text = os.environ.get(variable, "").strip()
+            if text and not (text.isdigit() and int(text) >= 1):  # libgomp too ignores it, with a warning
+                raise ValueError(f"threads=auto takes ${variable}={text!r}, which is no number of threads (allowed: "
+                                 f"1 to {cores}; or set threads)")
+            if text:
                 if int(text) > cores:  # as threads=N: more threads than cores only contend for them
                     raise ValueError(f"threads=auto takes ${variable}={text}, more than this machine's {cores} cores "
                                      f"(allowed: 1 to {cores}; or set threads)")
@@ -330,10 +333,13 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         prompts, source = [str(cfg.prompt)], "prompt"
     elif cfg.prompts_file is None:
         source = "task.prompts"
-        if not OmegaConf.is_list(cfg.task.prompts) or not len(cfg.task.prompts):
+        given = cfg.task.prompts
+        # a number is the text Hydra read it from (task.prompts=[42]); a list, mapping, null or bool is no text
+        if not OmegaConf.is_list(given) or not len(given) or any(
+                OmegaConf.is_config(p) or p is None or isinstance(p, bool) for p in given):
             raise ValueError(f"task.prompts={OmegaConf.to_container(cfg.task, resolve=True).get('prompts')!r} "
                              "(allowed: a non-empty list of texts, task.prompts='[What is 7 * 6?]')")
-        prompts = list(cfg.task.prompts)
+        prompts = [str(p) for p in given]
     else:
         given = str(cfg.prompts_file)
         path = Path(given)

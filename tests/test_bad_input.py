@@ -115,6 +115,8 @@ CASES = [
     (["task.fewshot_as_multiturn=3"], r"task\.fewshot_as_multiturn=3 must be true or false"),
     (["task=generate", "task.prompts=abc"], r"task\.prompts='abc' \(allowed: a non-empty list of texts"),
     (["task=generate", "task.prompts=[]"], r"task\.prompts=\[\] \(allowed: a non-empty list of texts"),
+    (["task=generate", "task.prompts=[[a],b]"], r"task\.prompts=\[\['a'\], 'b'\] \(allowed: a non-empty list of texts"),
+    (["task=generate", "task.prompts=[null]"], r"task\.prompts=\[None\] \(allowed: a non-empty list of texts"),
     (["task=generate", "prompts_file={binary_prompts}"], r"prompts_file='.*prompts\.jsonl' is not UTF-8 text"),
     (["task=generate", "prompts_file=[a,b]"], r"prompts_file=\['a', 'b'\] must be a text"),
     (["task=generate", "prompts_file=5"], r"prompts_file='5' does not exist \(allowed: a jsonl file"),

@@ -56,6 +56,12 @@ def test_threads_auto_follows_the_job(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "64")  # the environment is held to the cores as threads=N is
     with pytest.raises(ValueError, match=r"threads=auto takes \$OMP_NUM_THREADS=64, more than this machine's 8 cores"):
         resolve_threads("auto")
+    for text in ("abc", "0", "-3", "4,2"):  # libgomp warns and ignores it; the run says so and stops
+        monkeypatch.setenv("OMP_NUM_THREADS", text)
+        with pytest.raises(ValueError, match=rf"threads=auto takes \$OMP_NUM_THREADS='{text}', which is no number"):
+            resolve_threads("auto")
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty: as if unset
+    assert resolve_threads("auto") == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     for bad in (0, "many", 1.5, True, 9, 100000):  # more threads than cores: oversubscribed (or no memory to start)
         with pytest.raises(ValueError, match=r"threads=.* must be auto or an integer from 1 to 8 \(this machine's cores\)"):

@@ -129,7 +129,7 @@ def test_text_after_eos_is_scored_only_under_llada_eval_convention(monkeypatch, 
 
     common = ("task=gsm8k_local", "task.limit=2", "task.gen_length=64")
     cut, cut_samples = run_scripted(monkeypatch, tmp_path, respond, *common)
-    kept, kept_samples = run_scripted(monkeypatch, tmp_path, respond, *common, "+task.cut_at_eos=false")
+    kept, kept_samples = run_scripted(monkeypatch, tmp_path, respond, *common, "task.cut_at_eos=false")
     assert (cut["cut_at_eos"], kept["cut_at_eos"]) == (True, False) and cut["run_key"] != kept["run_key"]
     assert cut["accuracy"] == 1.0 and kept["accuracy"] == 0.0  # exact_match,flexible-extract: 777 is the last number
     assert cut["metrics.exact_match,strict-match"] == kept["metrics.exact_match,strict-match"] == 1.0
@@ -427,7 +427,7 @@ def no_model(monkeypatch):
         (["task=gsm8k_local", "task.lm_eval_task=gsm8k_locl"], r"'gsm8k_locl'.*gsm8k_local"),
         (["task=gsm8k_local", "task.include_path=nowhere"], r"task\.include_path='nowhere'"),
         (["task=mmlu_local", "task.mc_num=0"], r"task\.mc_num=0"),
-        (["task=gsm8k_local", "+task.cut_at_eos=maybe"], r"task\.cut_at_eos='maybe' must be true or false"),
+        (["task=gsm8k_local", "task.cut_at_eos=maybe"], r"task\.cut_at_eos='maybe' must be true or false"),
         (["task=gsm8k_local", "logger=wandb", "logger.wandb.mode=onlin"], r"logger\.wandb\.mode='onlin'"),
     ],
 )

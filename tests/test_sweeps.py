@@ -281,11 +281,11 @@ KEY_CHANGES = [
     ["task.lm_eval_task=gsm8k_local_cot"], ["task.include_path=arith"], ["+task.mc_num=2"], ["task.n_shot=3"],
     ["dtype=bfloat16"], ["gen_length=32", "decoding.block_length=32"], ["batch_size=2"], ["seed=1"],
     ["cache=dkv_decode"], ["decoding.temperature=0.5"], ["task.limit=3"], ["model=tiny_llada_random"],
-    ["compile=true"], ["+task.cut_at_eos=false"],
+    ["compile=true"], ["task.cut_at_eos=false"],
 ]
 # ... and these cannot: the key stays.
 KEY_KEEPS = [["results_csv=/elsewhere/runs.csv"], ["force=true"], ["logger=wandb"], ["device=cpu"], ["dtype=float32"], ["debug=true"],
-             ["+task.cut_at_eos=true"]]
+             ["task.cut_at_eos=true"]]
 
 
 def _key(composer, *overrides) -> str:

@@ -77,8 +77,8 @@ def make_out_folder(name: str | os.PathLike, option: str = "--out", files: tuple
     except OSError as err:
         raise ValueError(f"{option} {out}: cannot make the folder ({err.strerror}); give a folder that exists or "
                          "can be made") from None
-    if not os.access(out, os.W_OK | os.X_OK) or creation_refused(out):
-        raise ValueError(f"{option} {out}: the folder is not writable")
+    if refused := creation_refused(out):
+        raise ValueError(f"{option} {out}: the folder is not writable ({refused[1]})")
     for target in (out / file for file in files):
         if target.exists() and not target.is_file():
             raise ValueError(f"{option} {out}: {target.name} there is not a regular file (a folder, a device or a "

@@ -183,9 +183,9 @@ def check_results_csv(path: str | os.PathLike) -> None:
                               "(e.g. results_csv=results/runs.csv)")
     path = Path(path).resolve()
     existing = next(folder for folder in path.parents if folder.exists())
-    if not existing.is_dir() or (existing != path.parent and not os.access(existing, os.W_OK | os.X_OK)):
-        why = f"{existing} is a file" if not existing.is_dir() else f"{existing} is not writable"
-        raise ResultsCsvError(f"{path}: cannot create its folder ({why}). Fix: set results_csv to another file")
+    if not existing.is_dir():
+        raise ResultsCsvError(f"{path}: cannot create its folder ({existing} is a file). Fix: set results_csv to "
+                              "another file")
     if refused := creation_refused(path.parent):
         raise ResultsCsvError(f"{path}: cannot create {'a file' if refused[0] == path.parent else 'its folder'} in "
                               f"{refused[0]} ({refused[1]}). Fix: set results_csv to a file in a writable folder")

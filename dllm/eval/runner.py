@@ -400,12 +400,13 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
     # cfg_scale is the loop's, not the decoder class's: canonical does not see it (cfg_scale=0 is 0.0)
     if type(tree["decoding"].get("cfg_scale")) is int:
         tree["decoding"]["cfg_scale"] = float(tree["decoding"]["cfg_scale"])
-    if isinstance(tree.get("task"), dict) and "gen_length" in tree["task"]:
-        tree["task"]["gen_length"] = plan.gen_length
-    if isinstance(tree.get("task"), dict) and "batch_size" in tree["task"]:  # batch_size=N is task.batch_size=N
-        tree["task"]["batch_size"] = tree.get("batch_size")
-    if isinstance(tree.get("task"), dict) and tree["task"].get("cut_at_eos") is True:  # the default, spelled out
-        del tree["task"]["cut_at_eos"]
+    if isinstance(task := tree.get("task"), dict):
+        if "gen_length" in task:
+            task["gen_length"] = plan.gen_length
+        if "batch_size" in task:  # batch_size=N is task.batch_size=N
+            task["batch_size"] = tree.get("batch_size")
+        if task.get("cut_at_eos") is True:  # the default, spelled out
+            del task["cut_at_eos"]
     if checkpoint["checkpoint_revision"] is not None:  # a Hub checkpoint: the commit it resolved to says it all
         tree["model"]["revision"] = None
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}

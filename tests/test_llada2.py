@@ -4,6 +4,7 @@ block-causally against a float64 reference written from the published code and f
 tensors (fused query_key_value included), and the tiny checkpoint in the exact on-disk format."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -60,7 +61,9 @@ def bailing_moe(ffn: MoEFeedForward, args: ModelArgs):
         num_experts_per_tok=args.n_experts_per_token, n_group=args.n_expert_groups,
         topk_group=args.topk_expert_groups, routed_scaling_factor=args.routed_scaling_factor,
         norm_topk_prob=args.norm_topk_prob, n_shared_experts=args.n_shared_experts, hidden_act="silu")
-    block = BailingHybridMoE(config).eval()
+    # transformers >= 5.25 takes the layer's index (for per-layer SwiGLU limits, none here)
+    layer = {"layer_idx": 0} if "layer_idx" in inspect.signature(BailingHybridMoE).parameters else {}
+    block = BailingHybridMoE(config, **layer).eval()
     with torch.no_grad():
         block.gate.weight.copy_(ffn.router.weight)
         block.gate.e_score_correction_bias.copy_(ffn.expert_bias)

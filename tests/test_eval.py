@@ -6,6 +6,7 @@ Everything is offline and on CPU: the local task twins (dllm/eval/tasks/local) a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -235,11 +236,11 @@ def test_humaneval_with_dreams_prompt_asks_for_the_body(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Likelihoods (MMLU-style multiple choice)
 # ----------------------------------------------------------------------------------------------
-def tiny_lm(family: str, mc_num: int = 1, chat: bool = False):
+def tiny_lm(family: str, mc_num: int = 1, chat: bool = False, cache: str = "none"):
     from dllm.eval.lm import DllmLM
     from dllm.pipeline import load_model_and_tokenizer, plan_run
 
-    cfg = compose(f"model=tiny_{family}_random", "task=mmlu_local")  # the spreads below were measured on it
+    cfg = compose(f"model=tiny_{family}_random", "task=mmlu_local", f"cache={cache}")  # the spreads below were measured on it
     plan = plan_run(cfg)
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     return DllmLM(net, tokenizer, plan, batch_size=3, chat=chat, seed=0, mc_num=mc_num, progress=False)
@@ -312,6 +313,24 @@ def test_multi_token_continuation_monte_carlo(family):
     # One draw has a spread of ~0.3 nats here: 64 draws put the mean within ~0.04 of it. Dropping
     # the L / l weight (or masking the wrong positions) moves it by several nats.
     assert first == pytest.approx(expectation, abs=0.25)
+
+
+def test_a_cache_does_not_change_likelihoods_and_says_so_once(caplog):
+    """Likelihoods are full forwards: a cache leaves MMLU's numbers those of cache=none, and the run
+    says so (once), since its row carries the cache's name."""
+    pairs = [("Q: 1+1=\nA:", " 2"), ("Q: 2+2=\nA:", " 4 apples")]
+    plain = tiny_lm("llada", mc_num=4).loglikelihood([request(c, x, i) for i, (c, x) in enumerate(pairs)])
+    cached = tiny_lm("llada", mc_num=4, cache="d2cache")
+    with caplog.at_level(logging.WARNING, logger="dllm.eval.lm"):
+        for _ in range(2):
+            assert cached.loglikelihood([request(c, x, i) for i, (c, x) in enumerate(pairs)]) == plain
+    warned = [r.getMessage() for r in caplog.records if "log-likelihood" in r.getMessage()]
+    assert warned == ["cache=d2cache does not act on log-likelihood scoring (multiple-choice tasks such as MMLU): "
+                      "each likelihood is one full forward, so this accuracy is cache=none's"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dllm.eval.lm"):
+        tiny_lm("llada").loglikelihood([request(*pairs[0])])
+    assert not caplog.records
 
 
 def test_a_context_or_prompt_too_long_for_the_model_stops_the_run():

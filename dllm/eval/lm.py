@@ -137,6 +137,7 @@ class DllmLM(LM):
         self._warmed_up = False
         self._batches = 0
         self._warned_sampling = False
+        self._warned_likelihood_cache = False
 
     # ------------------------------------------------------------------ chat template hooks
     @property
@@ -395,6 +396,12 @@ class DllmLM(LM):
         if len(source) > len(requests):
             answers = self.loglikelihood(requests, disable_tqdm)
             return [answers[i] for i in source]
+        if not self.plan.cache.full_every_step and not self._warned_likelihood_cache:
+            # A likelihood is one full forward per draw: no cache acts on it, so the row's number is
+            # cache=none's whatever its cache column says.
+            self._warned_likelihood_cache = True
+            log.warning("cache=%s does not act on log-likelihood scoring (multiple-choice tasks such as MMLU): each "
+                        "likelihood is one full forward, so this accuracy is cache=none's", self.plan.cache.name)
         args = self.net.args
         gen = torch.Generator().manual_seed(self.seed)
         rows: list[_Row] = []

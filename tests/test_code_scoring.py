@@ -158,6 +158,29 @@ def test_the_local_twin_runs_without_the_prompt_through_lm_eval(tmp_path, monkey
     assert filtered == ["def f():\n    return 2"]
 
 
+@pytest.mark.parametrize("include, raw, task", [
+    ("local", "humaneval_local", "humaneval_local_raw_sanitized_no_prompt"),
+    ("code", None, "dllm_humaneval_raw_sanitized_no_prompt"),
+])
+def test_raw_sanitize_no_prompt_is_lm_evals_prompt_and_stops_then_the_sanitized_code_alone(include, raw, task):
+    """Fast-dLLM's path for a model it takes for a base one: lm-eval's humaneval generation (its prompt,
+    its stop strings), then postprocess_code.py's program."""
+    from lm_eval.tasks import TaskManager
+
+    from dllm.eval.runner import resolve_include_path
+
+    manager = TaskManager(include_path=resolve_include_path(include), include_defaults=include == "code")
+    config, reference = (manager.task_index[name].cfg for name in (task, raw or "humaneval"))
+    assert config["doc_to_text"] == reference["doc_to_text"] == "{{prompt}}"
+    assert config["generation_kwargs"]["until"] == reference["generation_kwargs"]["until"] == [
+        "\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+    if include == "local":
+        loaded = manager.load([task])["tasks"][task]
+        filter_fn = loaded.config.filter_list[0]["filter"][0]["filter_fn"]
+        doc = {"prompt": "def helper():\n    return 1\n\ndef f():\n", "entry_point": "f"}
+        assert filter_fn([["    return 2\n"]], [doc]) == [["def f():\n    return 2"]]
+
+
 def test_mbpp_sanitized_results_run_the_fenced_code_with_the_asserts():
     import importlib.util
 

@@ -61,7 +61,7 @@ class RunRecord:
     decoding_params: dict = field(default_factory=dict)
     task: str
     lm_eval_task: str | None = None  # the lm-eval task or group that ran (task is the Hydra preset)
-    # code tasks: raw | sanitize | sanitize_no_prompt | sanitize_dream_prompt (README "Tasks and records")
+    # code tasks: raw | sanitize | sanitize_no_prompt | raw_sanitize_no_prompt | sanitize_dream_prompt (README "Tasks and records")
     code_scoring: str | None = None
     cut_at_eos: bool | None = None  # False: text after the first EOS kept, as LLaDA's eval_llada.py (task.cut_at_eos)
     n_shot: int | None = None

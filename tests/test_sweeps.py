@@ -692,6 +692,34 @@ def test_paper_experiments_pin_their_code_scoring(composer, experiment, humaneva
     assert gsm8k.code_scoring is None and gsm8k.lm_eval_task == "gsm8k"
 
 
+# The Fast-dLLM lineage of evaluation code (DPad, Streaming-dLLM, Elastic-Cache) applies the chat
+# template only to a model path with "instruct" in it, keeps the text after an EOS, scores HumanEval by
+# postprocess_code.py and MBPP by lm-eval's mbpp; Sparse-dLLM's OpenCompass wrapper has no chat template;
+# Dream's side of DPad cuts at the EOS (the experiments' headers).
+@pytest.mark.parametrize("experiment, model, chat, cut_at_eos, humaneval, mbpp", [
+    ("dpad_main", "llada", True, False, "sanitize_no_prompt", "raw"),
+    ("dpad_main", "llada_1_5", False, False, "raw_sanitize_no_prompt", "raw"),
+    ("dpad_main", "dream_base", False, True, "sanitize_no_prompt", "raw"),
+    ("streaming_table2", "llada_1_5", False, False, "raw_sanitize_no_prompt", "raw"),
+    ("elastic_table1", "llada", True, False, "sanitize_no_prompt", "raw"),
+    ("elastic_table1", "llada_1_5", False, False, "raw_sanitize_no_prompt", "raw"),
+    ("sparse_dllm_table1", "llada", False, False, "raw", None),
+    ("sparse_dllm_table1", "llada_1_5", False, False, "raw", None),
+])
+def test_paper_experiments_prompt_and_score_as_their_authors_code(composer, experiment, model, chat, cut_at_eos,
+                                                                   humaneval, mbpp):
+    from dllm.eval.runner import check_task
+
+    for task, scoring in (("gsm8k", None), ("humaneval", humaneval), ("mbpp", mbpp)):
+        if task == "mbpp" and mbpp is None:  # not in the table
+            continue
+        cfg = composer("config", overrides=[f"+experiment={experiment}", f"model={model}", f"task={task}",
+                                            "task.allow_code_execution=true"])
+        settings = check_task(cfg)
+        assert (cfg.model.instruct, settings.cut_at_eos, settings.code_scoring) == (chat, cut_at_eos, scoring), task
+        assert not cfg.task.fewshot_as_multiturn
+
+
 def test_d2cache_table1_runs_math_500_with_lm_eval_0_4_9_fewshot_text(composer):
     from dllm.eval.runner import check_task
 

@@ -72,7 +72,8 @@ NUMERIC = [  # the table keys stay text (as written in the CSV): they only group
 FRACTIONS = ["accuracy", "accuracy_stderr"]
 # Where rows of one table still share a label after their cache / decoding parameters: what else
 # can tell two runs of one method apart (checkpoint of the same preset, scoring rule...).
-IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring", "cut_at_eos"]
+IDENTITY_COLUMNS = ["checkpoint", "lm_eval_task", "code_scoring", "chat", "cut_at_eos", "cut_at_until"]
+FLAG_COLUMNS = ("chat", "cut_at_eos", "cut_at_until")  # yes/no columns, labelled with their name: "chat=False"
 IDEAL_TOLERANCE = 0.02  # a speedup this far above 1 / recompute ratio is timing noise, not caching
 NOISY_RELATIVE_STD = 0.10  # a throughput spread above this over the timing repeats is not a clean number
 # Our model / task names -> the names in results/published.csv.
@@ -245,7 +246,7 @@ def _detail(row: dict, columns: list[str]) -> str:
         value = _param(row, c)
         if value:
             # a parameter or a yes/no setting by its name; the identity columns' values name themselves
-            parts.append(f"{c.split('.', 1)[-1]}={value}" if "." in c or c == "cut_at_eos" else value)
+            parts.append(f"{c.split('.', 1)[-1]}={value}" if "." in c or c in FLAG_COLUMNS else value)
     return ", ".join(parts)
 
 

@@ -227,6 +227,7 @@ def test_mistyped_group_keys_name_the_close_ones():
     assert unknown_key_message(["cache=d2cache", "cache.k=3", "task.limit=1", "+cache.extra=1"]) is None  # all fine here
     assert unknown_key_message(["seed=3"]) is None
     assert unknown_key_message(["task=gsm8k", "task.cut_at_eos=false"]) is None  # a task option run.py must take
+    assert unknown_key_message(["task=mbpp", "task.cut_at_until=false"]) is None
 
 
 def test_compile_on_a_torch_too_old_for_it_is_refused_first(no_model, tmp_path, monkeypatch):

@@ -140,6 +140,26 @@ def test_text_after_eos_is_scored_only_under_llada_eval_convention(monkeypatch, 
         assert k["useful_tokens"] == c["useful_tokens"]  # throughput still counts the tokens up to the EOS
 
 
+def test_stop_strings_cut_the_text_unless_dream_escape_until_is_asked(monkeypatch, tmp_path):
+    """task.cut_at_until=false: Dream's escape_until=true (DPad's Dream evaluation), where only the EOS
+    ends the text, so a hallucinated next question stays in the answer and gives the last number."""
+    docs = rows("gsm8k_test")[:2]
+
+    def respond(prompt):
+        answer = docs[doc_in(prompt, docs, "question")]["answer"].split("#### ")[-1]
+        return f"So.\n#### {answer}\n\nQuestion: what is 12345?"
+
+    common = ("task=gsm8k_local", "task.limit=2", "task.gen_length=64")
+    cut, cut_samples = run_scripted(monkeypatch, tmp_path, respond, *common)
+    uncut, uncut_samples = run_scripted(monkeypatch, tmp_path, respond, *common, "task.cut_at_until=false")
+    assert (cut["cut_at_until"], uncut["cut_at_until"]) == (True, False) and cut["run_key"] != uncut["run_key"]
+    assert cut["accuracy"] == 1.0 and uncut["accuracy"] == 0.0  # flexible-extract: 12345 is the last number
+    assert cut["metrics.exact_match,strict-match"] == uncut["metrics.exact_match,strict-match"] == 1.0
+    for c, u in zip(cut_samples, uncut_samples):
+        assert u["generation"] == c["generation"] + "Question: what is 12345?"  # cut at the EOS only
+        assert "777" not in u["generation"]  # the scripted filler after the EOS
+
+
 def test_a_crashed_run_writes_no_row(monkeypatch, tmp_path):
     def crash(prompt):
         raise RuntimeError("generation blew up")
@@ -447,6 +467,7 @@ def no_model(monkeypatch):
         (["task=gsm8k_local", "task.include_path=nowhere"], r"task\.include_path='nowhere'"),
         (["task=mmlu_local", "task.mc_num=0"], r"task\.mc_num=0"),
         (["task=gsm8k_local", "task.cut_at_eos=maybe"], r"task\.cut_at_eos='maybe' must be true or false"),
+        (["task=gsm8k_local", "task.cut_at_until=2"], r"task\.cut_at_until=2 must be true or false"),
         (["task=gsm8k_local", "logger=wandb", "logger.wandb.mode=onlin"], r"logger\.wandb\.mode='onlin'"),
     ],
 )

@@ -47,7 +47,7 @@ def make_record(**overrides) -> RunRecord:
         model="tiny_llada", checkpoint="/ckpt/tiny_llada", checkpoint_revision="main", checkpoint_config_sha256="ab" * 32,
         cache="d2cache", cache_params={"rollout_p": 0.1, "sizes": [1, 2]},
         decoding="low_confidence", decoding_params={"steps": 8, "block_length": 4, "temperature": 0.0},
-        task="arith", lm_eval_task="arith", code_scoring="raw", cut_at_eos=True, run_key="0123abcd0123abcd", n_shot=4, limit=8, batch_size=2, gen_length=8, steps=8, block_length=4, seed=0,
+        task="arith", lm_eval_task="arith", code_scoring="raw", chat=True, cut_at_eos=True, cut_at_until=True, run_key="0123abcd0123abcd", n_shot=4, limit=8, batch_size=2, gen_length=8, steps=8, block_length=4, seed=0,
         device="cpu", dtype="float32", threads=2, processes=1, accuracy_metric="exact_match", accuracy=0.625, accuracy_stderr=0.1830,
         n_samples=8, useful_tokens=41, all_tokens=64, gen_seconds=gen_seconds,
         throughput_useful_tok_s=41 / gen_seconds, throughput_all_tok_s=64 / gen_seconds,

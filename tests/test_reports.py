@@ -139,12 +139,15 @@ def test_new_record_columns_neither_split_nor_merge_tables(tmp_path):
         run_row("dual", 40.0, 3.2, run_key=""),  # a row written before run_key existed
         run_row("d2cache", 40.0, 3.2, cut_at_eos="True"),
         run_row("d2cache", 41.0, 3.2, cut_at_eos="False"),  # scored as LLaDA's eval_llada.py
+        run_row("d2cache", 39.0, 3.2, cut_at_eos="True", cut_at_until="False"),  # Dream's escape_until
+        run_row("dual", 38.0, 3.2, chat="False"),  # prompted without the chat template
     ])
     tables = aggregate.build_tables(aggregate.load_runs(csv))
     assert len(tables) == 1
     assert set(tables[0][1]["method"]) == {
         "none", "prefix (GSAI-ML/LLaDA-8B-Instruct)", "prefix (/ckpt/llada-finetuned)", "dual",
-        "d2cache (cut_at_eos=True)", "d2cache (cut_at_eos=False)",
+        "d2cache (cut_at_eos=True)", "d2cache (cut_at_eos=False)", "d2cache (cut_at_eos=True, cut_at_until=False)",
+        "dual (chat=False)",
     }
 
 

@@ -281,11 +281,11 @@ KEY_CHANGES = [
     ["task.lm_eval_task=gsm8k_local_cot"], ["task.include_path=arith"], ["+task.mc_num=2"], ["task.n_shot=3"],
     ["dtype=bfloat16"], ["gen_length=32", "decoding.block_length=32"], ["batch_size=2"], ["seed=1"],
     ["cache=dkv_decode"], ["decoding.temperature=0.5"], ["task.limit=3"], ["model=tiny_llada_random"],
-    ["compile=true"], ["task.cut_at_eos=false"],
+    ["compile=true"], ["task.cut_at_eos=false"], ["task.cut_at_until=false"],
 ]
 # ... and these cannot: the key stays.
 KEY_KEEPS = [["results_csv=/elsewhere/runs.csv"], ["force=true"], ["logger=wandb"], ["device=cpu"], ["dtype=float32"], ["debug=true"],
-             ["task.cut_at_eos=true"]]
+             ["task.cut_at_eos=true"], ["task.cut_at_until=true"]]
 
 
 def _key(composer, *overrides) -> str:
@@ -695,7 +695,7 @@ def test_paper_experiments_pin_their_code_scoring(composer, experiment, humaneva
 # The Fast-dLLM lineage of evaluation code (DPad, Streaming-dLLM, Elastic-Cache) applies the chat
 # template only to a model path with "instruct" in it, keeps the text after an EOS, scores HumanEval by
 # postprocess_code.py and MBPP by lm-eval's mbpp; Sparse-dLLM's OpenCompass wrapper has no chat template;
-# Dream's side of DPad cuts at the EOS (the experiments' headers).
+# Dream's side of DPad cuts at the EOS only, not at the stop strings (the experiments' headers).
 @pytest.mark.parametrize("experiment, model, chat, cut_at_eos, humaneval, mbpp", [
     ("dpad_main", "llada", True, False, "sanitize_no_prompt", "raw"),
     ("dpad_main", "llada_1_5", False, False, "raw_sanitize_no_prompt", "raw"),
@@ -717,6 +717,7 @@ def test_paper_experiments_prompt_and_score_as_their_authors_code(composer, expe
                                             "task.allow_code_execution=true"])
         settings = check_task(cfg)
         assert (cfg.model.instruct, settings.cut_at_eos, settings.code_scoring) == (chat, cut_at_eos, scoring), task
+        assert settings.cut_at_until == (model != "dream_base")  # DPad's Dream: escape_until=true
         assert not cfg.task.fewshot_as_multiturn
 
 

@@ -4,7 +4,8 @@
   the request order), batched by ``batch_size`` and left-padded by the denoising loop, generated
   with the configured decoder and cache method, cut at the model's stop tokens and at the
   request's ``until`` strings (lm-eval leaves the cut to the model; with ``cut_at_eos=False`` only at
-  the ``until`` strings, special tokens dropped: :func:`text_past_eos`). The first batch is
+  the ``until`` strings, special tokens dropped: :func:`text_past_eos`; with ``cut_at_until=False``
+  not at the ``until`` strings, as Dream's ``escape_until=true``). The first batch is
   generated twice: once as an uncounted warm-up, once counted. Every counted batch feeds the
   :class:`~dllm.metrics.accounting.ThroughputMeter`; per-sample records are kept in
   ``self.records`` keyed by (task, doc_id) for the run's samples.jsonl.
@@ -107,6 +108,7 @@ class DllmLM(LM):
         seed: int = 0,
         mc_num: int = 1,
         cut_at_eos: bool = True,
+        cut_at_until: bool = True,
         progress: bool = True,
         rank: int = 0,
         world_size: int = 1,
@@ -127,6 +129,7 @@ class DllmLM(LM):
         self.seed = int(seed)
         self.mc_num = int(mc_num)
         self.cut_at_eos = bool(cut_at_eos)
+        self.cut_at_until = bool(cut_at_until)
         self.timing_repeats = int(timing_repeats)
         self.progress = progress
         self._device = plan.device
@@ -300,10 +303,11 @@ class DllmLM(LM):
             texts, useful = decode_responses(self.tokenizer, out.tokens, self.stop_ids)
             stats = self.meter.add_batch(out, useful, mask_token_id=self.net.args.mask_token_id, repeat_seconds=repeats)
             for it, row, raw, st in zip(batch, out.tokens.tolist(), texts, stats):
+                until = it.until if self.cut_at_until else []
                 if self.cut_at_eos:
-                    text = cut_at_stops(raw, it.until)
+                    text = cut_at_stops(raw, until)
                 else:
-                    text, raw = text_past_eos(self.tokenizer, row, it.until)
+                    text, raw = text_past_eos(self.tokenizer, row, until)
                 results[it.index] = text
                 self.records.setdefault((it.task, it.doc_id), []).append({
                     "prompt": it.context,

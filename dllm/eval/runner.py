@@ -48,6 +48,9 @@ class TaskSettings:
     # the response text ends at the first end-of-text / end-of-turn token; False: LLaDA's eval_llada.py
     # convention, where special tokens are dropped and the text after them kept (dllm.eval.lm)
     cut_at_eos: bool = True
+    # the response text is cut at the request's stop strings (lm-eval's `until`); False: Dream's
+    # escape_until=true (DPad's Dream evaluation), where only the EOS ends it
+    cut_at_until: bool = True
 
 
 def _get(node: DictConfig, key: str, default=None):
@@ -153,6 +156,7 @@ def check_task(cfg: DictConfig) -> TaskSettings:
         num_return_sequences=samples,
         pass_k=tuple(pass_k),
         cut_at_eos=boolean_setting(cfg, "task.cut_at_eos", default=True),
+        cut_at_until=boolean_setting(cfg, "task.cut_at_until", default=True),
     )
 
 
@@ -405,8 +409,9 @@ def run_settings(cfg: DictConfig, plan, checkpoint: dict, processes: int = 1) ->
             task["gen_length"] = plan.gen_length
         if "batch_size" in task:  # batch_size=N is task.batch_size=N
             task["batch_size"] = tree.get("batch_size")
-        if task.get("cut_at_eos") is True:  # the default, spelled out
-            del task["cut_at_eos"]
+        for cut in ("cut_at_eos", "cut_at_until"):
+            if task.get(cut) is True:  # the default, spelled out
+                del task[cut]
     if checkpoint["checkpoint_revision"] is not None:  # a Hub checkpoint: the commit it resolved to says it all
         tree["model"]["revision"] = None
     settings = {**tree, "device_type": plan.device.type, "dtype": str(plan.dtype).removeprefix("torch."), **checkpoint}
@@ -518,7 +523,9 @@ def _identity(cfg: DictConfig, settings: TaskSettings, plan, processes: int = 1)
         task=settings.name,
         lm_eval_task=settings.lm_eval_task,
         code_scoring=settings.code_scoring,
+        chat=bool(cfg.model.instruct),
         cut_at_eos=settings.cut_at_eos,
+        cut_at_until=settings.cut_at_until,
         n_shot=settings.n_shot,
         limit=settings.limit,
         batch_size=int(cfg.batch_size),
@@ -633,7 +640,7 @@ def _evaluate(
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num, cut_at_eos=settings.cut_at_eos, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
+        mc_num=settings.mc_num, cut_at_eos=settings.cut_at_eos, cut_at_until=settings.cut_at_until, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
         **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(

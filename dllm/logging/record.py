@@ -63,7 +63,9 @@ class RunRecord:
     lm_eval_task: str | None = None  # the lm-eval task or group that ran (task is the Hydra preset)
     # code tasks: raw | sanitize | sanitize_no_prompt | raw_sanitize_no_prompt | sanitize_dream_prompt (README "Tasks and records")
     code_scoring: str | None = None
+    chat: bool | None = None  # the prompts went through the tokenizer's chat template (model.instruct)
     cut_at_eos: bool | None = None  # False: text after the first EOS kept, as LLaDA's eval_llada.py (task.cut_at_eos)
+    cut_at_until: bool | None = None  # False: the stop strings do not cut the text, Dream's escape_until (task.cut_at_until)
     n_shot: int | None = None
     limit: int | float | None = None
     batch_size: int | None = None

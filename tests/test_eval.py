@@ -710,3 +710,21 @@ def test_local_task_wheels_folder_must_exist(tmp_path, monkeypatch, capsys):
                               "folder)"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_gsm8k_as_opencompass_scores_through_the_runner(monkeypatch, tmp_path):
+    """task.lm_eval_task=gsm8k_local_opencompass: the response is cut at "Question" and scored by its
+    last number (Sparse-dLLM's OpenCompass GSM8K)."""
+    docs = rows("gsm8k_test")[:3]
+    answers = [d["answer"].split("#### ")[-1] for d in docs]
+
+    def respond(prompt):
+        i = doc_in(prompt.split("Answer:")[-2], docs, "question")  # the last question of the prompt
+        guess = int(answers[i]) + (1 if i == 1 else 0)
+        return f"Let's add.\nThe answer is {guess}\n\nQuestion: what is 12345?"
+
+    row, samples = run_scripted(monkeypatch, tmp_path, respond, "task=gsm8k_local", "task.limit=3", "task.gen_length=64",
+                                "task.lm_eval_task=gsm8k_local_opencompass", "task.metric='exact_match,none'")
+    assert row["accuracy_metric"] == "exact_match,none" and row["accuracy"] == pytest.approx(2 / 3)
+    assert all(s["generation"].endswith("\n\n") and "12345" not in s["generation"] for s in samples)
+    assert all("Let's think step by step\nAnswer:" in s["prompt"] for s in samples)

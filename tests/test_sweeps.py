@@ -718,6 +718,8 @@ def test_paper_experiments_prompt_and_score_as_their_authors_code(composer, expe
         settings = check_task(cfg)
         assert (cfg.model.instruct, settings.cut_at_eos, settings.code_scoring) == (chat, cut_at_eos, scoring), task
         assert settings.cut_at_until == (model != "dream_base")  # DPad's Dream: escape_until=true
+        if task == "gsm8k":  # Sparse-dLLM's OpenCompass prompt and scoring; lm-eval's elsewhere
+            assert settings.lm_eval_task == ("dllm_gsm8k_opencompass" if experiment == "sparse_dllm_table1" else "gsm8k")
         assert not cfg.task.fewshot_as_multiturn
 
 

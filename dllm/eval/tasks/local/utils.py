@@ -64,3 +64,16 @@ def humaneval_sanitized_no_prompt(resps: list[list[str]], docs: list[dict]) -> l
     from dllm.eval.code_postprocess import humaneval_program
 
     return [[humaneval_program(doc, r, with_prompt=False) for r in resp] for resp, doc in zip(resps, docs)]
+
+
+# --- GSM8K as OpenCompass prompts and scores it (dllm/eval/gsm8k_scoring.py) ------------------
+def gsm8k_opencompass_fewshot_samples() -> list[dict]:
+    from dllm.eval.gsm8k_scoring import fewshot_samples
+
+    return fewshot_samples()
+
+
+def gsm8k_opencompass_process_results(doc: dict, results: list[str]) -> dict:
+    from dllm.eval.gsm8k_scoring import process_results
+
+    return process_results(doc, results)

@@ -1,5 +1,7 @@
-"""GSM8K as OpenCompass prompts and scores it: its 4-shot config ``gsm8k_gen_17d0dc`` (the one
-Sparse-dLLM's Table 1 ran, as ``gsm8k_gen_17d0dc_maxoutlen_256``) and ``opencompass/datasets/gsm8k.py``.
+"""GSM8K as OpenCompass 0.4.2 (the version Sparse-dLLM's README pins) prompts and scores it: its
+4-shot config ``gsm8k_gen_17d0dc`` (the one Sparse-dLLM's Table 1 ran, as
+``gsm8k_gen_17d0dc_maxoutlen_256``), ``opencompass/models/base.py``'s template parser and
+``opencompass/datasets/gsm8k.py``.
 
 - Prompt: four worked examples, then the question, each as "Question: <q>\\nLet's think step by
   step\\nAnswer:", the examples' answers ending "The answer is N\\n"; the rounds joined by "\\n"

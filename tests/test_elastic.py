@@ -89,6 +89,25 @@ def test_off_window_masks_stay_out_of_the_forward(gamma):
     assert int((out.tokens == MASK_ID).sum()) == 0
 
 
+@pytest.mark.parametrize("decoding", [dict(name="threshold", block_length=None, threshold=0.3),
+                                      dict(name="low_confidence", steps=8, block_length=8)], ids=["threshold", "blocks"])
+def test_every_step_commits_inside_the_window_step_0_too(family, decoding):
+    """Decoding runs over the sliding window: step 0's full forward predicts every masked position,
+    but only the window's may be unmasked (the authors' code takes step 0's logits at the window
+    only); for Dream, a known row's prediction of an off-window position is not committed either."""
+    window = 2
+    recorder = Recorder(build_cache("elastic", gamma=0.9, window=window))
+    out = generate(net_of(family), random_prompts((7, 3)), build_decoder(**decoding), recorder, GEN)
+    assert recorder.steps[0]["active"][:, -GEN:].all()  # step 0 computes everything
+    outside = 0
+    for step in recorder.steps:
+        in_window = leftmost(step["masked"], window)
+        assert step["transferred"].any() and not (step["transferred"] & ~in_window).any()
+        outside += int((~step["confidence"].isnan() & step["masked"] & ~in_window).sum())
+    assert outside == 0  # no fresh prediction outside the window reaches the decoder
+    assert int((out.tokens == MASK_ID).sum()) == 0
+
+
 def test_drift_refreshes_more_rows():
     net, prompts = net_of("llada"), random_prompts((7, 3))
     decoder = lambda: build_decoder("threshold", block_length=None, threshold=0.5)  # noqa: E731

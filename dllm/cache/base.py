@@ -35,6 +35,10 @@ class ActiveRequest:
     #: list of one per layer; None = every real position. The loop restricts them to real positions
     #: and gathers their K/V, so attention costs O(selected keys), not a mask over all of them.
     keys: Tensor | list[Tensor] | None = None
+    #: (B, T) bool, the masked positions this step may unmask; None = every one the forward predicts
+    #: inside the decoder's window. For a method that decodes over a window of its own (Elastic-Cache's
+    #: sliding window), also in a forward that computes more (its step 0).
+    commit: Tensor | None = None
 
     @classmethod
     def everything(cls) -> "ActiveRequest":

@@ -164,7 +164,9 @@ class ElasticCache(CacheMethod):
             forward = real & ~(masked & ~(window | scheduled))
         self.masked, self.known, self.current_window = masked, real & ~masked, window
         self.prev_x = view.x.clone()
-        return ActiveRequest(predict=window, refresh=forward,
+        # Decoding runs over the window at every step, the full forward of step 0 too (the authors'
+        # generate_with_elastic_cache takes step 0's logits at the window only).
+        return ActiveRequest(predict=window, refresh=forward, commit=window | scheduled,
                              layer_hook=ElasticStep(self, queries, window, refresh_all))
 
     def observe(self, view: StepView, outcome) -> None:

@@ -328,6 +328,8 @@ def generate(
             lo, hi = plan.window
             target = (rows + args.logit_shift).clamp(max=T)
             wanted = rows_valid & (target >= lo) & (target < hi) & (x.gather(1, target) == args.mask_token_id)
+            if request.commit is not None:  # column T: the trash slot, never committed
+                wanted &= torch.cat([request.commit, torch.zeros_like(request.commit[:, :1])], 1).gather(1, target)
             wanted_rows, wanted_valid = pack(wanted)
             logits = net.output(take_rows(hidden, wanted_rows))
             if cfg_scale > 0:

@@ -640,7 +640,8 @@ def _evaluate(
     net, tokenizer = load_model_and_tokenizer(cfg, plan)
     lm = DllmLM(
         net, tokenizer, plan, batch_size=cfg.batch_size, chat=bool(cfg.model.instruct), seed=cfg.seed,
-        mc_num=settings.mc_num, cut_at_eos=settings.cut_at_eos, cut_at_until=settings.cut_at_until, timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
+        mc_num=settings.mc_num, cut_at_eos=settings.cut_at_eos, cut_at_until=settings.cut_at_until,
+        timing_repeats=int(_get(cfg, "timing.repeats", 1)), progress=is_main,
         **({"rank": dp.rank, "world_size": dp.world_size} if dp else {}),
     )
     results = simple_evaluate(
